@@ -1,0 +1,2 @@
+//! The `fastflow` program.
+fn main() {}

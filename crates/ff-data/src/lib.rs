@@ -1,0 +1,1 @@
+//! ff-data: placeholder, filled by its issue.

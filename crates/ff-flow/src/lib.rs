@@ -1,0 +1,1 @@
+//! ff-flow: placeholder, filled by its issue.

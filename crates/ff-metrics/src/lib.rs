@@ -1,0 +1,1 @@
+//! ff-metrics: placeholder, filled by its issue.
