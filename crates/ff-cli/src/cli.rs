@@ -1,0 +1,193 @@
+//! The command-line surface of `fastflow`: every subcommand and flag, with the
+//! reference's training defaults. Flag names are part of the public interface
+//! (scripts and `cargo xtask bench-all` depend on them).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// FastFlow anomaly detection (Yu et al. 2021): train, evaluate and apply
+/// models on MVTec AD or your own images.
+#[derive(Debug, Parser)]
+#[command(name = "fastflow", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a FastFlow model on the normal images of one category.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint (ours or a reference `.pt`) on a test set.
+    Eval(EvalArgs),
+    /// Score images, write heatmap overlays, binary masks and a CSV summary.
+    Predict(PredictArgs),
+    /// Offline end-to-end demo: synthetic data, brief training, evaluation, heatmaps.
+    Demo(DemoArgs),
+    /// Measure training-step and inference throughput (images/s) with random weights.
+    Bench(BenchArgs),
+}
+
+/// Where tensors live. CUDA needs the binary built with `--features cuda`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+/// How the images under `--data` are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DatasetFormat {
+    /// `<data>/<category>/{train/good, test/<defect>, ground_truth/<defect>}`.
+    Mvtec,
+    /// A user folder: `<data>/<category>/{train/good, test/good, test/<any>, masks/<any>}`
+    /// (see the README for the exact layout).
+    Folder,
+}
+
+/// Flags shared by every command that reads a dataset.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Dataset root (e.g. `data/mvtec`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Category folder under the root (e.g. `bottle`).
+    #[arg(long)]
+    pub category: String,
+    /// Layout of the dataset.
+    #[arg(long, value_enum, default_value_t = DatasetFormat::Mvtec)]
+    pub format: DatasetFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Model config with the reference YAML keys (e.g. `configs/resnet18.yaml`).
+    #[arg(long)]
+    pub config: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Number of epochs (reference: 500).
+    #[arg(long, default_value_t = 500)]
+    pub epochs: usize,
+    /// Images per training batch (reference: 32).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Adam learning rate (reference: 1e-3).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Adam L2 weight decay, added to the gradient as PyTorch does (reference: 1e-5).
+    #[arg(long, default_value_t = 1e-5)]
+    pub weight_decay: f64,
+    /// Evaluate and checkpoint every N epochs (reference: 10); training always
+    /// ends with an evaluation.
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: usize,
+    /// Seed for the flow initialisation, permutations, random backbone and data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Backbone weights: `hub` (Hugging Face, cached), `random` (seeded timm-style
+    /// init) or a path to a `.safetensors` file.
+    #[arg(long, default_value = "hub")]
+    pub weights: String,
+    /// Run directory (checkpoints, logs, report). Default: `runs/<config>-<category>`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue exactly from a checkpoint written by `fastflow train`.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Write the final evaluation's metrics as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A checkpoint of ours (`.safetensors`, with its `.json` beside it) or a
+    /// reference `.pt` file (then `--config` is required).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Model config; required for a reference `.pt`, checked against ours otherwise.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Backbone weights (`hub`, `random`, a `.safetensors` file). Default: what the
+    /// checkpoint was trained with; `hub` for a reference `.pt`.
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// Images per inference batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Write the metrics as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// A checkpoint of ours or a reference `.pt` file (then `--config` is required).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Images, or folders of images, to score.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Where heatmaps, masks and `predictions.csv` go.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Anomaly-score threshold; default: the one stored in the checkpoint.
+    #[arg(long, allow_hyphen_values = true)]
+    pub threshold: Option<f32>,
+    /// Model config; required for a reference `.pt`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Backbone weights override (see `eval --weights`).
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// Images per inference batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the synthetic data, the run and the heatmaps go.
+    #[arg(long, default_value = "fastflow-demo")]
+    pub out: PathBuf,
+    /// Backbone weights: `hub` tries the hub and falls back to a seeded random
+    /// backbone when it cannot be reached; `random` skips the hub.
+    #[arg(long, default_value = "hub")]
+    pub weights: String,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model config to measure (e.g. `configs/resnet18.yaml`).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Timed iterations for each of training and inference.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Untimed iterations before measuring.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Override the config's input size (pixels) for quick comparisons.
+    #[arg(long)]
+    pub input_size: Option<usize>,
+    /// Write the measurements as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}

@@ -1,0 +1,93 @@
+//! Training progress: an indicatif bar per epoch (loss, img/s, ETA) on a
+//! terminal, one plain line per epoch otherwise (logs, CI, pipes).
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Reports the batches of one epoch.
+pub struct EpochProgress {
+    bar: Option<ProgressBar>,
+    epoch: usize,
+    epochs: usize,
+    start: Instant,
+    images: usize,
+    loss_sum: f64,
+    batches: usize,
+}
+
+impl EpochProgress {
+    /// Starts reporting epoch `epoch` (1-based) of `epochs`, which has `n_batches` batches.
+    pub fn start(epoch: usize, epochs: usize, n_batches: usize) -> Self {
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar =
+                ProgressBar::with_draw_target(Some(n_batches as u64), ProgressDrawTarget::stdout());
+            let style =
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(format!("epoch {epoch}/{epochs}"));
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        });
+        Self {
+            bar,
+            epoch,
+            epochs,
+            start: Instant::now(),
+            images: 0,
+            loss_sum: 0.0,
+            batches: 0,
+        }
+    }
+
+    fn img_per_s(&self) -> f64 {
+        self.images as f64 / self.start.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    /// Records one finished batch of `images` images with loss `loss`.
+    pub fn batch(&mut self, images: usize, loss: f64) {
+        self.images += images;
+        self.loss_sum += loss;
+        self.batches += 1;
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("loss {loss:.3} | {:.1} img/s", self.img_per_s()));
+            bar.inc(1);
+        }
+    }
+
+    /// Mean loss over the epoch's batches.
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.batches.max(1) as f64
+    }
+
+    /// Ends the epoch: clears the bar into a summary line, or prints the plain line.
+    pub fn finish(self) -> EpochSummary {
+        let summary = EpochSummary {
+            epoch: self.epoch,
+            mean_loss: self.mean_loss(),
+            img_per_s: self.img_per_s(),
+            seconds: self.start.elapsed().as_secs_f64(),
+        };
+        let line = format!(
+            "epoch {}/{}  loss {:.4}  {:.1} img/s  {:.1} s",
+            self.epoch, self.epochs, summary.mean_loss, summary.img_per_s, summary.seconds
+        );
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+        println!("{line}");
+        summary
+    }
+}
+
+/// What one epoch did, for logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EpochSummary {
+    pub epoch: usize,
+    pub mean_loss: f64,
+    pub img_per_s: f64,
+    pub seconds: f64,
+}
