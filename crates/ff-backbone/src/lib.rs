@@ -3,5 +3,15 @@
 //! (Hugging Face hub, local safetensors, seeded random init, closed-form
 //! fixture weights).
 
+pub mod backbone;
 pub mod det_init;
+pub mod error;
+pub mod hub;
+pub mod resnet;
 pub mod vit;
+pub mod weights;
+
+pub use backbone::{Backbone, BackboneKind};
+pub use error::{Error, Result};
+pub use resnet::{ResNet, ResNetFeatures};
+pub use weights::{backbone_var_builder, get_checked, safetensors_var_builder, WeightSource};

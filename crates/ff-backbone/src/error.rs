@@ -1,0 +1,66 @@
+//! The error type of ff-backbone: every failure names the key, file or hub
+//! repository it concerns.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while choosing, loading or running a backbone.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The weights have no tensor under `key` (the full timm state-dict key).
+    #[error("the backbone weights have no tensor '{key}'")]
+    MissingTensor { key: String },
+
+    /// The tensor under `key` exists but has the wrong shape.
+    #[error("tensor '{key}' has shape {found:?}, but the backbone expects {expected:?}")]
+    ShapeMismatch {
+        key: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// The Hugging Face hub (or its local cache) could not provide the weights of `repo`.
+    #[error("cannot get the weights of hub repository '{repo}': {message}")]
+    Hub { repo: String, message: String },
+
+    /// A local weights file could not be opened or parsed.
+    #[error("cannot read the weights file '{}'", path.display())]
+    WeightsFile {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+
+    /// A backbone name that is none of the four timm names FastFlow uses.
+    #[error(
+        "unknown backbone '{name}' (expected one of: resnet18, wide_resnet50_2, \
+         deit_base_distilled_patch16_384, cait_m48_448)"
+    )]
+    UnknownBackbone { name: String },
+
+    /// A `--weights` value that is neither `hub`, `random`, `random:<seed>` nor a
+    /// `.safetensors` path.
+    #[error(
+        "invalid weight source '{value}': expected 'hub', 'random', 'random:<seed>', \
+         'deterministic' or a path to a .safetensors file"
+    )]
+    InvalidWeightSource { value: String },
+
+    /// A weight source that this backbone kind cannot use (yet).
+    #[error("backbone '{kind}' cannot use weight source {source_name}: {message}")]
+    UnsupportedWeightSource {
+        kind: String,
+        source_name: String,
+        message: String,
+    },
+
+    /// An input tensor whose shape the backbone cannot process.
+    #[error("backbone input has shape {found:?}: {message}")]
+    InputShape { found: Vec<usize>, message: String },
+
+    /// Any other tensor operation failure.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The result type of ff-backbone.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,361 @@
+//! ResNet18 and WideResNet50-2 feature extractors: the outputs of layer1,
+//! layer2 and layer3, exactly as timm 0.5.4
+//! `create_model(name, features_only=True, out_indices=[1, 2, 3])` in eval mode.
+//!
+//! Parameter paths equal timm's state-dict keys (`conv1`, `bn1`,
+//! `layerN.i.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0,downsample.1}`), so a
+//! hub `model.safetensors` loads as it is; its `layer4.*` and `fc.*` tensors
+//! are never asked for. Eval-mode BatchNorm is an affine map per channel, so it
+//! is folded into the preceding convolution when the weights are loaded:
+//! `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`.
+//! That is exact up to float rounding and saves a full pass over every
+//! activation.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+use crate::backbone::BackboneKind;
+use crate::error::{Error, Result};
+use crate::weights::get_checked;
+
+/// PyTorch `BatchNorm2d`'s default epsilon, used by timm's ResNets.
+const BN_EPS: f64 = 1e-5;
+
+/// The three feature maps FastFlow takes from a CNN backbone.
+#[derive(Debug, Clone)]
+pub struct ResNetFeatures {
+    /// Stride 4: `[b, 64, h/4, w/4]` (resnet18) or `[b, 256, h/4, w/4]` (wide_resnet50_2).
+    pub layer1: Tensor,
+    /// Stride 8: `[b, 128, h/8, w/8]` or `[b, 512, h/8, w/8]`.
+    pub layer2: Tensor,
+    /// Stride 16: `[b, 256, h/16, w/16]` or `[b, 1024, h/16, w/16]`.
+    pub layer3: Tensor,
+}
+
+impl ResNetFeatures {
+    /// The feature maps in stride order (layer1, layer2, layer3).
+    pub fn into_scales(self) -> Vec<Tensor> {
+        vec![self.layer1, self.layer2, self.layer3]
+    }
+}
+
+/// A convolution (no bias in timm) followed by eval-mode BatchNorm, folded
+/// into one convolution with bias.
+#[derive(Debug, Clone)]
+struct ConvBn {
+    conv: Conv2d,
+}
+
+/// The geometry of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct ConvSpec {
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl ConvBn {
+    /// Loads `conv_name.weight` and the four tensors of `bn_name` from `vb`
+    /// and folds them.
+    fn load(vb: &VarBuilder, conv_name: &str, bn_name: &str, spec: ConvSpec) -> Result<Self> {
+        let c = spec.out_channels;
+        let weight = get_checked(
+            &vb.pp(conv_name),
+            (c, spec.in_channels, spec.kernel, spec.kernel),
+            "weight",
+        )?;
+        let bn = vb.pp(bn_name);
+        let gamma = get_checked(&bn, c, "weight")?;
+        let beta = get_checked(&bn, c, "bias")?;
+        let mean = get_checked(&bn, c, "running_mean")?;
+        let var = get_checked(&bn, c, "running_var")?;
+        // Fold in f64 so that the folded weights carry no more rounding than
+        // one final cast to the compute dtype.
+        let dtype = weight.dtype();
+        let scale = gamma
+            .to_dtype(DType::F64)?
+            .div(&(var.to_dtype(DType::F64)? + BN_EPS)?.sqrt()?)?; // [c]
+        let folded_w = weight
+            .to_dtype(DType::F64)?
+            .broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?
+            .to_dtype(dtype)?;
+        let folded_b = beta
+            .to_dtype(DType::F64)?
+            .sub(&mean.to_dtype(DType::F64)?.mul(&scale)?)?
+            .to_dtype(dtype)?;
+        let cfg = Conv2dConfig {
+            padding: spec.padding,
+            stride: spec.stride,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: Conv2d::new(folded_w, Some(folded_b), cfg),
+        })
+    }
+
+    /// # Shapes
+    /// `[b, in, h, w]` -> `[b, out, h', w']` with `h' = (h + 2p - k) / s + 1`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.conv.forward(x)?)
+    }
+}
+
+/// timm's `BasicBlock` (resnet18): two 3x3 convolutions, stride on the first.
+#[derive(Debug, Clone)]
+struct BasicBlock {
+    conv_bn1: ConvBn,
+    conv_bn2: ConvBn,
+    downsample: Option<ConvBn>,
+}
+
+/// timm's `Bottleneck` (wide_resnet50_2): 1x1 reduce, 3x3 with the stride,
+/// 1x1 expand.
+#[derive(Debug, Clone)]
+struct Bottleneck {
+    conv_bn1: ConvBn,
+    conv_bn2: ConvBn,
+    conv_bn3: ConvBn,
+    downsample: Option<ConvBn>,
+}
+
+#[derive(Debug, Clone)]
+enum Block {
+    Basic(BasicBlock),
+    Bottleneck(Bottleneck),
+}
+
+impl Block {
+    /// # Shapes
+    /// `[b, in, h, w]` -> `[b, planes * expansion, h / stride, w / stride]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (out, downsample) = match self {
+            Block::Basic(b) => {
+                let out = b.conv_bn1.forward(x)?.relu()?;
+                (b.conv_bn2.forward(&out)?, &b.downsample)
+            }
+            Block::Bottleneck(b) => {
+                let out = b.conv_bn1.forward(x)?.relu()?;
+                let out = b.conv_bn2.forward(&out)?.relu()?;
+                (b.conv_bn3.forward(&out)?, &b.downsample)
+            }
+        };
+        let shortcut = match downsample {
+            Some(d) => d.forward(x)?,
+            None => x.clone(),
+        };
+        Ok((out + shortcut)?.relu()?)
+    }
+}
+
+/// The block type and widths of one ResNet variant.
+#[derive(Debug, Clone, Copy)]
+struct ResNetSpec {
+    bottleneck: bool,
+    /// Blocks in layer1..layer3 (layer4 is never built).
+    depths: [usize; 3],
+    /// timm's `base_width`: 64 for ResNets, 128 for wide_resnet50_2.
+    base_width: usize,
+}
+
+impl ResNetSpec {
+    fn expansion(&self) -> usize {
+        if self.bottleneck {
+            4
+        } else {
+            1
+        }
+    }
+}
+
+/// A frozen timm ResNet truncated after layer3.
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    kind: BackboneKind,
+    stem: ConvBn,
+    layers: [Vec<Block>; 3],
+}
+
+impl ResNet {
+    /// timm `resnet18`: BasicBlocks [2, 2, 2] in layers 1-3.
+    pub fn resnet18(vb: VarBuilder) -> Result<Self> {
+        let spec = ResNetSpec {
+            bottleneck: false,
+            depths: [2, 2, 2],
+            base_width: 64,
+        };
+        Self::build(BackboneKind::ResNet18, spec, &vb)
+    }
+
+    /// timm `wide_resnet50_2`: Bottlenecks [3, 4, 6] in layers 1-3 with base width 128.
+    pub fn wide_resnet50_2(vb: VarBuilder) -> Result<Self> {
+        let spec = ResNetSpec {
+            bottleneck: true,
+            depths: [3, 4, 6],
+            base_width: 128,
+        };
+        Self::build(BackboneKind::WideResNet50_2, spec, &vb)
+    }
+
+    /// The ResNet of a CNN `kind`; an error for the transformer kinds.
+    pub fn new(kind: BackboneKind, vb: VarBuilder) -> Result<Self> {
+        match kind {
+            BackboneKind::ResNet18 => Self::resnet18(vb),
+            BackboneKind::WideResNet50_2 => Self::wide_resnet50_2(vb),
+            other => Err(Error::UnknownBackbone {
+                name: format!("{} is not a ResNet", other.timm_name()),
+            }),
+        }
+    }
+
+    /// Which of the two ResNets this is.
+    pub fn kind(&self) -> BackboneKind {
+        self.kind
+    }
+
+    fn build(kind: BackboneKind, spec: ResNetSpec, vb: &VarBuilder) -> Result<Self> {
+        let stem = ConvBn::load(
+            vb,
+            "conv1",
+            "bn1",
+            ConvSpec {
+                in_channels: 3,
+                out_channels: 64,
+                kernel: 7,
+                stride: 2,
+                padding: 3,
+            },
+        )?;
+        let mut inplanes = 64;
+        let mut layers: [Vec<Block>; 3] = Default::default();
+        for (idx, layer) in layers.iter_mut().enumerate() {
+            let planes = 64 << idx;
+            let stride = if idx == 0 { 1 } else { 2 };
+            let vb_layer = vb.pp(format!("layer{}", idx + 1));
+            for block_idx in 0..spec.depths[idx] {
+                let block_stride = if block_idx == 0 { stride } else { 1 };
+                let block = load_block(
+                    &vb_layer.pp(block_idx),
+                    spec,
+                    inplanes,
+                    planes,
+                    block_stride,
+                )?;
+                inplanes = planes * spec.expansion();
+                layer.push(block);
+            }
+        }
+        Ok(Self { kind, stem, layers })
+    }
+
+    /// The outputs of layer1, layer2 and layer3 for a normalized RGB batch.
+    ///
+    /// # Shapes
+    /// `x`: `[b, 3, h, w]` -> layer1 `[b, c1, ceil(h/4), ..]`, layer2
+    /// `[b, c2, ceil(h/8), ..]`, layer3 `[b, c3, ceil(h/16), ..]` with
+    /// `(c1, c2, c3)` = (64, 128, 256) for resnet18 and (256, 512, 1024) for
+    /// wide_resnet50_2 (exact for `h`, `w` multiples of 16, PyTorch's
+    /// convolution arithmetic otherwise).
+    pub fn features(&self, x: &Tensor) -> Result<ResNetFeatures> {
+        let dims = x.dims();
+        if dims.len() != 4 || dims[1] != 3 {
+            return Err(Error::InputShape {
+                found: dims.to_vec(),
+                message: "expected a batch of RGB images [b, 3, h, w]".to_string(),
+            });
+        }
+        if dims[2] < 32 || dims[3] < 32 {
+            return Err(Error::InputShape {
+                found: dims.to_vec(),
+                message: "images must be at least 32x32 pixels".to_string(),
+            });
+        }
+        let x = self.stem.forward(x)?.relu()?; // [b, 64, h/2, w/2]
+        let x = max_pool_3x3_s2_p1(&x)?; // [b, 64, h/4, w/4]
+        let mut outs = Vec::with_capacity(3);
+        let mut x = x;
+        for layer in &self.layers {
+            for block in layer {
+                x = block.forward(&x)?;
+            }
+            outs.push(x.clone());
+        }
+        let mut outs = outs.into_iter();
+        match (outs.next(), outs.next(), outs.next()) {
+            (Some(layer1), Some(layer2), Some(layer3)) => Ok(ResNetFeatures {
+                layer1,
+                layer2,
+                layer3,
+            }),
+            // Three layers are always built, so this arm cannot be reached.
+            _ => Err(Error::Candle(candle_core::Error::Msg(
+                "ResNet produced fewer than three feature maps".to_string(),
+            ))),
+        }
+    }
+}
+
+/// Loads block `vb` (`layerN.i`) of a ResNet with `spec`.
+fn load_block(
+    vb: &VarBuilder,
+    spec: ResNetSpec,
+    inplanes: usize,
+    planes: usize,
+    stride: usize,
+) -> Result<Block> {
+    let outplanes = planes * spec.expansion();
+    // timm's make_blocks adds a 1x1 projection whenever the shape changes.
+    let downsample = if stride != 1 || inplanes != outplanes {
+        Some(ConvBn::load(
+            vb,
+            "downsample.0",
+            "downsample.1",
+            ConvSpec {
+                in_channels: inplanes,
+                out_channels: outplanes,
+                kernel: 1,
+                stride,
+                padding: 0,
+            },
+        )?)
+    } else {
+        None
+    };
+    let conv = |i: usize, o: usize, k: usize, s: usize| ConvSpec {
+        in_channels: i,
+        out_channels: o,
+        kernel: k,
+        stride: s,
+        padding: k / 2,
+    };
+    if spec.bottleneck {
+        let width = planes * spec.base_width / 64;
+        Ok(Block::Bottleneck(Bottleneck {
+            conv_bn1: ConvBn::load(vb, "conv1", "bn1", conv(inplanes, width, 1, 1))?,
+            conv_bn2: ConvBn::load(vb, "conv2", "bn2", conv(width, width, 3, stride))?,
+            conv_bn3: ConvBn::load(vb, "conv3", "bn3", conv(width, outplanes, 1, 1))?,
+            downsample,
+        }))
+    } else {
+        Ok(Block::Basic(BasicBlock {
+            conv_bn1: ConvBn::load(vb, "conv1", "bn1", conv(inplanes, planes, 3, stride))?,
+            conv_bn2: ConvBn::load(vb, "conv2", "bn2", conv(planes, planes, 3, 1))?,
+            downsample,
+        }))
+    }
+}
+
+/// timm's stem max-pool: kernel 3, stride 2, padding 1.
+///
+/// It follows a ReLU, so every window holds at least one real value >= 0 and
+/// zero padding gives the same maximum as PyTorch's implicit -inf padding.
+///
+/// # Shapes
+/// `[b, c, h, w]` -> `[b, c, (h - 1) / 2 + 1, (w - 1) / 2 + 1]`.
+fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    let padded = x
+        .pad_with_zeros(D::Minus2, 1, 1)?
+        .pad_with_zeros(D::Minus1, 1, 1)?;
+    Ok(padded.max_pool2d_with_stride(3, 2)?)
+}

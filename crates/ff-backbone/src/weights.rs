@@ -1,0 +1,441 @@
+//! Weight sources for the backbones (hub, local safetensors, seeded timm-style
+//! random init, closed-form fixture weights) and key/shape-checked tensor access.
+//!
+//! Every source ends as a `VarBuilder` handing out plain `Tensor`s, never
+//! `Var`s, so a backbone is frozen by construction.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use crate::backbone::BackboneKind;
+use crate::det_init::{det_var_builder, fnv1a32};
+use crate::error::{Error, Result};
+
+/// Where the backbone's weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightSource {
+    /// `model.safetensors` of a Hugging Face hub model repository (cache first).
+    Hub { repo: String },
+    /// A local safetensors file with timm key names, memory-mapped.
+    File(PathBuf),
+    /// timm's own initialisation scheme, drawn from a seeded generator.
+    Random { seed: u64 },
+    /// The closed-form fixture weights of [`crate::det_init`].
+    Deterministic,
+}
+
+impl WeightSource {
+    /// The pretrained weights of `kind` on the hub (see [`BackboneKind::hub_repo`]).
+    pub fn hub(kind: BackboneKind) -> Self {
+        WeightSource::Hub {
+            repo: kind.hub_repo().to_string(),
+        }
+    }
+
+    /// Parses the CLI's `--weights` value for backbone `kind`.
+    ///
+    /// - `hub`: the kind's pretrained hub repository; `hub:<owner/name>`: another repository;
+    /// - `random`: seeded timm-style init with seed 0; `random:<seed>`: with that seed;
+    /// - `deterministic`: the closed-form fixture weights;
+    /// - anything ending in `.safetensors`: that local file.
+    pub fn parse(value: &str, kind: BackboneKind) -> Result<Self> {
+        let invalid = || Error::InvalidWeightSource {
+            value: value.to_string(),
+        };
+        let v = value.trim();
+        if v == "hub" {
+            return Ok(Self::hub(kind));
+        }
+        if let Some(repo) = v.strip_prefix("hub:") {
+            if repo.is_empty() || !repo.contains('/') {
+                return Err(invalid());
+            }
+            return Ok(WeightSource::Hub {
+                repo: repo.to_string(),
+            });
+        }
+        if v == "random" {
+            return Ok(WeightSource::Random { seed: 0 });
+        }
+        if let Some(seed) = v.strip_prefix("random:") {
+            let seed = seed.parse::<u64>().map_err(|_| invalid())?;
+            return Ok(WeightSource::Random { seed });
+        }
+        if v == "deterministic" {
+            return Ok(WeightSource::Deterministic);
+        }
+        if Path::new(v)
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+        {
+            return Ok(WeightSource::File(PathBuf::from(v)));
+        }
+        Err(invalid())
+    }
+
+    /// A short human-readable description, for logs and notices.
+    pub fn describe(&self) -> String {
+        match self {
+            WeightSource::Hub { repo } => format!("hub repository {repo}"),
+            WeightSource::File(p) => format!("file {}", p.display()),
+            WeightSource::Random { seed } => format!("random timm-style init (seed {seed})"),
+            WeightSource::Deterministic => "deterministic fixture weights".to_string(),
+        }
+    }
+}
+
+/// A `VarBuilder` (f32) that hands `kind`'s backbone its weights from `source`.
+///
+/// Hub and file weights are memory-mapped, and only the tensors the backbone
+/// asks for are read; extra keys (layer4, fc, heads) are ignored. Missing keys and wrong shapes surface when the backbone
+/// is built, as [`Error::MissingTensor`] / [`Error::ShapeMismatch`] through
+/// [`get_checked`], and as equally clear messages through a plain `vb.get`.
+pub fn backbone_var_builder(
+    kind: BackboneKind,
+    source: &WeightSource,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    match source {
+        WeightSource::Hub { repo } => {
+            let path = crate::hub::resolve_hub_file(repo, crate::hub::WEIGHTS_FILE)?;
+            safetensors_var_builder(&path, device)
+        }
+        WeightSource::File(path) => safetensors_var_builder(path, device),
+        WeightSource::Random { seed } => {
+            if !kind.is_cnn() {
+                return vit_random_var_builder(kind, *seed, device);
+            }
+            Ok(VarBuilder::from_backend(
+                Box::new(TimmRandomInit { kind, seed: *seed }),
+                DType::F32,
+                device.clone(),
+            ))
+        }
+        WeightSource::Deterministic => Ok(det_var_builder(DType::F32, device)),
+    }
+}
+
+/// The random-init route for the transformer kinds: timm's ViT/CaiT scheme
+/// from [`crate::vit::random_init`].
+fn vit_random_var_builder(
+    kind: BackboneKind,
+    seed: u64,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    Ok(VarBuilder::from_backend(
+        Box::new(TimmRandomInit { kind, seed }),
+        DType::F32,
+        device.clone(),
+    ))
+}
+
+/// A `VarBuilder` over the memory-mapped safetensors file at `path`, with
+/// key- and shape-naming error messages.
+pub fn safetensors_var_builder(path: &Path, device: &Device) -> Result<VarBuilder<'static>> {
+    let weights_file = |source| Error::WeightsFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    if !path.is_file() {
+        return Err(weights_file(candle_core::Error::Msg(
+            "no such file".to_string(),
+        )));
+    }
+    // SAFETY: the mapping stays valid only while no one truncates or rewrites
+    // the file; weight files are read-only inputs (the hub cache stores blobs
+    // by content hash and never rewrites them), which is the contract every
+    // memory-mapped model loader relies on. Mapping instead of reading keeps a
+    // 1.4 GB CaiT checkpoint out of private memory.
+    #[allow(unsafe_code)]
+    let tensors =
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(weights_file)?;
+    Ok(VarBuilder::from_backend(
+        Box::new(CheckedSafetensors {
+            inner: tensors,
+            path: path.to_path_buf(),
+        }),
+        DType::F32,
+        device.clone(),
+    ))
+}
+
+/// Memory-mapped safetensors whose errors name the file, the key and both shapes.
+struct CheckedSafetensors {
+    inner: candle_core::safetensors::MmapedSafetensors,
+    path: PathBuf,
+}
+
+impl SimpleBackend for CheckedSafetensors {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if !self.inner.contains_tensor(name) {
+            return Err(candle_core::Error::Msg(format!(
+                "{} (file '{}')",
+                Error::MissingTensor {
+                    key: name.to_string()
+                },
+                self.path.display()
+            )));
+        }
+        let tensor = self.inner.load(name, dev)?;
+        if tensor.dims() != s.dims() {
+            return Err(candle_core::Error::Msg(format!(
+                "{} (file '{}')",
+                Error::ShapeMismatch {
+                    key: name.to_string(),
+                    expected: s.dims().to_vec(),
+                    found: tensor.dims().to_vec(),
+                },
+                self.path.display()
+            )));
+        }
+        tensor.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.inner.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// The full key of `name` under `vb`'s prefix.
+pub fn full_key(vb: &VarBuilder, name: &str) -> String {
+    let prefix = vb.prefix();
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Gets tensor `name` of shape `shape` from `vb`, turning a missing key or a
+/// wrong shape into [`Error::MissingTensor`] / [`Error::ShapeMismatch`] with
+/// the full key and both shapes.
+pub fn get_checked<S: Into<Shape>>(vb: &VarBuilder, shape: S, name: &str) -> Result<Tensor> {
+    let shape: Shape = shape.into();
+    let key = full_key(vb, name);
+    if !vb.contains_tensor(name) {
+        return Err(Error::MissingTensor { key });
+    }
+    match vb.get(shape.clone(), name) {
+        Ok(t) if t.dims() == shape.dims() => Ok(t),
+        Ok(t) => Err(Error::ShapeMismatch {
+            key,
+            expected: shape.dims().to_vec(),
+            found: t.dims().to_vec(),
+        }),
+        Err(e) => match vb.get_unchecked(name) {
+            Ok(t) if t.dims() != shape.dims() => Err(Error::ShapeMismatch {
+                key,
+                expected: shape.dims().to_vec(),
+                found: t.dims().to_vec(),
+            }),
+            _ => Err(Error::Candle(e)),
+        },
+    }
+}
+
+/// The role a tensor plays in a timm ResNet, from its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResNetRole {
+    ConvWeight,
+    NormWeight,
+    ZeroedNormWeight,
+    NormBias,
+    RunningMean,
+    RunningVar,
+    Other,
+}
+
+fn resnet_role(kind: BackboneKind, key: &str, dims: &[usize]) -> ResNetRole {
+    let (module, last) = key.rsplit_once('.').unwrap_or(("", key));
+    // timm's zero_init_last_bn zeroes the final BatchNorm of every residual
+    // block: bn2 in BasicBlock (resnet18), bn3 in Bottleneck (wide_resnet50_2).
+    let last_bn = match kind {
+        BackboneKind::ResNet18 => "bn2",
+        _ => "bn3",
+    };
+    let in_block = module.starts_with("layer");
+    let module_leaf = module.rsplit('.').next().unwrap_or(module);
+    match (last, dims.len()) {
+        ("weight", 4) => ResNetRole::ConvWeight,
+        ("weight", 1) if in_block && module_leaf == last_bn => ResNetRole::ZeroedNormWeight,
+        ("weight", 1) => ResNetRole::NormWeight,
+        ("bias", 1) => ResNetRole::NormBias,
+        ("running_mean", _) => ResNetRole::RunningMean,
+        ("running_var", _) => ResNetRole::RunningVar,
+        _ => ResNetRole::Other,
+    }
+}
+
+/// The value stream of one tensor: depends only on the seed and the key, so
+/// the values do not depend on the order in which a model asks for them.
+fn key_rng(seed: u64, key: &str) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(u64::from(fnv1a32(key)));
+    rng
+}
+
+/// timm's `ResNet.init_weights` for the tensor `key` of shape `dims`:
+/// convolutions kaiming-normal with mode fan_out and ReLU gain
+/// (std = sqrt(2 / (out_channels * kh * kw))), BatchNorm weight 1 and bias 0,
+/// running statistics at their fresh values (mean 0, var 1), and the last
+/// BatchNorm weight of every residual block 0.
+pub fn resnet_random_value(kind: BackboneKind, key: &str, dims: &[usize], seed: u64) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    match resnet_role(kind, key, dims) {
+        ResNetRole::ConvWeight => {
+            let fan_out = dims[0] * dims[2] * dims[3];
+            let std = (2.0 / fan_out.max(1) as f64).sqrt() as f32;
+            let mut rng = key_rng(seed, key);
+            (0..n)
+                .map(|_| std * rng.sample::<f32, _>(StandardNormal))
+                .collect()
+        }
+        ResNetRole::NormWeight | ResNetRole::RunningVar => vec![1.0; n],
+        ResNetRole::ZeroedNormWeight | ResNetRole::NormBias | ResNetRole::RunningMean => {
+            vec![0.0; n]
+        }
+        // Nothing else exists in layers 1-3 of a timm ResNet; a zero is the
+        // neutral answer should a caller ask for, e.g., a bias.
+        ResNetRole::Other => vec![0.0; n],
+    }
+}
+
+/// A `VarBuilder` backend drawing timm's initialisation of `kind` from a seed.
+struct TimmRandomInit {
+    kind: BackboneKind,
+    seed: u64,
+}
+
+impl SimpleBackend for TimmRandomInit {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let values = if self.kind.is_cnn() {
+            resnet_random_value(self.kind, name, s.dims(), self.seed)
+        } else {
+            crate::vit::random_init(name, s.dims(), self.seed)
+        };
+        Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("the random init needs the shape of '{name}'")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_weight_sources() {
+        let k = BackboneKind::ResNet18;
+        assert_eq!(
+            WeightSource::parse("hub", k).unwrap(),
+            WeightSource::Hub {
+                repo: "timm/resnet18.tv_in1k".into()
+            }
+        );
+        assert_eq!(
+            WeightSource::parse("hub:me/my-resnet", k).unwrap(),
+            WeightSource::Hub {
+                repo: "me/my-resnet".into()
+            }
+        );
+        assert_eq!(
+            WeightSource::parse("random", k).unwrap(),
+            WeightSource::Random { seed: 0 }
+        );
+        assert_eq!(
+            WeightSource::parse("random:42", k).unwrap(),
+            WeightSource::Random { seed: 42 }
+        );
+        assert_eq!(
+            WeightSource::parse("deterministic", k).unwrap(),
+            WeightSource::Deterministic
+        );
+        assert_eq!(
+            WeightSource::parse("w/model.safetensors", k).unwrap(),
+            WeightSource::File("w/model.safetensors".into())
+        );
+        for bad in ["", "random:x", "hub:", "weights.bin", "cuda"] {
+            assert!(
+                matches!(
+                    WeightSource::parse(bad, k),
+                    Err(Error::InvalidWeightSource { .. })
+                ),
+                "{bad:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn random_values_do_not_depend_on_request_order() {
+        let k = BackboneKind::ResNet18;
+        let a = resnet_random_value(k, "layer1.0.conv1.weight", &[64, 64, 3, 3], 7);
+        let _ = resnet_random_value(k, "conv1.weight", &[64, 3, 7, 7], 7);
+        let b = resnet_random_value(k, "layer1.0.conv1.weight", &[64, 64, 3, 3], 7);
+        assert_eq!(a, b);
+        let c = resnet_random_value(k, "layer1.0.conv1.weight", &[64, 64, 3, 3], 8);
+        assert_ne!(a, c);
+        let d = resnet_random_value(k, "layer1.0.conv2.weight", &[64, 64, 3, 3], 7);
+        assert_ne!(a, d);
+    }
+
+    #[test]
+    fn zeroed_norm_is_the_last_of_each_block() {
+        let r18 = BackboneKind::ResNet18;
+        let wrn = BackboneKind::WideResNet50_2;
+        assert_eq!(
+            resnet_role(r18, "layer2.1.bn2.weight", &[128]),
+            ResNetRole::ZeroedNormWeight
+        );
+        assert_eq!(
+            resnet_role(wrn, "layer2.1.bn2.weight", &[256]),
+            ResNetRole::NormWeight
+        );
+        assert_eq!(
+            resnet_role(wrn, "layer3.0.bn3.weight", &[1024]),
+            ResNetRole::ZeroedNormWeight
+        );
+        assert_eq!(
+            resnet_role(r18, "bn1.weight", &[64]),
+            ResNetRole::NormWeight
+        );
+        assert_eq!(
+            resnet_role(r18, "layer1.0.downsample.1.weight", &[64]),
+            ResNetRole::NormWeight
+        );
+    }
+}
