@@ -1,1 +1,31 @@
-//! ff-flow: placeholder, filled by its issue.
+//! FastFlow's trainable part in candle: 2D normalizing flows with FrEIA 0.2
+//! `AllInOneBlock` semantics, the LayerNorms over CNN features, the model
+//! around a frozen backbone, its loss and anomaly map, PyTorch-exact Adam, and
+//! checkpoints (ours in safetensors, the reference's `.pt` files read without
+//! executing pickle code).
+//!
+//! Knows nothing about images on disk or the hub: it receives a built
+//! backbone and tensors.
+
+pub mod adam;
+pub mod checkpoint;
+pub mod config;
+pub mod coupling;
+pub mod error;
+pub mod flow;
+pub mod model;
+pub mod norm;
+pub mod param;
+
+pub use adam::{Adam, AdamConfig};
+pub use checkpoint::{
+    load_safetensors, load_state_dict, read_reference_pt, save_checkpoint,
+    split_reference_state_dict, ReferenceStateDict,
+};
+pub use config::FastFlowConfig;
+pub use coupling::{AllInOneBlock, Permutation};
+pub use error::{Error, Result};
+pub use flow::{Flow, FlowConfig};
+pub use model::{anomaly_map, image_scores, loss, FastFlow, FastFlowHead, FlowOutput};
+pub use norm::LayerNorm;
+pub use param::Param;

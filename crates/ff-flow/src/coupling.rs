@@ -1,0 +1,359 @@
+//! One coupling step of FastFlow's 2D flow, with the semantics of FrEIA 0.2's
+//! `AllInOneBlock` as the reference configures it (affine clamping 2.0,
+//! SOFTPLUS global affine initialised to 1.0, hard permutation).
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+use crate::param::{trainable, Param, ParamInit};
+
+/// FrEIA's `affine_clamping` as the reference sets it.
+pub const AFFINE_CLAMPING: f64 = 2.0;
+
+/// The softplus `beta` of FrEIA's SOFTPLUS global affine.
+const SOFTPLUS_BETA: f64 = 0.5;
+
+/// PyTorch `nn.Softplus`'s default threshold: above it the function is the identity.
+const SOFTPLUS_THRESHOLD: f64 = 20.0;
+
+/// The global-scale pre-activation that makes the scale start at 1.0:
+/// `2 ln(exp(0.5 * 10 * 1.0) - 1)` (FrEIA's `global_affine_init = 1.0`).
+pub fn global_scale_init() -> f64 {
+    2.0 * (5f64.exp() - 1.0).ln()
+}
+
+/// The settings of one coupling step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CouplingConfig {
+    /// Feature channels `C` (input = output).
+    pub channels: usize,
+    /// Hidden channels of the subnet.
+    pub hidden_channels: usize,
+    /// Subnet kernel size (3 or 1), "same" zero padding.
+    pub kernel_size: usize,
+}
+
+/// A fixed hard channel permutation: output channel `i` is input channel `perm[i]`.
+#[derive(Debug, Clone)]
+pub struct Permutation {
+    perm: Vec<u32>,
+    index: Tensor,
+}
+
+impl Permutation {
+    /// The permutation with `perm[i]` = the input channel of output channel `i`.
+    /// `key` names it in errors.
+    pub fn new(perm: Vec<u32>, device: &Device, key: &str) -> Result<Self> {
+        let n = perm.len();
+        let mut seen = vec![false; n];
+        for &p in &perm {
+            let p = p as usize;
+            if p >= n || seen[p] {
+                return Err(Error::InvalidPermutation {
+                    key: key.to_string(),
+                    message: format!("{perm:?} is not a permutation of 0..{n}"),
+                });
+            }
+            seen[p] = true;
+        }
+        let index = Tensor::new(perm.as_slice(), device)?;
+        Ok(Self { perm, index })
+    }
+
+    /// The index list (`perm[i]` feeds output channel `i`).
+    pub fn indices(&self) -> &[u32] {
+        &self.perm
+    }
+
+    /// FrEIA's `w_perm`: the `[C, C, 1, 1]` matrix with `w[i, perm[i]] = 1`,
+    /// which the reference applies as a 1x1 convolution.
+    pub fn matrix(&self, dtype: DType) -> Result<Tensor> {
+        let n = self.perm.len();
+        let mut w = vec![0f32; n * n];
+        for (i, &j) in self.perm.iter().enumerate() {
+            w[i * n + j as usize] = 1.0;
+        }
+        Ok(Tensor::from_vec(w, (n, n, 1, 1), self.index.device())?.to_dtype(dtype)?)
+    }
+
+    /// FrEIA's `w_perm_inv`: the transpose of [`Permutation::matrix`].
+    pub fn inverse_matrix(&self, dtype: DType) -> Result<Tensor> {
+        Ok(self
+            .matrix(DType::F32)?
+            .squeeze(3)?
+            .squeeze(2)?
+            .t()?
+            .contiguous()?
+            .reshape((self.perm.len(), self.perm.len(), 1, 1))?
+            .to_dtype(dtype)?)
+    }
+
+    /// Reads the permutation back from a `w_perm` matrix, checking that it is
+    /// a hard permutation of the expected size and (if given) that `w_perm_inv`
+    /// is its transpose.
+    pub fn from_matrices(
+        w_perm: &Tensor,
+        w_perm_inv: Option<&Tensor>,
+        channels: usize,
+        key: &str,
+    ) -> Result<Self> {
+        let expected = vec![channels, channels, 1, 1];
+        if w_perm.dims() != expected.as_slice() {
+            return Err(Error::ShapeMismatch {
+                key: key.to_string(),
+                expected,
+                found: w_perm.dims().to_vec(),
+            });
+        }
+        let rows = w_perm
+            .to_dtype(DType::F32)?
+            .reshape((channels, channels))?
+            .to_vec2::<f32>()?;
+        let mut perm = Vec::with_capacity(channels);
+        for (i, row) in rows.iter().enumerate() {
+            let ones: Vec<usize> = row
+                .iter()
+                .enumerate()
+                .filter(|(_, &v)| v != 0.0)
+                .map(|(j, _)| j)
+                .collect();
+            if ones.len() != 1 || row[ones[0]] != 1.0 {
+                return Err(Error::InvalidPermutation {
+                    key: key.to_string(),
+                    message: format!("row {i} is not one 1 among zeros"),
+                });
+            }
+            perm.push(ones[0] as u32);
+        }
+        let p = Self::new(perm, w_perm.device(), key)?;
+        if let Some(inv) = w_perm_inv {
+            let inv_key = key.replace("w_perm", "w_perm_inv");
+            let expected_inv = p.inverse_matrix(DType::F32)?;
+            if inv.dims() != expected_inv.dims() {
+                return Err(Error::ShapeMismatch {
+                    key: inv_key,
+                    expected: expected_inv.dims().to_vec(),
+                    found: inv.dims().to_vec(),
+                });
+            }
+            let diff = (inv.to_dtype(DType::F32)? - expected_inv)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            if diff != 0.0 {
+                return Err(Error::InvalidPermutation {
+                    key: inv_key,
+                    message: "it is not the transpose of w_perm".into(),
+                });
+            }
+        }
+        Ok(p)
+    }
+
+    /// Applies the permutation along the channel dimension.
+    ///
+    /// # Shapes
+    /// `x`: `[b, C, h, w]` -> `[b, C, h, w]`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        // A gather, not the reference's 1x1 convolution with a 0/1 matrix:
+        // the result is bit-identical and costs C instead of C^2 per pixel.
+        Ok(x.index_select(&self.index, 1)?)
+    }
+}
+
+/// One affine coupling step: split, subnet, clamped affine coupling, global
+/// affine (softplus scale, offset), fixed channel permutation.
+#[derive(Debug, Clone)]
+pub struct AllInOneBlock {
+    cfg: CouplingConfig,
+    global_scale: Param,
+    global_offset: Param,
+    conv1_weight: Param,
+    conv1_bias: Param,
+    conv2_weight: Param,
+    conv2_bias: Param,
+    permutation: Permutation,
+    key_prefix: String,
+}
+
+impl AllInOneBlock {
+    /// Builds the step under `vb` (keys `global_scale`, `global_offset`,
+    /// `subnet.0.weight|bias`, `subnet.2.weight|bias`). New parameters start
+    /// as the reference's do: global scale at [`global_scale_init`], offset 0,
+    /// convolutions with PyTorch's default uniform init drawn from `rng`.
+    pub fn new(
+        cfg: CouplingConfig,
+        permutation: Permutation,
+        vb: VarBuilder,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<Self> {
+        let c = cfg.channels;
+        if permutation.indices().len() != c {
+            return Err(Error::InvalidPermutation {
+                key: crate::param::full_key(&vb, "w_perm"),
+                message: format!(
+                    "it has {} channels, the step {c}",
+                    permutation.indices().len()
+                ),
+            });
+        }
+        let c1 = c - c / 2;
+        let c2 = c / 2;
+        let k = cfg.kernel_size;
+        let h = cfg.hidden_channels;
+        let global_scale = trainable(
+            &vb,
+            &[1, c, 1, 1],
+            "global_scale",
+            ParamInit::Const(global_scale_init()),
+            rng,
+        )?;
+        let global_offset = trainable(
+            &vb,
+            &[1, c, 1, 1],
+            "global_offset",
+            ParamInit::Const(0.0),
+            rng,
+        )?;
+        let sub = vb.pp("subnet");
+        let bound1 = 1.0 / ((c1 * k * k) as f64).sqrt();
+        let conv1_weight = trainable(
+            &sub,
+            &[h, c1, k, k],
+            "0.weight",
+            ParamInit::Uniform(bound1),
+            rng,
+        )?;
+        let conv1_bias = trainable(&sub, &[h], "0.bias", ParamInit::Uniform(bound1), rng)?;
+        let bound2 = 1.0 / ((h * k * k) as f64).sqrt();
+        let conv2_weight = trainable(
+            &sub,
+            &[2 * c2, h, k, k],
+            "2.weight",
+            ParamInit::Uniform(bound2),
+            rng,
+        )?;
+        let conv2_bias = trainable(&sub, &[2 * c2], "2.bias", ParamInit::Uniform(bound2), rng)?;
+        Ok(Self {
+            cfg,
+            global_scale,
+            global_offset,
+            conv1_weight,
+            conv1_bias,
+            conv2_weight,
+            conv2_bias,
+            permutation,
+            key_prefix: vb.prefix(),
+        })
+    }
+
+    /// The step's settings.
+    pub fn config(&self) -> CouplingConfig {
+        self.cfg
+    }
+
+    /// The trainable tensors with their state-dict keys.
+    pub fn params(&self) -> Vec<&Param> {
+        vec![
+            &self.global_scale,
+            &self.global_offset,
+            &self.conv1_weight,
+            &self.conv1_bias,
+            &self.conv2_weight,
+            &self.conv2_bias,
+        ]
+    }
+
+    /// The fixed channel permutation.
+    pub fn permutation(&self) -> &Permutation {
+        &self.permutation
+    }
+
+    /// Replaces the channel permutation (when loading a checkpoint).
+    pub fn set_permutation(&mut self, permutation: Permutation) -> Result<()> {
+        if permutation.indices().len() != self.cfg.channels {
+            return Err(Error::InvalidPermutation {
+                key: format!("{}.w_perm", self.key_prefix),
+                message: format!(
+                    "it has {} channels, the step {}",
+                    permutation.indices().len(),
+                    self.cfg.channels
+                ),
+            });
+        }
+        self.permutation = permutation;
+        Ok(())
+    }
+
+    /// The state-dict key prefix of this step (`nf_flows.{i}.module_list.{k}`).
+    pub fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
+    /// The global affine scale `0.1 * softplus_{beta=0.5}(global_scale)`,
+    /// with PyTorch's threshold (identity where `beta * x > 20`).
+    ///
+    /// # Shapes
+    /// `[1, C, 1, 1]`.
+    pub fn global_affine_scale(&self) -> Result<Tensor> {
+        let g = &self.global_scale.tensor;
+        let bx = (g * SOFTPLUS_BETA)?;
+        // The smooth branch is evaluated on a clamped input so that neither it
+        // nor its gradient overflows where the identity branch is chosen.
+        let smooth = ((bx.clamp(f64::NEG_INFINITY, SOFTPLUS_THRESHOLD)?.exp()? + 1.0)?.log()?
+            / SOFTPLUS_BETA)?;
+        let softplus = bx.gt(SOFTPLUS_THRESHOLD)?.where_cond(g, &smooth)?;
+        Ok((softplus * 0.1)?)
+    }
+
+    /// Runs the step forward.
+    ///
+    /// # Shapes
+    /// `x`: `[b, C, h, w]` -> (`[b, C, h, w]`, log-det `[b]`).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_b, c, h, w) = x.dims4()?;
+        if c != self.cfg.channels {
+            return Err(Error::InputShape {
+                what: "coupling step input channels",
+                expected: self.cfg.channels.to_string(),
+                found: c.to_string(),
+            });
+        }
+        let c1 = c - c / 2;
+        let c2 = c / 2;
+        let x1 = x.narrow(1, 0, c1)?.contiguous()?; // [b, c1, h, w]
+        let x2 = x.narrow(1, c1, c2)?; // [b, c2, h, w]
+        let a = (self.subnet(&x1)? * 0.1)?; // [b, 2 c2, h, w]
+        let s = (a.narrow(1, 0, c2)?.tanh()? * AFFINE_CLAMPING)?;
+        let t = a.narrow(1, c2, c2)?;
+        let y2 = ((x2 * s.exp()?)? + t)?;
+        let coupling_log_det = s.flatten_from(1)?.sum(1)?; // [b]
+        let y = Tensor::cat(&[&x1, &y2], 1)?;
+        let scale = self.global_affine_scale()?; // [1, C, 1, 1]
+        let y = y
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.global_offset.tensor)?;
+        let y = self.permutation.apply(&y)?;
+        // FrEIA adds n_pixels * sum(log scale) for the global scaling.
+        let scale_log_det = (scale.log()?.sum_all()? * (h * w) as f64)?;
+        let log_det = coupling_log_det.broadcast_add(&scale_log_det)?;
+        Ok((y, log_det))
+    }
+
+    /// conv(k) -> ReLU -> conv(k), "same" zero padding, with bias.
+    ///
+    /// # Shapes
+    /// `x1`: `[b, C - C/2, h, w]` -> `[b, 2 (C/2), h, w]`.
+    fn subnet(&self, x1: &Tensor) -> Result<Tensor> {
+        let pad = self.cfg.kernel_size / 2;
+        let hdn = x1
+            .conv2d(&self.conv1_weight.tensor, pad, 1, 1, 1)?
+            .broadcast_add(&self.conv1_bias.tensor.reshape((1, (), 1, 1))?)?
+            .relu()?;
+        Ok(hdn
+            .conv2d(&self.conv2_weight.tensor, pad, 1, 1, 1)?
+            .broadcast_add(&self.conv2_bias.tensor.reshape((1, (), 1, 1))?)?)
+    }
+}

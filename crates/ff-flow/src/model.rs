@@ -1,0 +1,493 @@
+//! The FastFlow model: frozen backbone, trainable LayerNorms (CNNs only), one
+//! 2D flow per feature scale; its loss and its anomaly map.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use ff_backbone::{Backbone, BackboneKind};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{hidden_channels, FastFlowConfig};
+use crate::coupling::Permutation;
+use crate::error::{Error, Result};
+use crate::flow::{Flow, FlowConfig};
+use crate::norm::LayerNorm;
+use crate::param::Param;
+
+/// What the flows make of a batch: per scale, the latent and the log-determinant.
+#[derive(Debug, Clone)]
+pub struct FlowOutput {
+    /// Per scale, `[b, C_i, h_i, w_i]`.
+    pub z: Vec<Tensor>,
+    /// Per scale, `[b]`: the log-determinant of the flow's Jacobian per image.
+    pub log_det: Vec<Tensor>,
+}
+
+/// The reference loss: over scales, the sum of the batch mean of
+/// `0.5 * sum_{c,h,w} z^2 - log_det` (no constant term, so it goes negative).
+///
+/// # Shapes
+/// -> scalar `[]`.
+pub fn loss(out: &FlowOutput) -> Result<Tensor> {
+    if out.z.len() != out.log_det.len() || out.z.is_empty() {
+        return Err(Error::InputShape {
+            what: "flow output scales (z vs log_det)",
+            expected: format!("{} non-empty", out.z.len()),
+            found: out.log_det.len().to_string(),
+        });
+    }
+    let mut total: Option<Tensor> = None;
+    for (z, log_det) in out.z.iter().zip(&out.log_det) {
+        let half_sq = (z.sqr()?.flatten_from(1)?.sum(1)? * 0.5)?; // [b]
+        let per_scale = (half_sq - log_det)?.mean(0)?;
+        total = Some(match total {
+            None => per_scale,
+            Some(t) => (t + per_scale)?,
+        });
+    }
+    total.ok_or_else(unreachable_empty)
+}
+
+fn unreachable_empty() -> Error {
+    Error::InputShape {
+        what: "flow output scales",
+        expected: "at least 1".into(),
+        found: "0".into(),
+    }
+}
+
+/// The anomaly map: per scale `-exp(-0.5 * mean_c z^2)`, bilinearly upsampled
+/// (align_corners = false) to `input_size`, averaged over scales. Higher
+/// (closer to 0) is more anomalous.
+///
+/// # Shapes
+/// -> `[b, 1, input_size, input_size]`.
+pub fn anomaly_map(out: &FlowOutput, input_size: usize) -> Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for z in &out.z {
+        let log_prob = (z.sqr()?.mean_keepdim(1)? * -0.5)?; // [b, 1, h, w]
+                                                            // candle's bilinear upsampling misreads strided views, so the map is
+                                                            // made contiguous first.
+        let neg_prob = log_prob.exp()?.neg()?.contiguous()?;
+        let up = neg_prob.upsample_bilinear2d(input_size, input_size, false)?;
+        sum = Some(match sum {
+            None => up,
+            Some(s) => (s + up)?,
+        });
+    }
+    let sum = sum.ok_or_else(unreachable_empty)?;
+    Ok((sum / out.z.len() as f64)?)
+}
+
+/// Image scores: the maximum of each image's anomaly map.
+///
+/// # Shapes
+/// `map`: `[b, 1, S, S]` -> `[b]`.
+pub fn image_scores(map: &Tensor) -> Result<Tensor> {
+    Ok(map.flatten_from(1)?.max(1)?)
+}
+
+/// The per-seed random channel permutations, one per (scale, step), drawn in
+/// that order from a ChaCha8 stream seeded with `seed`.
+pub fn draw_permutations(
+    channels: &[usize],
+    n_steps: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<Vec<Vec<Permutation>>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    channels
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| {
+            (0..n_steps)
+                .map(|k| {
+                    let mut perm: Vec<u32> = (0..c as u32).collect();
+                    perm.shuffle(&mut rng);
+                    Permutation::new(
+                        perm,
+                        device,
+                        &format!("nf_flows.{i}.module_list.{k}.w_perm"),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The trainable part of FastFlow: LayerNorms (CNN features only) and one
+/// flow per scale. Knows nothing about images or backbones: it maps feature
+/// maps of known shapes to latents.
+#[derive(Debug, Clone)]
+pub struct FastFlowHead {
+    feature_shapes: Vec<[usize; 3]>,
+    input_size: usize,
+    norms: Vec<LayerNorm>,
+    flows: Vec<Flow>,
+}
+
+impl FastFlowHead {
+    /// Builds norms (if `with_norms`) and flows for features of
+    /// `feature_shapes` (`[C, h, w]` per scale) at the root of `vb`
+    /// (keys `norms.{i}.*`, `nf_flows.{i}.module_list.{k}.*`). Permutations
+    /// and new parameters are drawn from `seed`.
+    pub fn new(
+        cfg: &FastFlowConfig,
+        feature_shapes: Vec<[usize; 3]>,
+        with_norms: bool,
+        vb: VarBuilder,
+        seed: u64,
+    ) -> Result<Self> {
+        let channels: Vec<usize> = feature_shapes.iter().map(|s| s[0]).collect();
+        let perms = draw_permutations(&channels, cfg.flow_step, seed, vb.device())?;
+        // Parameter init uses a second stream of the same seed, so the
+        // permutations do not depend on how many parameters are new.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(1);
+        let norms = if with_norms {
+            feature_shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &shape)| LayerNorm::new(shape, vb.pp("norms").pp(i), &mut rng))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        let flows = feature_shapes
+            .iter()
+            .zip(perms)
+            .enumerate()
+            .map(|(i, (shape, perms))| {
+                let flow_cfg = FlowConfig {
+                    channels: shape[0],
+                    hidden_channels: hidden_channels(shape[0], cfg.hidden_ratio),
+                    n_steps: cfg.flow_step,
+                    conv3x3_only: cfg.conv3x3_only,
+                };
+                Flow::new(flow_cfg, perms, vb.pp("nf_flows").pp(i), &mut rng)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            feature_shapes,
+            input_size: cfg.input_size,
+            norms,
+            flows,
+        })
+    }
+
+    /// The `[C, h, w]` of each scale's features.
+    pub fn feature_shapes(&self) -> &[[usize; 3]] {
+        &self.feature_shapes
+    }
+
+    /// The flows, one per scale.
+    pub fn flows(&self) -> &[Flow] {
+        &self.flows
+    }
+
+    /// The LayerNorms, one per scale (empty for transformer backbones).
+    pub fn norms(&self) -> &[LayerNorm] {
+        &self.norms
+    }
+
+    /// All trainable tensors in the reference's `state_dict` order (norms,
+    /// then flows).
+    pub fn params(&self) -> Vec<&Param> {
+        let mut out: Vec<&Param> = self.norms.iter().flat_map(|n| n.params()).collect();
+        for flow in &self.flows {
+            for step in flow.steps() {
+                out.extend(step.params());
+            }
+        }
+        out
+    }
+
+    /// The trainable `Var`s with their keys, for the optimizer.
+    pub fn trainable_vars(&self) -> Result<Vec<(String, Var)>> {
+        self.params()
+            .into_iter()
+            .map(|p| Ok((p.key.clone(), p.var()?)))
+            .collect()
+    }
+
+    /// The non-trainable buffers: every step's `w_perm` and `w_perm_inv`
+    /// (`[C, C, 1, 1]` hard permutation matrices, as in the reference).
+    pub fn buffers(&self) -> Result<HashMap<String, Tensor>> {
+        let dtype = self
+            .params()
+            .first()
+            .map(|p| p.tensor.dtype())
+            .unwrap_or(DType::F32);
+        let mut out = HashMap::new();
+        for flow in &self.flows {
+            for step in flow.steps() {
+                let prefix = step.key_prefix();
+                let perm = step.permutation();
+                out.insert(format!("{prefix}.w_perm"), perm.matrix(dtype)?);
+                out.insert(format!("{prefix}.w_perm_inv"), perm.inverse_matrix(dtype)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Trainable tensors and buffers under their reference keys.
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = self.buffers()?;
+        for p in self.params() {
+            out.insert(p.key.clone(), p.tensor.clone());
+        }
+        Ok(out)
+    }
+
+    /// Loads a state dict (reference keys, no `feature_extractor.*`): every
+    /// trainable tensor and every permutation. Checks every key and shape
+    /// before changing anything; extra keys are an error.
+    pub fn load_state_dict(&mut self, sd: &HashMap<String, Tensor>) -> Result<()> {
+        let mut expected: HashMap<String, Vec<usize>> = HashMap::new();
+        for p in self.params() {
+            expected.insert(p.key.clone(), p.tensor.dims().to_vec());
+        }
+        for flow in &self.flows {
+            let c = flow.config().channels;
+            for step in flow.steps() {
+                for name in ["w_perm", "w_perm_inv"] {
+                    expected.insert(format!("{}.{name}", step.key_prefix()), vec![c, c, 1, 1]);
+                }
+            }
+        }
+        let mut unexpected: Vec<String> = sd
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .cloned()
+            .collect();
+        if !unexpected.is_empty() {
+            unexpected.sort();
+            return Err(Error::UnexpectedTensors { keys: unexpected });
+        }
+        let mut keys: Vec<&String> = expected.keys().collect();
+        keys.sort();
+        for key in keys {
+            let shape = &expected[key];
+            let t = sd.get(key).ok_or_else(|| Error::MissingTensor {
+                key: key.clone(),
+                expected: shape.clone(),
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    key: key.clone(),
+                    expected: shape.clone(),
+                    found: t.dims().to_vec(),
+                });
+            }
+        }
+        // Permutations are parsed (and validated) before any tensor changes.
+        let mut perms = Vec::new();
+        for flow in &self.flows {
+            let c = flow.config().channels;
+            let mut flow_perms = Vec::new();
+            for step in flow.steps() {
+                let key = format!("{}.w_perm", step.key_prefix());
+                let inv_key = format!("{}.w_perm_inv", step.key_prefix());
+                let mut p = Permutation::from_matrices(&sd[&key], Some(&sd[&inv_key]), c, &key)?;
+                // The index tensor must live where the model runs.
+                let device = step.params()[0].tensor.device().clone();
+                p = Permutation::new(p.indices().to_vec(), &device, &key)?;
+                flow_perms.push(p);
+            }
+            perms.push(flow_perms);
+        }
+        for p in self.params() {
+            let src = sd[&p.key]
+                .to_dtype(p.tensor.dtype())?
+                .to_device(p.tensor.device())?;
+            p.var()?.set(&src)?;
+        }
+        for (flow, flow_perms) in self.flows.iter_mut().zip(perms) {
+            for (step, perm) in flow.steps_mut().iter_mut().zip(flow_perms) {
+                step.set_permutation(perm)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs norms and flows on backbone features.
+    ///
+    /// # Shapes
+    /// `features`: one `[b, C_i, h_i, w_i]` per scale -> per scale `z`
+    /// `[b, C_i, h_i, w_i]` and log-det `[b]`.
+    pub fn forward(&self, features: Vec<Tensor>) -> Result<FlowOutput> {
+        if features.len() != self.flows.len() {
+            return Err(Error::InputShape {
+                what: "number of feature maps",
+                expected: self.flows.len().to_string(),
+                found: features.len().to_string(),
+            });
+        }
+        let mut z = Vec::with_capacity(features.len());
+        let mut log_det = Vec::with_capacity(features.len());
+        for (i, feature) in features.into_iter().enumerate() {
+            let [c, h, w] = self.feature_shapes[i];
+            let dims = feature.dims();
+            if dims.len() != 4 || dims[1..] != [c, h, w] {
+                return Err(Error::InputShape {
+                    what: "feature map shape",
+                    expected: format!("[b, {c}, {h}, {w}] at scale {i}"),
+                    found: format!("{dims:?}"),
+                });
+            }
+            let x = match self.norms.get(i) {
+                Some(norm) => norm.forward(&feature)?,
+                None => feature,
+            };
+            let (zi, ldi) = self.flows[i].forward(&x)?;
+            z.push(zi);
+            log_det.push(ldi);
+        }
+        Ok(FlowOutput { z, log_det })
+    }
+
+    /// The anomaly map of a flow output at this model's input size.
+    ///
+    /// # Shapes
+    /// -> `[b, 1, input_size, input_size]`.
+    pub fn anomaly_map(&self, out: &FlowOutput) -> Result<Tensor> {
+        anomaly_map(out, self.input_size)
+    }
+}
+
+/// FastFlow: a frozen backbone, and the trainable [`FastFlowHead`].
+#[derive(Debug, Clone)]
+pub struct FastFlow {
+    cfg: FastFlowConfig,
+    backbone: Backbone,
+    head: FastFlowHead,
+}
+
+impl FastFlow {
+    /// Builds the model of `cfg` around `backbone`. Trainable tensors come
+    /// from `vb`, which must be backed by a `VarMap`; tensors the map already
+    /// holds are kept, new ones start as in the reference (PyTorch default
+    /// init drawn from `perm_seed`). The channel permutations are drawn from
+    /// `perm_seed` too and stored with the weights.
+    pub fn new(
+        cfg: &FastFlowConfig,
+        backbone: Backbone,
+        vb: VarBuilder,
+        perm_seed: u64,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let kind = cfg.backbone_kind()?;
+        if backbone.kind() != kind {
+            return Err(Error::Config {
+                field: "backbone_name",
+                message: format!(
+                    "the config names '{}' but the backbone given is '{}'",
+                    cfg.backbone_name,
+                    backbone.kind()
+                ),
+            });
+        }
+        let head = FastFlowHead::new(cfg, cfg.feature_shapes()?, kind.is_cnn(), vb, perm_seed)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            backbone,
+            head,
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &FastFlowConfig {
+        &self.cfg
+    }
+
+    /// The backbone kind.
+    pub fn backbone_kind(&self) -> BackboneKind {
+        self.backbone.kind()
+    }
+
+    /// The frozen backbone.
+    pub fn backbone(&self) -> &Backbone {
+        &self.backbone
+    }
+
+    /// The trainable norms and flows.
+    pub fn head(&self) -> &FastFlowHead {
+        &self.head
+    }
+
+    /// The trainable norms and flows, mutable.
+    pub fn head_mut(&mut self) -> &mut FastFlowHead {
+        &mut self.head
+    }
+
+    /// See [`FastFlowHead::params`].
+    pub fn params(&self) -> Vec<&Param> {
+        self.head.params()
+    }
+
+    /// See [`FastFlowHead::trainable_vars`].
+    pub fn trainable_vars(&self) -> Result<Vec<(String, Var)>> {
+        self.head.trainable_vars()
+    }
+
+    /// See [`FastFlowHead::buffers`].
+    pub fn buffers(&self) -> Result<HashMap<String, Tensor>> {
+        self.head.buffers()
+    }
+
+    /// See [`FastFlowHead::state_dict`].
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        self.head.state_dict()
+    }
+
+    /// Backbone features of a normalised image batch.
+    ///
+    /// # Shapes
+    /// `images`: `[b, 3, S, S]` -> one `[b, C_i, S / s_i, S / s_i]` per scale.
+    pub fn features(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+        let s = self.cfg.input_size;
+        let dims = images.dims();
+        if dims.len() != 4 || dims[1..] != [3, s, s] {
+            return Err(Error::InputShape {
+                what: "image batch shape",
+                expected: format!("[b, 3, {s}, {s}]"),
+                found: format!("{dims:?}"),
+            });
+        }
+        // The backbone is frozen: its output is cut from the graph so that
+        // backward never walks through it.
+        Ok(self
+            .backbone
+            .features(images)?
+            .into_iter()
+            .map(|f| f.detach())
+            .collect())
+    }
+
+    /// Backbone, norms and flows.
+    ///
+    /// # Shapes
+    /// `images`: `[b, 3, S, S]` -> per scale `z` `[b, C_i, h_i, w_i]`, log-det `[b]`.
+    pub fn forward(&self, images: &Tensor) -> Result<FlowOutput> {
+        self.head.forward(self.features(images)?)
+    }
+
+    /// Norms and flows on precomputed backbone features.
+    ///
+    /// # Shapes
+    /// `features`: one `[b, C_i, h_i, w_i]` per scale -> as [`FastFlow::forward`].
+    pub fn forward_features(&self, features: Vec<Tensor>) -> Result<FlowOutput> {
+        self.head.forward(features)
+    }
+
+    /// See [`anomaly_map`].
+    ///
+    /// # Shapes
+    /// -> `[b, 1, S, S]`.
+    pub fn anomaly_map(&self, out: &FlowOutput) -> Result<Tensor> {
+        anomaly_map(out, self.cfg.input_size)
+    }
+}
