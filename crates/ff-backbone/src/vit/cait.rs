@@ -1,1 +1,231 @@
 //! CaiT-M48-448 feature extractor (timm `cait_m48_448`).
+//!
+//! FastFlow uses the self-attention trunk only: patch embedding plus position
+//! embedding (the cls token joins only in the class-attention stage, which is
+//! never built), blocks 0..40 of 48 and the final norm, reshaped to a
+//! 768-channel map at stride 16.
+
+use candle_core::{Module, Tensor, D};
+use candle_nn::{LayerNorm, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::weights::get_checked;
+
+use super::{
+    check_config, check_input, layer_norm, merge_heads, split_heads, tokens_to_map, Linear, Mlp,
+    PatchEmbed,
+};
+
+/// The shape of a timm CaiT and how much of its trunk FastFlow runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaitConfig {
+    /// Token width (768 for CaiT-M).
+    pub embed_dim: usize,
+    /// Number of self-attention blocks of the timm model (48); only `n_blocks_used` are built.
+    pub depth: usize,
+    /// Attention heads per block (also the talking-heads mixing width).
+    pub n_heads: usize,
+    /// MLP hidden width over `embed_dim`.
+    pub mlp_ratio: f64,
+    /// Patch side in pixels (also the feature stride).
+    pub patch: usize,
+    /// Input side in pixels; the position embedding fits only this size.
+    pub img_size: usize,
+    /// Blocks run before the final norm (41: the reference's "block index 40").
+    pub n_blocks_used: usize,
+}
+
+impl CaitConfig {
+    /// `cait_m48_448` as FastFlow uses it: blocks 0..40 at 448 px.
+    pub fn m48_448() -> Self {
+        Self {
+            embed_dim: 768,
+            depth: 48,
+            n_heads: 16,
+            mlp_ratio: 4.0,
+            patch: 16,
+            img_size: 448,
+            n_blocks_used: 41,
+        }
+    }
+
+    /// Patches per side, the feature map's height and width.
+    pub fn grid(&self) -> usize {
+        self.img_size / self.patch
+    }
+}
+
+/// A linear map across the head axis of attention maps (talking heads).
+#[derive(Debug, Clone)]
+struct HeadMix {
+    /// [heads, heads], PyTorch `nn.Linear` layout (out, in).
+    weight: Tensor,
+    /// [1, heads, 1].
+    bias: Tensor,
+}
+
+impl HeadMix {
+    fn new(n_heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: get_checked(&vb, (n_heads, n_heads), "weight")?,
+            bias: get_checked(&vb, n_heads, "bias")?.reshape((1, n_heads, 1))?,
+        })
+    }
+
+    /// timm permutes the heads last, applies `nn.Linear` and permutes back;
+    /// multiplying by the weight from the left over flattened maps is the
+    /// same sum without the two transposed copies of an [n, n] map per head.
+    ///
+    /// # Shapes
+    /// `attn`: [b, h, n, n] -> [b, h, n, n].
+    fn forward(&self, attn: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, h, n, m) = attn.dims4()?;
+        let flat = attn.reshape((b, h, n * m))?;
+        let weight = self.weight.broadcast_left(b)?.contiguous()?; // [b, h, h]
+        weight
+            .matmul(&flat)?
+            .broadcast_add(&self.bias)?
+            .reshape((b, h, n, m))
+    }
+}
+
+/// timm's `TalkingHeadAttn`: heads are mixed linearly before and after the softmax.
+#[derive(Debug, Clone)]
+struct TalkingHeadAttn {
+    qkv: Linear,
+    proj_l: HeadMix,
+    proj_w: HeadMix,
+    proj: Linear,
+    n_heads: usize,
+    scale: f64,
+}
+
+impl TalkingHeadAttn {
+    fn new(dim: usize, n_heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            qkv: Linear::new(dim, 3 * dim, vb.pp("qkv"))?,
+            proj_l: HeadMix::new(n_heads, vb.pp("proj_l"))?,
+            proj_w: HeadMix::new(n_heads, vb.pp("proj_w"))?,
+            proj: Linear::new(dim, dim, vb.pp("proj"))?,
+            n_heads,
+            scale: ((dim / n_heads) as f64).powf(-0.5),
+        })
+    }
+
+    /// # Shapes
+    /// `x`: [b, n, c] -> [b, n, c].
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.n_heads)?; // [b, h, n, d]
+                                                                           // timm scales q before the product (not the logits after it); keep its order.
+        let q = (q * self.scale)?;
+        let attn = q.matmul(&k.transpose(D::Minus2, D::Minus1)?)?; // [b, h, n, n]
+        let attn = self.proj_l.forward(&attn)?;
+        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let attn = self.proj_w.forward(&attn)?;
+        self.proj.forward(&merge_heads(&attn.matmul(&v)?)?)
+    }
+}
+
+/// timm's `LayerScaleBlock`: pre-norm attention and MLP, each scaled per
+/// channel by a learned `gamma` before joining the residual.
+#[derive(Debug, Clone)]
+struct LayerScaleBlock {
+    norm1: LayerNorm,
+    attn: TalkingHeadAttn,
+    gamma_1: Tensor,
+    norm2: LayerNorm,
+    mlp: Mlp,
+    gamma_2: Tensor,
+}
+
+impl LayerScaleBlock {
+    fn new(cfg: &CaitConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.embed_dim;
+        let hidden = (dim as f64 * cfg.mlp_ratio) as usize;
+        Ok(Self {
+            norm1: layer_norm(dim, vb.pp("norm1"))?,
+            attn: TalkingHeadAttn::new(dim, cfg.n_heads, vb.pp("attn"))?,
+            gamma_1: get_checked(&vb, dim, "gamma_1")?,
+            norm2: layer_norm(dim, vb.pp("norm2"))?,
+            mlp: Mlp::new(dim, hidden, vb.pp("mlp"))?,
+            gamma_2: get_checked(&vb, dim, "gamma_2")?,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: [b, n, c] -> [b, n, c].
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let attn = self.attn.forward(&self.norm1.forward(x)?)?;
+        let x = (x + attn.broadcast_mul(&self.gamma_1)?)?;
+        let mlp = self.mlp.forward(&self.norm2.forward(&x)?)?;
+        &x + mlp.broadcast_mul(&self.gamma_2)?
+    }
+}
+
+/// The frozen CaiT trunk FastFlow extracts features from.
+#[derive(Debug, Clone)]
+pub struct Cait {
+    cfg: CaitConfig,
+    patch_embed: PatchEmbed,
+    pos_embed: Tensor,
+    blocks: Vec<LayerScaleBlock>,
+    norm: LayerNorm,
+}
+
+impl Cait {
+    /// Builds `cait_m48_448` (blocks 0..40) from timm 0.5.4 keys under `vb`.
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        Self::with_config(&CaitConfig::m48_448(), vb)
+    }
+
+    /// Builds the trunk described by `cfg`, loading `patch_embed.proj`,
+    /// `pos_embed`, `blocks.{0..n_blocks_used}` and `norm`.
+    pub fn with_config(cfg: &CaitConfig, vb: VarBuilder) -> Result<Self> {
+        check_config(
+            "CaiT",
+            cfg.embed_dim,
+            cfg.n_heads,
+            cfg.patch,
+            cfg.img_size,
+            cfg.n_blocks_used,
+            cfg.depth,
+        )?;
+        let c = cfg.embed_dim;
+        let n_tokens = cfg.grid() * cfg.grid();
+        let blocks = (0..cfg.n_blocks_used)
+            .map(|i| LayerScaleBlock::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_embed: PatchEmbed::new(c, cfg.patch, vb.pp("patch_embed"))?,
+            pos_embed: get_checked(&vb, (1, n_tokens, c), "pos_embed")?,
+            blocks,
+            norm: layer_norm(c, vb.pp("norm"))?,
+        })
+    }
+
+    /// The configuration this trunk was built with.
+    pub fn config(&self) -> &CaitConfig {
+        &self.cfg
+    }
+
+    /// The feature map FastFlow's flow consumes, exactly as the reference's
+    /// CaiT branch computes it.
+    ///
+    /// # Shapes
+    /// `x`: [b, 3, img_size, img_size] (ImageNet-normalised) ->
+    /// [b, embed_dim, img_size / patch, img_size / patch].
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        check_input(x, self.cfg.img_size, "CaiT")?;
+        let mut tokens = self
+            .patch_embed
+            .forward(x)?
+            .broadcast_add(&self.pos_embed)?; // [b, n, c]
+        for block in &self.blocks {
+            tokens = block.forward(&tokens)?;
+        }
+        let tokens = self.norm.forward(&tokens)?;
+        Ok(tokens_to_map(&tokens, self.cfg.grid(), self.cfg.grid())?)
+    }
+}

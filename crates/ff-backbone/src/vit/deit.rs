@@ -1,1 +1,194 @@
 //! DeiT-base-distilled-384 feature extractor (timm `deit_base_distilled_patch16_384`).
+//!
+//! FastFlow uses the trunk only: patch embedding, the cls and distillation
+//! tokens, the position embedding, the first 8 of 12 blocks and the final
+//! norm; the two tokens are dropped and the patch tokens become a 768-channel
+//! map at stride 16. Blocks 8..11 and the heads are never built or loaded.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::weights::get_checked;
+
+use super::{
+    attention_logits, check_config, check_input, layer_norm, merge_heads, split_heads,
+    tokens_to_map, Linear, Mlp, PatchEmbed,
+};
+
+/// The shape of a timm distilled vision transformer and how much of it FastFlow runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeitConfig {
+    /// Token width (768 for DeiT-base).
+    pub embed_dim: usize,
+    /// Number of blocks of the timm model (12); only `n_blocks_used` are built.
+    pub depth: usize,
+    /// Attention heads per block.
+    pub n_heads: usize,
+    /// MLP hidden width over `embed_dim`.
+    pub mlp_ratio: f64,
+    /// Patch side in pixels (also the feature stride).
+    pub patch: usize,
+    /// Input side in pixels; the position embedding fits only this size.
+    pub img_size: usize,
+    /// Blocks run before the final norm (8: the reference's "block index 7").
+    pub n_blocks_used: usize,
+}
+
+impl DeitConfig {
+    /// `deit_base_distilled_patch16_384` as FastFlow uses it: blocks 0..7 at 384 px.
+    pub fn base_distilled_384() -> Self {
+        Self {
+            embed_dim: 768,
+            depth: 12,
+            n_heads: 12,
+            mlp_ratio: 4.0,
+            patch: 16,
+            img_size: 384,
+            n_blocks_used: 8,
+        }
+    }
+
+    /// Patches per side, the feature map's height and width.
+    pub fn grid(&self) -> usize {
+        self.img_size / self.patch
+    }
+}
+
+/// timm's ViT `Attention`: fused qkv, scaled dot-product softmax, output projection.
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    n_heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(dim: usize, n_heads: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            qkv: Linear::new(dim, 3 * dim, vb.pp("qkv"))?,
+            proj: Linear::new(dim, dim, vb.pp("proj"))?,
+            n_heads,
+            scale: ((dim / n_heads) as f64).powf(-0.5),
+        })
+    }
+
+    /// # Shapes
+    /// `x`: [b, n, c] -> [b, n, c].
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.n_heads)?; // [b, h, n, d]
+        let attn = candle_nn::ops::softmax_last_dim(&attention_logits(&q, &k, self.scale)?)?;
+        self.proj.forward(&merge_heads(&attn.matmul(&v)?)?)
+    }
+}
+
+/// timm's ViT `Block`: pre-norm attention and MLP, each added to the residual.
+#[derive(Debug, Clone)]
+struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(cfg: &DeitConfig, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.embed_dim;
+        let hidden = (dim as f64 * cfg.mlp_ratio) as usize;
+        Ok(Self {
+            norm1: layer_norm(dim, vb.pp("norm1"))?,
+            attn: Attention::new(dim, cfg.n_heads, vb.pp("attn"))?,
+            norm2: layer_norm(dim, vb.pp("norm2"))?,
+            mlp: Mlp::new(dim, hidden, vb.pp("mlp"))?,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: [b, n, c] -> [b, n, c].
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
+        &x + self.mlp.forward(&self.norm2.forward(&x)?)?
+    }
+}
+
+/// The frozen DeiT trunk FastFlow extracts features from.
+#[derive(Debug, Clone)]
+pub struct Deit {
+    cfg: DeitConfig,
+    patch_embed: PatchEmbed,
+    cls_token: Tensor,
+    dist_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+}
+
+impl Deit {
+    /// Builds `deit_base_distilled_patch16_384` (blocks 0..7) from timm 0.5.4 keys under `vb`.
+    pub fn new(vb: VarBuilder) -> Result<Self> {
+        Self::with_config(&DeitConfig::base_distilled_384(), vb)
+    }
+
+    /// Builds the trunk described by `cfg`, loading `patch_embed.proj`,
+    /// `cls_token`, `dist_token`, `pos_embed`, `blocks.{0..n_blocks_used}` and `norm`.
+    pub fn with_config(cfg: &DeitConfig, vb: VarBuilder) -> Result<Self> {
+        check_config(
+            "DeiT",
+            cfg.embed_dim,
+            cfg.n_heads,
+            cfg.patch,
+            cfg.img_size,
+            cfg.n_blocks_used,
+            cfg.depth,
+        )?;
+        let c = cfg.embed_dim;
+        let n_tokens = cfg.grid() * cfg.grid() + 2;
+        let blocks = (0..cfg.n_blocks_used)
+            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            patch_embed: PatchEmbed::new(c, cfg.patch, vb.pp("patch_embed"))?,
+            cls_token: get_checked(&vb, (1, 1, c), "cls_token")?,
+            dist_token: get_checked(&vb, (1, 1, c), "dist_token")?,
+            pos_embed: get_checked(&vb, (1, n_tokens, c), "pos_embed")?,
+            blocks,
+            norm: layer_norm(c, vb.pp("norm"))?,
+        })
+    }
+
+    /// The configuration this trunk was built with.
+    pub fn config(&self) -> &DeitConfig {
+        &self.cfg
+    }
+
+    /// The feature map FastFlow's flow consumes, exactly as the reference's
+    /// DeiT branch computes it.
+    ///
+    /// # Shapes
+    /// `x`: [b, 3, img_size, img_size] (ImageNet-normalised) ->
+    /// [b, embed_dim, img_size / patch, img_size / patch].
+    pub fn features(&self, x: &Tensor) -> Result<Tensor> {
+        check_input(x, self.cfg.img_size, "DeiT")?;
+        let b = x.dim(0)?;
+        let c = self.cfg.embed_dim;
+        let patches = self.patch_embed.forward(x)?; // [b, n, c]
+        let cls = self.cls_token.broadcast_as((b, 1, c))?;
+        let dist = self.dist_token.broadcast_as((b, 1, c))?;
+        let mut tokens =
+            Tensor::cat(&[&cls, &dist, &patches], 1)?.broadcast_add(&self.pos_embed)?; // [b, n + 2, c]
+        for block in &self.blocks {
+            tokens = block.forward(&tokens)?;
+        }
+        let tokens = self.norm.forward(&tokens)?;
+        let n = tokens.dim(1)?;
+        let patch_tokens = tokens.narrow(1, 2, n - 2)?; // [b, n, c]
+        Ok(tokens_to_map(
+            &patch_tokens,
+            self.cfg.grid(),
+            self.cfg.grid(),
+        )?)
+    }
+}

@@ -1,4 +1,325 @@
-//! Vision-transformer backbones (DeiT, CaiT) with timm 0.5.4 key names.
+//! Vision-transformer backbones (DeiT, CaiT) with timm 0.5.4 key names, their
+//! shared layers and timm's random initialisation.
+//!
+//! Both backbones are frozen: every tensor is a plain `Tensor` taken from the
+//! `VarBuilder` (memory-mapped safetensors, seeded random init or closed-form
+//! fixture weights), so the fused `candle_nn::LayerNorm` (which gives no
+//! gradient to its parameters) is fine here.
 
 pub mod cait;
 pub mod deit;
+
+use candle_core::{Tensor, D};
+use candle_nn::{LayerNorm, VarBuilder};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal, Uniform};
+
+use crate::det_init::fnv1a32;
+use crate::error::{Error, Result};
+use crate::weights::get_checked;
+
+/// The epsilon of every timm ViT/CaiT LayerNorm (`partial(nn.LayerNorm, eps=1e-6)`).
+pub const LAYER_NORM_EPS: f64 = 1e-6;
+
+/// The number of input channels (RGB) of every transformer backbone here.
+pub const IN_CHANS: usize = 3;
+
+/// The patch side of both `deit_base_distilled_patch16_384` and `cait_m48_448`.
+pub const PATCH: usize = 16;
+
+/// The layer-scale start value of `cait_m48_448` in timm 0.5.4 (`init_scale=1e-6`).
+pub const CAIT_M48_INIT_SCALE: f32 = 1e-6;
+
+/// The standard deviation timm uses for linear weights, position embeddings
+/// and the cls/dist tokens (`trunc_normal_(std=.02)`).
+const TRUNC_NORMAL_STD: f64 = 0.02;
+
+/// The values timm 0.5.4 would give tensor `name` of shape `dims` when it
+/// builds `deit_base_distilled_patch16_384` or `cait_m48_448` without
+/// pretrained weights, drawn from a ChaCha8 stream seeded by `seed` and
+/// selected by `fnv1a32(name)`, so each tensor is reproducible on its own.
+///
+/// Roles, by key:
+/// - `patch_embed.proj.weight` and `.bias`: PyTorch's default `Conv2d` init
+///   (timm leaves the patch conv alone in its non-jax init), i.e.
+///   `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` with fan_in = 3 * 16 * 16 for both;
+/// - `pos_embed`, `cls_token`, `dist_token` and every rank-2 `weight`
+///   (linear layers, talking-heads `proj_l`/`proj_w` included):
+///   `trunc_normal_(std=.02)`, whose cut at +-2 is absolute as in timm;
+/// - rank-1 `weight` (LayerNorm scale): 1; `gamma_1`/`gamma_2` (CaiT layer
+///   scale): [`CAIT_M48_INIT_SCALE`];
+/// - every other tensor (biases): 0.
+pub fn random_init(name: &str, dims: &[usize], seed: u64) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(u64::from(fnv1a32(name)));
+    if name.ends_with("patch_embed.proj.weight") || name.ends_with("patch_embed.proj.bias") {
+        let bound = 1.0 / ((IN_CHANS * PATCH * PATCH) as f64).sqrt();
+        // The bounds are finite and ordered, so this cannot fail.
+        let uniform = Uniform::new(-bound, bound).expect("finite, ordered bounds");
+        return (0..n).map(|_| uniform.sample(&mut rng) as f32).collect();
+    }
+    let trunc_normal = matches!(last, "pos_embed" | "cls_token" | "dist_token")
+        || (last == "weight" && dims.len() >= 2);
+    if trunc_normal {
+        // A positive, finite standard deviation cannot fail.
+        let normal = Normal::new(0.0, TRUNC_NORMAL_STD).expect("positive std");
+        return (0..n)
+            .map(|_| loop {
+                let v: f64 = normal.sample(&mut rng);
+                if (-2.0..=2.0).contains(&v) {
+                    break v as f32;
+                }
+            })
+            .collect();
+    }
+    let value = match last {
+        "weight" => 1.0,
+        "gamma_1" | "gamma_2" => CAIT_M48_INIT_SCALE,
+        _ => 0.0,
+    };
+    vec![value; n]
+}
+
+/// A linear layer `y = x W^T + b` over the last dimension (PyTorch `nn.Linear`).
+#[derive(Debug, Clone)]
+pub(crate) struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Loads `weight` [out, in] and `bias` [out] under `vb`.
+    pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: get_checked(&vb, (out_dim, in_dim), "weight")?,
+            bias: get_checked(&vb, out_dim, "bias")?,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: [..., in] -> [..., out].
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Folding the leading dimensions into one lets a single 2-D GEMM do
+        // the work instead of a batched one over a broadcast weight.
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x
+            .reshape((rows, in_dim))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// A LayerNorm over the last dimension with timm's eps, loading `weight` and `bias`.
+pub(crate) fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        get_checked(&vb, dim, "weight")?,
+        get_checked(&vb, dim, "bias")?,
+        LAYER_NORM_EPS,
+    ))
+}
+
+/// timm's `PatchEmbed`: a conv with kernel = stride = patch, flattened to tokens.
+#[derive(Debug, Clone)]
+pub(crate) struct PatchEmbed {
+    /// The conv weight viewed as a matrix [embed_dim, 3 * patch * patch].
+    weight: Tensor,
+    bias: Tensor,
+    patch: usize,
+}
+
+impl PatchEmbed {
+    /// Loads `proj.weight` [embed_dim, 3, patch, patch] and `proj.bias` [embed_dim] under `vb`.
+    pub(crate) fn new(embed_dim: usize, patch: usize, vb: VarBuilder) -> Result<Self> {
+        let vb = vb.pp("proj");
+        let weight = get_checked(&vb, (embed_dim, IN_CHANS, patch, patch), "weight")?
+            .reshape((embed_dim, IN_CHANS * patch * patch))?;
+        let bias = get_checked(&vb, embed_dim, "bias")?;
+        Ok(Self {
+            weight,
+            bias,
+            patch,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: [b, 3, H, W] with H, W multiples of the patch -> [b, H/p * W/p, embed_dim],
+    /// tokens in row-major patch order as timm's `flatten(2).transpose(1, 2)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Kernel and stride are equal, so the patches do not overlap and the
+        // convolution is exactly one matrix product over flattened patches.
+        let (b, c, h, w) = x.dims4()?;
+        let p = self.patch;
+        let (gh, gw) = (h / p, w / p);
+        let patches = x
+            .reshape((b, c, gh, p, gw, p))? // [b, c, gh, p, gw, p]
+            .permute((0, 2, 4, 1, 3, 5))? // [b, gh, gw, c, p, p]
+            .contiguous()?
+            .reshape((b * gh * gw, c * p * p))?;
+        patches
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?
+            .reshape((b, gh * gw, self.weight.dim(0)?))
+    }
+}
+
+/// timm's `Mlp`: fc1 -> exact (erf) GELU -> fc2.
+#[derive(Debug, Clone)]
+pub(crate) struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    /// Loads `fc1` [hidden, dim] and `fc2` [dim, hidden] under `vb`.
+    pub(crate) fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(dim, hidden, vb.pp("fc1"))?,
+            fc2: Linear::new(hidden, dim, vb.pp("fc2"))?,
+        })
+    }
+
+    /// # Shapes
+    /// `x`: [b, n, dim] -> [b, n, dim].
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // PyTorch's nn.GELU defaults to the exact erf form, not the tanh one.
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// Splits the output of a fused `qkv` linear into per-head q, k and v.
+///
+/// # Shapes
+/// `qkv`: [b, n, 3 * c] -> three [b, heads, n, c / heads], contiguous.
+pub(crate) fn split_heads(
+    qkv: &Tensor,
+    n_heads: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, n, c3) = qkv.dims3()?;
+    let head_dim = c3 / 3 / n_heads;
+    let qkv = qkv
+        .reshape((b, n, 3, n_heads, head_dim))?
+        .permute((2, 0, 3, 1, 4))?; // [3, b, heads, n, head_dim]
+    let q = qkv.get(0)?.contiguous()?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    Ok((q, k, v))
+}
+
+/// Merges per-head attention outputs back into tokens.
+///
+/// # Shapes
+/// `x`: [b, heads, n, d] -> [b, n, heads * d].
+pub(crate) fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, n, d) = x.dims4()?;
+    x.transpose(1, 2)?.contiguous()?.reshape((b, n, h * d))
+}
+
+/// Turns the patch tokens after the final norm into a feature map.
+///
+/// # Shapes
+/// `tokens`: [b, gh * gw, c] -> [b, c, gh, gw].
+pub(crate) fn tokens_to_map(tokens: &Tensor, gh: usize, gw: usize) -> candle_core::Result<Tensor> {
+    let (b, _, c) = tokens.dims3()?;
+    tokens
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, c, gh, gw))
+}
+
+/// Raw attention logits `q k^T * scale`.
+///
+/// # Shapes
+/// `q`, `k`: [b, heads, n, d] -> [b, heads, n, n].
+pub(crate) fn attention_logits(q: &Tensor, k: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    q.matmul(&k.transpose(D::Minus2, D::Minus1)?)? * scale
+}
+
+/// Checks that `x` is an RGB batch of exactly `img_size` x `img_size`, the
+/// only size the learned position embedding fits (timm asserts the same).
+pub(crate) fn check_input(x: &Tensor, img_size: usize, model: &str) -> Result<()> {
+    match x.dims() {
+        &[_, c, h, w] if c == IN_CHANS && h == img_size && w == img_size => Ok(()),
+        dims => Err(Error::InputShape {
+            found: dims.to_vec(),
+            message: format!("{model} expects [b, {IN_CHANS}, {img_size}, {img_size}]"),
+        }),
+    }
+}
+
+/// Checks the numbers a transformer config must agree on.
+pub(crate) fn check_config(
+    model: &str,
+    embed_dim: usize,
+    n_heads: usize,
+    patch: usize,
+    img_size: usize,
+    n_blocks_used: usize,
+    depth: usize,
+) -> Result<()> {
+    let invalid = |message: String| Error::Candle(candle_core::Error::Msg(message));
+    if embed_dim.checked_rem(n_heads) != Some(0) {
+        return Err(invalid(format!(
+            "{model}: embed_dim {embed_dim} is not a multiple of n_heads {n_heads}"
+        )));
+    }
+    if img_size.checked_rem(patch) != Some(0) {
+        return Err(invalid(format!(
+            "{model}: img_size {img_size} is not a multiple of patch {patch}"
+        )));
+    }
+    if n_blocks_used > depth {
+        return Err(invalid(format!(
+            "{model}: n_blocks_used {n_blocks_used} exceeds depth {depth}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_init_follows_timm_roles() {
+        let w = random_init("blocks.0.attn.qkv.weight", &[192, 64], 7);
+        let mean = w.iter().map(|&v| v as f64).sum::<f64>() / w.len() as f64;
+        let std =
+            (w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+        assert!(mean.abs() < 2e-3, "mean {mean}");
+        assert!((std - 0.02).abs() < 2e-3, "std {std}");
+        assert!(random_init("blocks.0.attn.qkv.bias", &[192], 7)
+            .iter()
+            .all(|&v| v == 0.0));
+        assert!(random_init("norm.weight", &[64], 7)
+            .iter()
+            .all(|&v| v == 1.0));
+        assert!(random_init("blocks.3.gamma_2", &[64], 7)
+            .iter()
+            .all(|&v| v == CAIT_M48_INIT_SCALE));
+        let bound = 1.0 / 768f32.sqrt();
+        let pw = random_init("patch_embed.proj.weight", &[64, 3, 16, 16], 7);
+        assert!(pw.iter().all(|&v| v.abs() <= bound));
+        assert!(pw.iter().any(|&v| v.abs() > 0.9 * bound));
+        let pb = random_init("patch_embed.proj.bias", &[64], 7);
+        assert!(pb.iter().all(|&v| v.abs() <= bound) && pb.iter().any(|&v| v != 0.0));
+        let pos = random_init("pos_embed", &[1, 18, 64], 7);
+        assert!(pos.iter().any(|&v| v != 0.0));
+    }
+
+    #[test]
+    fn random_init_is_reproducible_per_key_and_seed() {
+        let a = random_init("blocks.0.mlp.fc1.weight", &[16, 8], 1);
+        assert_eq!(a, random_init("blocks.0.mlp.fc1.weight", &[16, 8], 1));
+        assert_ne!(a, random_init("blocks.0.mlp.fc1.weight", &[16, 8], 2));
+        assert_ne!(a, random_init("blocks.1.mlp.fc1.weight", &[16, 8], 1));
+    }
+}
