@@ -37,12 +37,14 @@ pub enum DeviceArg {
 }
 
 /// How the images under `--data` are laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DatasetFormat {
     /// `<data>/<category>/{train/good, test/<defect>, ground_truth/<defect>}`.
     Mvtec,
-    /// A user folder: `<data>/<category>/{train/good, test/good, test/<any>, masks/<any>}`
-    /// (see the README for the exact layout).
+    /// A folder of your own (anomalib `Folder` semantics): under `<data>/<category>`,
+    /// good images in `--normal-dir`, defective ones in `--abnormal-dir`, optional
+    /// good test images in `--normal-test-dir` and masks in `--mask-dir`.
     Folder,
 }
 
@@ -58,6 +60,20 @@ pub struct DataArgs {
     /// Layout of the dataset.
     #[arg(long, value_enum, default_value_t = DatasetFormat::Mvtec)]
     pub format: DatasetFormat,
+    /// Folder format: good images, relative to `<data>/<category>`.
+    #[arg(long, default_value = "good")]
+    pub normal_dir: PathBuf,
+    /// Folder format: defective images, relative to `<data>/<category>`.
+    #[arg(long, default_value = "bad")]
+    pub abnormal_dir: PathBuf,
+    /// Folder format: good test images; without it 20 % of the good images are
+    /// held out for testing (seeded).
+    #[arg(long)]
+    pub normal_test_dir: Option<PathBuf>,
+    /// Folder format: masks of the defective images, matched by file stem
+    /// (`<stem>.png` or `<stem>_mask.png`); default `masks` when it exists.
+    #[arg(long)]
+    pub mask_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -5,12 +5,20 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod bench;
+mod checkpoint;
 mod cli;
 mod config;
+mod data;
+mod demo;
+mod engine;
+mod evaluate;
 mod fsutil;
 mod heatmap;
+mod predict;
 mod progress;
 mod report;
+mod train;
 
 // mimalloc is markedly faster than the system allocator for candle's many
 // short-lived tensor buffers, and it is deterministic across platforms.
@@ -31,6 +39,10 @@ fn main() -> ExitCode {
 
 fn run(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
-        other => anyhow::bail!("command {other:?} is not wired to the model crates yet"),
+        cli::Command::Train(args) => train::run_train(args),
+        cli::Command::Eval(args) => evaluate::run_eval(args),
+        cli::Command::Predict(args) => predict::run_predict(args),
+        cli::Command::Demo(args) => demo::run_demo(args),
+        cli::Command::Bench(args) => bench::run_bench(args),
     }
 }

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub threshold: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pixel_f1_max: Option<f64>,
+    /// The pixel-score threshold of `pixel_f1_max`; predicted masks use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_threshold: Option<f64>,
     pub n_images: usize,
     /// Images per second through backbone + flows + anomaly map during the evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,6 +57,23 @@ pub fn metrics_table(m: &Metrics) -> String {
     }
     let _ = write!(out, "{:-<1$}", "", width + 14);
     out
+}
+
+impl Metrics {
+    /// Our metrics from ff-metrics' report, with the measured inference speed.
+    pub fn from_report(r: &ff_metrics::EvalReport, inference_img_per_s: Option<f64>) -> Self {
+        Self {
+            image_auroc: r.image_auroc,
+            pixel_auroc: r.pixel_auroc,
+            aupro: r.aupro,
+            image_f1_max: r.image_f1_max,
+            threshold: f64::from(r.threshold),
+            pixel_f1_max: r.pixel_f1_max,
+            pixel_threshold: r.pixel_threshold.map(f64::from),
+            n_images: r.n_images,
+            inference_img_per_s,
+        }
+    }
 }
 
 /// Context printed at the top of a Markdown report.
@@ -141,6 +161,7 @@ mod tests {
             image_f1_max: 0.9,
             threshold: -0.25,
             pixel_f1_max: None,
+            pixel_threshold: None,
             n_images: 12,
             inference_img_per_s: Some(14.25),
         }

@@ -1,0 +1,43 @@
+//! Choosing the dataset a command reads (MVTec AD or a user folder) from the
+//! command-line flags, and turning ff-data's plain buffers into tensors.
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use ff_data::{Batch, FolderConfig, Split};
+
+use crate::cli::{DataArgs, DatasetFormat};
+
+/// Lists the train and test samples that `args` describe.
+pub fn load_split(args: &DataArgs, seed: u64) -> Result<Split> {
+    let root = args.data.join(&args.category);
+    match args.format {
+        DatasetFormat::Mvtec => {
+            ff_data::mvtec_category(&args.data, &args.category).with_context(|| {
+                format!(
+                    "cannot read MVTec AD category '{}' under '{}'",
+                    args.category,
+                    args.data.display()
+                )
+            })
+        }
+        DatasetFormat::Folder => {
+            let mut cfg =
+                FolderConfig::new(root.join(&args.normal_dir), root.join(&args.abnormal_dir));
+            cfg.normal_test_dir = args.normal_test_dir.as_ref().map(|d| root.join(d));
+            cfg.mask_dir = match &args.mask_dir {
+                Some(d) => Some(root.join(d)),
+                None => Some(root.join("masks")).filter(|d| d.is_dir()),
+            };
+            cfg.seed = seed;
+            ff_data::folder_dataset(&cfg).with_context(|| {
+                format!("cannot read the image folder dataset '{}'", root.display())
+            })
+        }
+    }
+}
+
+/// The images of a batch as a `[n, 3, size, size]` tensor on `device`.
+pub fn images_tensor(batch: &Batch, device: &Device) -> Result<Tensor> {
+    Tensor::from_slice(&batch.images, (batch.n, 3, batch.size, batch.size), device)
+        .context("cannot move a batch of images to the device")
+}

@@ -1,0 +1,242 @@
+//! The model as the commands use it: building FastFlow from a config, a
+//! checkpoint of ours or a reference `.pt`, one training step, anomaly maps as
+//! plain buffers, and saving/restoring checkpoints with the optimizer state.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use ff_backbone::{Backbone, BackboneKind, WeightSource};
+use ff_flow::{Adam, AdamConfig, FastFlow, FastFlowConfig};
+
+use crate::checkpoint::{read_meta, CheckpointMeta, CheckpointPaths};
+use crate::cli::DeviceArg;
+
+/// The device the user asked for; CUDA only in binaries built with `--features cuda`.
+pub fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        DeviceArg::Cuda => Device::new_cuda(0).context("cannot open CUDA device 0"),
+        #[cfg(not(feature = "cuda"))]
+        DeviceArg::Cuda => bail!(
+            "this fastflow was built without CUDA support; rebuild with \
+             `cargo build --release -p ff-cli --features cuda` or use --device cpu"
+        ),
+    }
+}
+
+/// A `--weights` value as a weight source. `random` takes the run's seed so
+/// that the whole run is fixed by `--seed`.
+pub fn parse_weights(value: &str, kind: BackboneKind, seed: u64) -> Result<WeightSource> {
+    if value.trim() == "random" {
+        return Ok(WeightSource::Random { seed });
+    }
+    WeightSource::parse(value, kind).map_err(anyhow::Error::from)
+}
+
+/// A weight source written back in `--weights` syntax, for checkpoint metadata.
+pub fn weights_to_string(source: &WeightSource) -> String {
+    match source {
+        WeightSource::Hub { repo } => format!("hub:{repo}"),
+        WeightSource::File(p) => p.display().to_string(),
+        WeightSource::Random { seed } => format!("random:{seed}"),
+        WeightSource::Deterministic => "deterministic".to_string(),
+    }
+}
+
+/// Loads the backbone, with the source named in the error.
+pub fn load_backbone(
+    kind: BackboneKind,
+    source: &WeightSource,
+    device: &Device,
+) -> Result<Backbone> {
+    Backbone::load(kind, source, device)
+        .with_context(|| format!("cannot load the {kind} backbone from {}", source.describe()))
+}
+
+/// FastFlow with its trainable tensors in a `VarMap`.
+pub struct Engine {
+    pub model: FastFlow,
+    pub device: Device,
+    /// Kept alive because the model's trainable tensors live in it.
+    _varmap: VarMap,
+}
+
+impl Engine {
+    /// A new model: trainable tensors and permutations drawn from `seed`.
+    pub fn new(
+        cfg: &FastFlowConfig,
+        backbone: Backbone,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model =
+            FastFlow::new(cfg, backbone, vb, seed).context("cannot build the FastFlow model")?;
+        Ok(Self {
+            model,
+            device: device.clone(),
+            _varmap: varmap,
+        })
+    }
+
+    /// The model of one of our checkpoints (weights only; see [`Engine::restore_optimizer`]).
+    pub fn from_checkpoint(
+        meta: &CheckpointMeta,
+        paths: &CheckpointPaths,
+        backbone: Backbone,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut engine = Self::new(&meta.config, backbone, meta.seed, device)?;
+        let sd = ff_flow::load_safetensors(&paths.weights)?;
+        let sd = to_device(sd, device)?;
+        ff_flow::load_state_dict(&mut engine.model, &sd).with_context(|| {
+            format!(
+                "checkpoint '{}' does not fit the model of its config ({})",
+                paths.weights.display(),
+                describe_config(&meta.config)
+            )
+        })?;
+        Ok(engine)
+    }
+
+    /// The model of a gathierry/FastFlow `.pt` file: backbone and flows both
+    /// come from the file unless `weights` names another backbone source.
+    pub fn from_reference_pt(
+        path: &Path,
+        cfg: &FastFlowConfig,
+        weights: Option<&WeightSource>,
+        device: &Device,
+    ) -> Result<Self> {
+        cfg.validate().context("invalid config")?;
+        let kind = cfg.backbone_kind()?;
+        let sd = ff_flow::read_reference_pt(path)?;
+        let parts = ff_flow::split_reference_state_dict(sd);
+        let backbone = match weights {
+            Some(source) => load_backbone(kind, source, device)?,
+            None => {
+                if parts.backbone.is_empty() {
+                    bail!(
+                        "'{}' holds no feature_extractor.* tensors; pass --weights hub (or a file) for the backbone",
+                        path.display()
+                    );
+                }
+                let tensors = to_device(parts.backbone, device)?
+                    .into_iter()
+                    .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+                    .collect::<Result<HashMap<_, _>>>()?;
+                let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+                Backbone::new(kind, vb).with_context(|| {
+                    format!(
+                        "the backbone in '{}' is not a {kind} ({})",
+                        path.display(),
+                        describe_config(cfg)
+                    )
+                })?
+            }
+        };
+        let mut engine = Self::new(cfg, backbone, 0, device)?;
+        let flow = to_device(parts.flow, device)?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        ff_flow::load_state_dict(&mut engine.model, &flow).with_context(|| {
+            format!(
+                "reference checkpoint '{}' does not fit the config ({})",
+                path.display(),
+                describe_config(cfg)
+            )
+        })?;
+        Ok(engine)
+    }
+
+    pub fn config(&self) -> &FastFlowConfig {
+        self.model.config()
+    }
+
+    /// Adam over the trainable tensors (norms and flows only).
+    pub fn optimizer(&self, cfg: AdamConfig) -> Result<Adam> {
+        Ok(Adam::new(self.model.trainable_vars()?, cfg)?)
+    }
+
+    /// One optimizer step on a batch; returns the loss before the step.
+    ///
+    /// # Shapes
+    /// `images`: `[b, 3, S, S]`.
+    pub fn train_step(&self, adam: &mut Adam, images: &Tensor) -> Result<f64> {
+        let out = self.model.forward(images)?;
+        let loss = ff_flow::loss(&out)?;
+        let grads = loss.backward()?;
+        adam.step(&grads)?;
+        Ok(f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?))
+    }
+
+    /// Anomaly maps of a batch as a row-major buffer, higher = more anomalous.
+    ///
+    /// # Shapes
+    /// `images`: `[b, 3, S, S]` -> `b * S * S` values (`[b, S, S]`).
+    pub fn anomaly_maps(&self, images: &Tensor) -> Result<Vec<f32>> {
+        let out = self.model.forward(images)?;
+        let map = self.model.anomaly_map(&out)?;
+        Ok(map.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Writes the weights (`paths.weights`) and Adam's state (`paths.optimizer`).
+    pub fn save_tensors(&self, paths: &CheckpointPaths, adam: &Adam) -> Result<()> {
+        if let Some(dir) = paths.weights.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create '{}'", dir.display()))?;
+        }
+        ff_flow::save_checkpoint(&paths.weights, &self.model, &HashMap::new())?;
+        ff_flow::checkpoint::save_tensors_atomically(&paths.optimizer, &adam.state_tensors()?)?;
+        Ok(())
+    }
+
+    /// Restores Adam's state saved with a checkpoint.
+    pub fn restore_optimizer(
+        &self,
+        adam: &mut Adam,
+        paths: &CheckpointPaths,
+        step: u64,
+    ) -> Result<()> {
+        let state = to_device(ff_flow::load_safetensors(&paths.optimizer)?, &self.device)?;
+        adam.load_state(step, &state).with_context(|| {
+            format!(
+                "optimizer state '{}' does not fit the model",
+                paths.optimizer.display()
+            )
+        })
+    }
+}
+
+/// Loads a checkpoint of ours with the backbone it was trained with (or `weights`).
+pub fn load_our_checkpoint(
+    paths: &CheckpointPaths,
+    weights: Option<&str>,
+    device: &Device,
+) -> Result<(CheckpointMeta, Engine)> {
+    let meta = read_meta(paths)?;
+    let kind = meta.config.backbone_kind()?;
+    let source = parse_weights(weights.unwrap_or(&meta.backbone_weights), kind, meta.seed)?;
+    let backbone = load_backbone(kind, &source, device)?;
+    let engine = Engine::from_checkpoint(&meta, paths, backbone, device)?;
+    Ok((meta, engine))
+}
+
+fn to_device(sd: HashMap<String, Tensor>, device: &Device) -> Result<HashMap<String, Tensor>> {
+    sd.into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(device)?)))
+        .collect()
+}
+
+/// A one-line description of a config for error messages.
+pub fn describe_config(cfg: &FastFlowConfig) -> String {
+    format!(
+        "backbone_name {}, input_size {}, flow_step {}, hidden_ratio {}, conv3x3_only {}",
+        cfg.backbone_name, cfg.input_size, cfg.flow_step, cfg.hidden_ratio, cfg.conv3x3_only
+    )
+}

@@ -1,0 +1,151 @@
+//! Evaluation: anomaly maps of a test set into ff-metrics, and the `eval`
+//! command (table on stdout, Markdown next to the checkpoint, optional JSON).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use ff_data::{Label, Loader, LoaderConfig, Preprocess, Sample};
+use ff_metrics::Evaluator;
+
+use crate::checkpoint::CheckpointKind;
+use crate::cli::EvalArgs;
+use crate::config::load_yaml;
+use crate::data::{images_tensor, load_split};
+use crate::engine::{describe_config, device, load_our_checkpoint, parse_weights, Engine};
+use crate::report::{markdown_report, metrics_table, write_metrics_json, Metrics, ReportContext};
+
+/// The result of evaluating a model on a test set.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub metrics: Metrics,
+    /// Lowest and highest anomaly-map value over the test set.
+    pub map_range: [f32; 2],
+}
+
+/// Evaluates `engine` on `test` (every sample labelled; masks used when all
+/// anomalous samples have one).
+pub fn evaluate(engine: &Engine, test: &[Sample], batch_size: usize) -> Result<Evaluation> {
+    anyhow::ensure!(!test.is_empty(), "the test set is empty");
+    let size = engine.config().input_size;
+    let with_masks = test
+        .iter()
+        .all(|s| s.label == Label::Normal || s.mask.is_some());
+    let mut cfg = LoaderConfig::new(batch_size.max(1));
+    cfg.with_masks = with_masks;
+    let loader = Loader::new(test.to_vec(), Preprocess::imagenet(size), cfg);
+    let mut evaluator = Evaluator::new();
+    let mut model_seconds = 0.0;
+    let mut range = [f32::INFINITY, f32::NEG_INFINITY];
+    for batch in loader.epoch(0) {
+        let batch = batch.context("cannot load a test batch")?;
+        let start = Instant::now();
+        let x = images_tensor(&batch, &engine.device)?;
+        let maps = engine.anomaly_maps(&x)?;
+        model_seconds += start.elapsed().as_secs_f64();
+        for &v in &maps {
+            range[0] = range[0].min(v);
+            range[1] = range[1].max(v);
+        }
+        let labels: Vec<bool> = batch
+            .labels
+            .iter()
+            .map(|l| *l == Label::Anomalous)
+            .collect();
+        let masks = batch.masks.as_deref().unwrap_or(&[]);
+        evaluator
+            .update(&maps, masks, &labels, batch.n, size, size)
+            .context("cannot accumulate the evaluation")?;
+    }
+    let report = evaluator.compute().context("cannot compute the metrics")?;
+    let img_per_s = report.n_images as f64 / model_seconds.max(1e-9);
+    Ok(Evaluation {
+        metrics: Metrics::from_report(&report, Some(img_per_s)),
+        map_range: range,
+    })
+}
+
+/// Where the Markdown report of evaluating `checkpoint` on `category` goes.
+pub fn eval_report_path(checkpoint: &Path, category: &str) -> PathBuf {
+    let stem = checkpoint
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(".optim").unwrap_or(&stem).to_string();
+    checkpoint.with_file_name(format!("{stem}.eval-{category}.md"))
+}
+
+/// `fastflow eval`.
+pub fn run_eval(args: EvalArgs) -> Result<()> {
+    let device = device(args.device)?;
+    let (engine, facts) = match CheckpointKind::of(&args.checkpoint) {
+        CheckpointKind::Reference(path) => {
+            let cfg_path = args.config.as_ref().with_context(|| {
+                format!(
+                    "'{}' is a reference .pt checkpoint: pass --config to say which model it is",
+                    path.display()
+                )
+            })?;
+            let cfg: ff_flow::FastFlowConfig = load_yaml(cfg_path)?;
+            let weights = match &args.weights {
+                Some(w) => Some(parse_weights(w, cfg.backbone_kind()?, 0)?),
+                None => None,
+            };
+            let engine = Engine::from_reference_pt(&path, &cfg, weights.as_ref(), &device)?;
+            let facts = vec![(
+                "checkpoint".to_string(),
+                format!("{} (reference .pt)", path.display()),
+            )];
+            (engine, facts)
+        }
+        CheckpointKind::Ours(paths) => {
+            let (meta, engine) = load_our_checkpoint(&paths, args.weights.as_deref(), &device)?;
+            if let Some(cfg_path) = &args.config {
+                let cfg: ff_flow::FastFlowConfig = load_yaml(cfg_path)?;
+                anyhow::ensure!(
+                    cfg == meta.config,
+                    "config '{}' ({}) differs from the checkpoint's ({})",
+                    cfg_path.display(),
+                    describe_config(&cfg),
+                    describe_config(&meta.config)
+                );
+            }
+            let facts = vec![
+                (
+                    "checkpoint".to_string(),
+                    paths.weights.display().to_string(),
+                ),
+                ("epoch".to_string(), meta.epoch.to_string()),
+                (
+                    "backbone weights".to_string(),
+                    meta.backbone_weights.clone(),
+                ),
+            ];
+            (engine, facts)
+        }
+    };
+    let split = load_split(&args.data, 0)?;
+    let eval = evaluate(&engine, &split.test, args.batch_size)?;
+    println!("{}", metrics_table(&eval.metrics));
+    let mut facts = facts;
+    facts.push((
+        "data".into(),
+        format!("{} / {}", args.data.data.display(), args.data.category),
+    ));
+    facts.push(("config".into(), describe_config(engine.config())));
+    let md = markdown_report(
+        &ReportContext {
+            title: format!("FastFlow evaluation: {}", args.data.category),
+            facts,
+        },
+        &eval.metrics,
+    );
+    let md_path = eval_report_path(&args.checkpoint, &args.data.category);
+    crate::fsutil::write_atomic(&md_path, md.as_bytes())?;
+    println!("report: {}", md_path.display());
+    if let Some(json) = &args.json {
+        write_metrics_json(json, &eval.metrics)?;
+        println!("metrics: {}", json.display());
+    }
+    Ok(())
+}

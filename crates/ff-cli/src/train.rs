@@ -1,0 +1,345 @@
+//! `fastflow train`: the reference's training loop (Adam over norms and
+//! flows, seeded data order, evaluation and checkpoint every N epochs, a final
+//! evaluation), with exact resume from a checkpoint.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use ff_backbone::WeightSource;
+use ff_data::{Loader, LoaderConfig, Preprocess};
+use ff_flow::{AdamConfig, FastFlowConfig};
+use serde::Serialize;
+
+use crate::checkpoint::{
+    file_hash, read_meta, CheckpointMeta, CheckpointPaths, OptimizerMeta, RunDir, TrainMeta, FORMAT,
+};
+use crate::cli::{DataArgs, TrainArgs};
+use crate::config::load_yaml;
+use crate::data::{images_tensor, load_split};
+use crate::engine::{
+    describe_config, device, load_backbone, parse_weights, weights_to_string, Engine,
+};
+use crate::evaluate::{evaluate, Evaluation};
+use crate::fsutil::{append_json_line, write_atomic, write_json_atomic};
+use crate::progress::EpochProgress;
+use crate::report::{markdown_report, metrics_table, write_metrics_json, ReportContext};
+
+/// Everything a training run needs, resolved from flags, a config file, a
+/// checkpoint to resume, or the demo.
+#[derive(Debug, Clone)]
+pub struct TrainPlan {
+    pub cfg: FastFlowConfig,
+    pub data: DataArgs,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub eval_every: usize,
+    pub seed: u64,
+    pub weights: WeightSource,
+    pub run_dir: PathBuf,
+    pub resume: Option<CheckpointPaths>,
+    pub json: Option<PathBuf>,
+    pub device: candle_core::Device,
+}
+
+/// What a finished run leaves behind.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub run: RunDir,
+    pub evaluation: Evaluation,
+    pub train_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct EvalLogLine<'a> {
+    epoch: usize,
+    optimizer_step: u64,
+    #[serde(flatten)]
+    metrics: &'a crate::report::Metrics,
+    map_range: [f32; 2],
+    best: bool,
+}
+
+/// `fastflow train`.
+pub fn run_train(args: TrainArgs) -> Result<()> {
+    let device = device(args.device)?;
+    let resume = args
+        .resume
+        .as_ref()
+        .map(|p| CheckpointPaths::from_user_path(p));
+    let cfg: FastFlowConfig = load_yaml(&args.config)?;
+    let kind = cfg
+        .backbone_kind()
+        .with_context(|| format!("invalid config file '{}'", args.config.display()))?;
+    let (cfg, seed, weights) = match &resume {
+        None => (
+            cfg.clone(),
+            args.seed,
+            parse_weights(&args.weights, kind, args.seed)?,
+        ),
+        Some(paths) => {
+            let meta = read_meta(paths)?;
+            if meta.config != cfg {
+                bail!(
+                    "config '{}' ({}) does not match the checkpoint '{}' ({})",
+                    args.config.display(),
+                    describe_config(&cfg),
+                    paths.meta.display(),
+                    describe_config(&meta.config)
+                );
+            }
+            // The seed and the backbone are part of the run: a resumed run keeps
+            // the checkpoint's, so that it continues exactly.
+            let weights = parse_weights(&meta.backbone_weights, kind, meta.seed)?;
+            (meta.config, meta.seed, weights)
+        }
+    };
+    let run_dir = match (&args.out, &resume) {
+        (Some(out), _) => out.clone(),
+        // A resumed run continues in its own directory (`<run>/checkpoints/last.json`).
+        (None, Some(paths)) => paths
+            .meta
+            .parent()
+            .and_then(|p| p.parent())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".")),
+        (None, None) => {
+            let stem = args
+                .config
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            PathBuf::from("runs").join(format!("{stem}-{}", args.data.category))
+        }
+    };
+    let plan = TrainPlan {
+        cfg,
+        data: args.data,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        eval_every: args.eval_every,
+        seed,
+        weights,
+        run_dir,
+        resume,
+        json: args.json,
+        device,
+    };
+    let outcome = train(&plan)?;
+    println!("{}", metrics_table(&outcome.evaluation.metrics));
+    println!("run directory: {}", outcome.run.root.display());
+    println!("checkpoints:   {}", outcome.run.checkpoints().display());
+    println!("report:        {}", outcome.run.report().display());
+    if let Some(json) = &plan.json {
+        println!("metrics:       {}", json.display());
+    }
+    Ok(())
+}
+
+/// Trains per `plan`; see the module doc.
+pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
+    anyhow::ensure!(plan.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(plan.eval_every > 0, "--eval-every must be at least 1");
+    anyhow::ensure!(plan.epochs > 0, "--epochs must be at least 1");
+    plan.cfg.validate().context("invalid model config")?;
+    let kind = plan.cfg.backbone_kind()?;
+    let run = RunDir::new(plan.run_dir.clone());
+
+    let split = load_split(&plan.data, plan.seed)?;
+    anyhow::ensure!(!split.train.is_empty(), "no training images found");
+    let n_train = split.train.len();
+    let mut loader_cfg = LoaderConfig::new(plan.batch_size);
+    loader_cfg.shuffle_seed = Some(plan.seed);
+    loader_cfg.cache = true;
+    // The reference drops the last incomplete batch; with fewer images than one
+    // batch that would leave nothing to train on, so it is kept then.
+    loader_cfg.drop_last = n_train >= plan.batch_size;
+    let loader = Loader::new(
+        split.train.clone(),
+        Preprocess::imagenet(plan.cfg.input_size),
+        loader_cfg,
+    );
+
+    let backbone = load_backbone(kind, &plan.weights, &plan.device)?;
+    let adam_cfg = AdamConfig {
+        lr: plan.lr,
+        weight_decay: plan.weight_decay,
+        ..AdamConfig::default()
+    };
+    let (engine, mut adam, start_epoch, mut best_auroc) = match &plan.resume {
+        None => {
+            let engine = Engine::new(&plan.cfg, backbone, plan.seed, &plan.device)?;
+            let adam = engine.optimizer(adam_cfg)?;
+            (engine, adam, 0, None)
+        }
+        Some(paths) => {
+            let meta = read_meta(paths)?;
+            let engine = Engine::from_checkpoint(&meta, paths, backbone, &plan.device)?;
+            let mut adam = engine.optimizer(adam_cfg)?;
+            engine.restore_optimizer(&mut adam, paths, meta.optimizer.step)?;
+            println!(
+                "resuming from '{}' after epoch {} (optimizer step {})",
+                paths.meta.display(),
+                meta.epoch,
+                meta.optimizer.step
+            );
+            (engine, adam, meta.epoch, meta.best_image_auroc)
+        }
+    };
+    if start_epoch >= plan.epochs {
+        println!(
+            "the checkpoint has already trained {start_epoch} of {} epochs; evaluating only",
+            plan.epochs
+        );
+    }
+    println!(
+        "training {} on '{}' ({} images, batch {}, epochs {}..{}), backbone: {}",
+        describe_config(&plan.cfg),
+        plan.data.category,
+        n_train,
+        plan.batch_size,
+        start_epoch + 1,
+        plan.epochs,
+        plan.weights.describe()
+    );
+
+    let train_meta = TrainMeta {
+        data: plan.data.data.clone(),
+        category: plan.data.category.clone(),
+        format: plan.data.format,
+        batch_size: plan.batch_size,
+        epochs: plan.epochs,
+        eval_every: plan.eval_every,
+    };
+    let start = Instant::now();
+    let mut last_eval: Option<(usize, Evaluation)> = None;
+    for epoch in start_epoch..plan.epochs {
+        let mut progress = EpochProgress::start(epoch + 1, plan.epochs, loader.num_batches());
+        // The data order depends only on (seed, epoch), so a resumed run sees
+        // the same batches as an uninterrupted one.
+        for batch in loader.epoch(epoch) {
+            let batch = batch.context("cannot load a training batch")?;
+            let x = images_tensor(&batch, &plan.device)?;
+            let loss = engine.train_step(&mut adam, &x)?;
+            anyhow::ensure!(
+                loss.is_finite(),
+                "the loss became {loss} at epoch {}",
+                epoch + 1
+            );
+            progress.batch(batch.n, loss);
+        }
+        let summary = progress.finish();
+        append_json_line(&run.train_log(), &summary)?;
+        let done = epoch + 1;
+        if done % plan.eval_every == 0 || done == plan.epochs {
+            let eval = evaluate(&engine, &split.test, plan.batch_size)?;
+            let is_best = best_auroc.is_none_or(|b| eval.metrics.image_auroc > b);
+            if is_best {
+                best_auroc = Some(eval.metrics.image_auroc);
+            }
+            println!(
+                "eval @ epoch {done}: image AUROC {:.4}, pixel AUROC {}, AU-PRO {}{}",
+                eval.metrics.image_auroc,
+                fmt_opt(eval.metrics.pixel_auroc),
+                fmt_opt(eval.metrics.aupro),
+                if is_best { "  (best so far)" } else { "" }
+            );
+            append_json_line(
+                &run.eval_log(),
+                &EvalLogLine {
+                    epoch: done,
+                    optimizer_step: adam.step_count(),
+                    metrics: &eval.metrics,
+                    map_range: eval.map_range,
+                    best: is_best,
+                },
+            )?;
+            let meta = |name: &str, paths: &CheckpointPaths| -> Result<CheckpointMeta> {
+                Ok(CheckpointMeta {
+                    format: FORMAT.to_string(),
+                    config: plan.cfg.clone(),
+                    backbone_weights: weights_to_string(&plan.weights),
+                    epoch: done,
+                    seed: plan.seed,
+                    metrics: Some(eval.metrics.clone()),
+                    threshold: Some(eval.metrics.threshold),
+                    pixel_threshold: eval.metrics.pixel_threshold,
+                    map_range: Some(eval.map_range),
+                    best_image_auroc: best_auroc,
+                    optimizer: OptimizerMeta {
+                        kind: "adam".into(),
+                        step: adam.step_count(),
+                        lr: adam_cfg.lr,
+                        weight_decay: adam_cfg.weight_decay,
+                        beta1: adam_cfg.beta1,
+                        beta2: adam_cfg.beta2,
+                        eps: adam_cfg.eps,
+                    },
+                    train: train_meta.clone(),
+                    weights_file: format!("{name}.safetensors"),
+                    weights_hash: file_hash(&paths.weights)?,
+                    optimizer_file: format!("{name}.optim.safetensors"),
+                    optimizer_hash: file_hash(&paths.optimizer)?,
+                })
+            };
+            let last = run.last();
+            engine.save_tensors(&last, &adam)?;
+            write_json_atomic(&last.meta, &meta("last", &last)?)?;
+            if is_best {
+                let best = run.best();
+                engine.save_tensors(&best, &adam)?;
+                write_json_atomic(&best.meta, &meta("best", &best)?)?;
+            }
+            last_eval = Some((done, eval));
+        }
+    }
+    let train_seconds = start.elapsed().as_secs_f64();
+    let (epoch, evaluation) = match last_eval {
+        Some(e) => e,
+        // Nothing left to train (resumed at or past the last epoch): the final
+        // evaluation is of the checkpoint as it is.
+        None => (
+            start_epoch,
+            evaluate(&engine, &split.test, plan.batch_size)?,
+        ),
+    };
+    let md = markdown_report(
+        &ReportContext {
+            title: format!("FastFlow training: {}", plan.data.category),
+            facts: vec![
+                (
+                    "data".into(),
+                    format!("{} / {}", plan.data.data.display(), plan.data.category),
+                ),
+                ("config".into(), describe_config(&plan.cfg)),
+                ("backbone weights".into(), plan.weights.describe()),
+                ("epochs".into(), epoch.to_string()),
+                ("batch size".into(), plan.batch_size.to_string()),
+                ("seed".into(), plan.seed.to_string()),
+                ("training time (s)".into(), format!("{train_seconds:.1}")),
+                (
+                    "checkpoints".into(),
+                    run.checkpoints().display().to_string(),
+                ),
+            ],
+        },
+        &evaluation.metrics,
+    );
+    write_atomic(&run.report(), md.as_bytes())?;
+    if let Some(json) = &plan.json {
+        write_metrics_json(json, &evaluation.metrics)?;
+    }
+    Ok(TrainOutcome {
+        run,
+        evaluation,
+        train_seconds,
+    })
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into())
+}
