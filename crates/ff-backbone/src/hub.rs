@@ -51,7 +51,7 @@ pub fn hub_endpoint() -> String {
 /// with `HF_HUB_OFFLINE` set, a missing file is an error; otherwise a quick
 /// reachability check of the endpoint, then the download.
 pub fn resolve_hub_file(repo: &str, filename: &str) -> Result<PathBuf> {
-    let cache = hf_hub::Cache::from_env();
+    let cache = hub_cache(repo)?;
     if let Some(path) = cache.model(repo.to_string()).get(filename) {
         return Ok(path);
     }
@@ -85,6 +85,23 @@ pub fn resolve_hub_file(repo: &str, filename: &str) -> Result<PathBuf> {
             repo: repo.to_string(),
             message: format!("downloading '{filename}' from {endpoint} failed: {e}"),
         })
+}
+
+/// The `hf-hub` cache: `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+///
+/// `hf-hub` panics when it finds no home directory, so without `HF_HOME` a
+/// home directory must be known from the environment; otherwise this is an
+/// error that says to set `HF_HOME`.
+fn hub_cache(repo: &str) -> Result<hf_hub::Cache> {
+    let has = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    if has("HF_HOME") || has("HOME") || has("USERPROFILE") {
+        Ok(hf_hub::Cache::from_env())
+    } else {
+        Err(Error::Hub {
+            repo: repo.to_string(),
+            message: "no home directory is known for the hub cache; set HF_HOME".to_string(),
+        })
+    }
 }
 
 /// The host and port a connection to `url` starts with.
