@@ -7,8 +7,6 @@
 //! bits, per-sample data in the low 32 bits) so the sort is a plain parallel
 //! integer sort and the sweep reads memory sequentially.
 
-use rayon::slice::ParallelSliceMut;
-
 use crate::MetricsError;
 
 /// Maps a finite `f32` to a `u32` whose descending integer order is the
@@ -54,17 +52,27 @@ pub(crate) fn for_each_tie_group(sorted: &[u64], mut on_group: impl FnMut(u32, &
     }
 }
 
-/// Returns the first non-finite score, as the error `metric` reports it.
+/// Fails with [`MetricsError::NonFiniteScore`] at the first NaN or infinite score.
 pub(crate) fn check_finite(metric: &'static str, scores: &[f32]) -> Result<(), MetricsError> {
-    use rayon::prelude::*;
-    match scores.par_iter().position_first(|s| !s.is_finite()) {
-        Some(index) => Err(MetricsError::NonFiniteScore {
-            metric,
-            index,
-            value: scores[index],
-        }),
-        None => Ok(()),
-    }
+    // A branch-free scan over chunks vectorises; the exact position is only
+    // looked up once a chunk is known to hold a bad score.
+    let bad_chunk = scores
+        .chunks(4096)
+        .position(|chunk| !chunk.iter().fold(true, |ok, s| ok & s.is_finite()));
+    let Some(chunk) = bad_chunk else {
+        return Ok(());
+    };
+    let start = chunk * 4096;
+    let offset = scores[start..]
+        .iter()
+        .position(|s| !s.is_finite())
+        .unwrap_or(0);
+    let index = start + offset;
+    Err(MetricsError::NonFiniteScore {
+        metric,
+        index,
+        value: scores[index],
+    })
 }
 
 /// The F1-max of a score ranking and the threshold that reaches it.
@@ -190,7 +198,7 @@ fn sorted_labelled_keys(
         .zip(labels)
         .map(|(&s, &l)| (u64::from(descending_key(s)) << 32) | u64::from(l))
         .collect();
-    keys.par_sort_unstable();
+    crate::sort::sort_by_score_key(&mut keys);
     Ok((keys, positives, negatives))
 }
 

@@ -44,6 +44,7 @@ mod error;
 mod evaluator;
 mod pixel;
 mod regions;
+mod sort;
 
 pub use curve::{f1_max, roc_auc, F1Max};
 pub use error::MetricsError;

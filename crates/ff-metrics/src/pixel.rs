@@ -219,7 +219,7 @@ pub(crate) fn pixel_metrics(
     let normal = maps.len() as u64 - anomalous;
     one_class_check(metric, anomalous, normal)?;
 
-    keys.par_sort_unstable();
+    crate::sort::sort_by_score_key(&mut keys);
 
     let mut roc = RocF1Sweep::new(anomalous, normal);
     let mut pro = ProIntegral::new(fpr_limit, normal, regions);

@@ -1,6 +1,7 @@
-//! Parity with the references: scikit-learn (`roc_auc_score`, `precision_recall_curve`
-//! + argmax F1) and the MVTec AD evaluation code (AU-PRO, SciPy 8-connected labelling),
-//! on fixtures written by `data-scripts/make_metrics_fixtures.py` into `tests-fixtures/metrics/`.
+//! Parity with the references: scikit-learn (`roc_auc_score`, and `precision_recall_curve`
+//! with the argmax of F1) and the MVTec AD evaluation code (AU-PRO, SciPy 8-connected
+//! labelling), on fixtures written by `data-scripts/make_metrics_fixtures.py` into
+//! `tests-fixtures/metrics/`.
 
 use std::path::PathBuf;
 
