@@ -45,6 +45,8 @@ Outputs in ``tests-fixtures/flow/`` (tensors as safetensors, statistics as JSON)
   det_init values, which the Rust test recomputes for the ones left out.
   ``reference_tiny.json`` holds its config and the anomaly map the reference
   computes with it (after the step) for the det images.
+* ``bare_state_dict.pt``: ``torch.save`` of a bare state dict (a LayerNorm's
+  det_init ``norms.0.weight`` / ``norms.0.bias``), the other layout users have.
 """
 
 import json
@@ -349,6 +351,14 @@ def write_reference_pt():
         json.dump(doc, f, separators=(",", ":"))
 
 
+def write_bare_state_dict():
+    """A .pt holding a bare state dict (``torch.save(model.state_dict())``)."""
+    norm = nn.LayerNorm([2, 2, 2])
+    fill_module(norm, prefix="norms.0.")
+    sd = {f"norms.0.{k}": v for k, v in norm.state_dict().items()}
+    torch.save(sd, os.path.join(OUT, "bare_state_dict.pt"))
+
+
 def main():
     torch.set_num_threads(1)
     os.makedirs(OUT, exist_ok=True)
@@ -357,6 +367,7 @@ def main():
         print("wrote", name)
     write_adam()
     write_reference_pt()
+    write_bare_state_dict()
     total = sum(os.path.getsize(os.path.join(OUT, f)) for f in os.listdir(OUT))
     print(f"total fixture size: {total / 1e6:.2f} MB")
 

@@ -357,3 +357,87 @@ impl AllInOneBlock {
             .broadcast_add(&self.conv2_bias.tensor.reshape((1, (), 1, 1))?)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+    use rand::SeedableRng;
+
+    fn block(c: usize, k: usize, varmap: &VarMap) -> AllInOneBlock {
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+        let perm = Permutation::new((0..c as u32).rev().collect(), &Device::Cpu, "p").unwrap();
+        let cfg = CouplingConfig {
+            channels: c,
+            hidden_channels: 3,
+            kernel_size: k,
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        AllInOneBlock::new(cfg, perm, vb.pp("step"), &mut rng).unwrap()
+    }
+
+    #[test]
+    fn global_scale_starts_at_one() {
+        let varmap = VarMap::new();
+        let b = block(6, 3, &varmap);
+        let s = b.global_affine_scale().unwrap().flatten_all().unwrap();
+        for v in s.to_vec1::<f32>().unwrap() {
+            assert!((v - 1.0).abs() < 1e-6, "{v}");
+        }
+    }
+
+    #[test]
+    fn softplus_is_the_identity_above_the_threshold_with_finite_gradients() {
+        let varmap = VarMap::new();
+        let b = block(4, 1, &varmap);
+        // beta * g = 0.5 * [10, 39, 41, 200]: the last two take the identity branch.
+        let g = Tensor::new(&[10f32, 39.0, 41.0, 200.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 4, 1, 1))
+            .unwrap();
+        b.global_scale.var().unwrap().set(&g).unwrap();
+        let s = b.global_affine_scale().unwrap();
+        let v = s.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let smooth = |x: f64| 0.1 * 2.0 * (1.0 + (0.5 * x).exp()).ln();
+        assert!((v[0] as f64 - smooth(10.0)).abs() < 1e-6);
+        assert!((v[1] as f64 - smooth(39.0)).abs() < 1e-5);
+        assert!((v[2] - 4.1).abs() < 1e-6 && (v[3] - 20.0).abs() < 1e-5);
+        let grads = s.sum_all().unwrap().backward().unwrap();
+        let gr = grads
+            .get(&b.global_scale.tensor)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(gr.iter().all(|x| x.is_finite()), "{gr:?}");
+        assert!((gr[3] - 0.1).abs() < 1e-7 && (gr[2] - 0.1).abs() < 1e-7);
+    }
+
+    #[test]
+    fn permutation_matrices_round_trip_and_gather_equals_matrix_product() {
+        let perm = Permutation::new(vec![2, 0, 3, 1], &Device::Cpu, "p").unwrap();
+        let w = perm.matrix(DType::F32).unwrap();
+        let w_inv = perm.inverse_matrix(DType::F32).unwrap();
+        let back = Permutation::from_matrices(&w, Some(&w_inv), 4, "p").unwrap();
+        assert_eq!(back.indices(), perm.indices());
+        // The reference applies w_perm as a 1x1 convolution.
+        let x = Tensor::arange(0f32, 2.0 * 4.0 * 3.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 4, 3, 1))
+            .unwrap();
+        let conv = x.conv2d(&w, 0, 1, 1, 1).unwrap();
+        let gather = perm.apply(&x).unwrap();
+        let diff = (conv - gather).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        assert!(Permutation::new(vec![0, 0, 1], &Device::Cpu, "bad").is_err());
+    }
+
+    #[test]
+    fn wrong_channel_count_is_an_error() {
+        let varmap = VarMap::new();
+        let b = block(6, 3, &varmap);
+        let x = Tensor::zeros((1, 5, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        assert!(b.forward(&x).is_err());
+    }
+}

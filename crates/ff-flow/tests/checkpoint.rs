@@ -460,3 +460,16 @@ fn a_non_trainable_builder_is_refused() {
     let err = FastFlowHead::new(&cfg, cfg.feature_shapes().unwrap(), true, vb, 0).unwrap_err();
     assert!(matches!(err, Error::NotTrainable { .. }), "{err}");
 }
+
+#[test]
+fn a_bare_state_dict_pt_is_read_too() {
+    let sd = read_reference_pt(fixture_dir().join("bare_state_dict.pt")).unwrap();
+    let mut keys: Vec<&String> = sd.keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["norms.0.bias", "norms.0.weight"]);
+    for (k, t) in &sd {
+        assert_eq!(t.dims(), &[2, 2, 2]);
+        let want = Tensor::from_vec(det_value(k, t.dims()), t.dims(), &Device::Cpu).unwrap();
+        assert_close(k, t, &want, 0.0);
+    }
+}

@@ -291,3 +291,33 @@ fn adam_matches_torch_over_three_steps() {
     }
     assert_eq!(adam.step_count(), 3);
 }
+
+/// Transformer features get no extra LayerNorm: the head has flows only, and
+/// its keys are the reference's `nf_flows.0.*`.
+#[test]
+fn transformer_head_has_flows_only() {
+    let cfg = ff_flow::FastFlowConfig {
+        flow_step: 2,
+        ..ff_flow::FastFlowConfig::deit()
+    };
+    let shapes = cfg.feature_shapes().unwrap();
+    assert_eq!(shapes, vec![[768, 24, 24]]);
+    let varmap = VarMap::new();
+    let head = FastFlowHead::new(&cfg, shapes, false, fresh_vb(&varmap), 0).unwrap();
+    assert!(head.norms().is_empty());
+    let sd = head.state_dict().unwrap();
+    assert!(sd.keys().all(|k| k.starts_with("nf_flows.0.module_list.")));
+    // hidden = int(384 * 0.16) = 61; step 1 uses 1x1 kernels.
+    assert_eq!(
+        sd["nf_flows.0.module_list.0.subnet.0.weight"].dims(),
+        &[61, 384, 3, 3]
+    );
+    assert_eq!(
+        sd["nf_flows.0.module_list.1.subnet.2.weight"].dims(),
+        &[768, 61, 1, 1]
+    );
+    let x = det_input("vit.features", &[1, 768, 24, 24], 1.0);
+    let out = head.forward(vec![x]).unwrap();
+    assert_eq!(out.z[0].dims(), &[1, 768, 24, 24]);
+    assert_eq!(head.anomaly_map(&out).unwrap().dims(), &[1, 1, 384, 384]);
+}
