@@ -49,7 +49,7 @@ impl SynthConfig {
 }
 
 /// What a synthetic category shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SynthKind {
     /// Basket-weave fabric.
     Weave,
@@ -204,7 +204,17 @@ fn render_normal(style: &Style, size: usize, rng: &mut ChaCha8Rng) -> (Vec<f32>,
     let jitter: [f32; 3] = std::array::from_fn(|_| 1.0 + 0.02 * (2.0 * rng.random::<f32>() - 1.0));
     let base: [f32; 3] = std::array::from_fn(|c| style.base[c] * jitter[c]);
     let second: [f32; 3] = std::array::from_fn(|c| style.second[c] * jitter[c]);
-    let (ox, oy) = (rng.random::<f32>() * s, rng.random::<f32>() * s);
+    // Slight shifts only (up to 3% of the side, 1% for the sharp grout lines
+    // of tiles), so that normal images stay close to each other.
+    let shift = if style.kind == SynthKind::Tiles {
+        0.01
+    } else {
+        0.03
+    };
+    let (ox, oy) = (
+        shift * s * (2.0 * rng.random::<f32>() - 1.0),
+        shift * s * (2.0 * rng.random::<f32>() - 1.0),
+    );
     let fine = ValueNoise::new(rng, (size / 4).max(2));
     let coarse = ValueNoise::new(rng, 8);
     let place = Placement {
@@ -394,8 +404,10 @@ fn paint_defect(
             let cross = |o: (f32, f32), p: (f32, f32), q: (f32, f32)| {
                 (p.0 - o.0) * (q.1 - o.1) - (p.1 - o.1) * (q.0 - o.0)
             };
+            // Bright amber on dark material (unlike any gray grout or
+            // background), a dark shadow on light material.
             let colour = if dark_ground {
-                [0.85, 0.82, 0.75]
+                [1.0, 0.72, 0.15]
             } else {
                 [0.08, 0.07, 0.09]
             };
