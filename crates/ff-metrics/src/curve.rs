@@ -4,8 +4,8 @@
 //! Every metric here sorts the samples once by descending score and sweeps the
 //! sorted list, closing one curve point per distinct score. Samples are packed
 //! into one `u64` each (an order-preserving key of the score in the high 32
-//! bits, per-sample data in the low 32 bits) so the sort is a plain parallel
-//! integer sort and the sweep reads memory sequentially.
+//! bits, per-sample data in the low 32 bits) so the sort is a parallel radix
+//! sort of integers (`sort.rs`) and the sweep reads memory sequentially.
 
 use crate::MetricsError;
 
@@ -155,19 +155,21 @@ impl RocF1Sweep {
         self.twice_area as f64 / (2.0 * self.positives as f64 * self.negatives as f64)
     }
 
-    /// The F1-max and its threshold; needs at least one positive and one point.
-    pub(crate) fn f1_max(&self) -> F1Max {
+    /// The F1-max and its threshold.
+    ///
+    /// # Errors
+    /// [`MetricsError::OneClass`] when the ranking had no anomalous sample,
+    /// so recall (and F1) is undefined at every threshold.
+    pub(crate) fn f1_max(&self, metric: &'static str) -> Result<F1Max, MetricsError> {
         match self.best {
-            Some((tp, fp, key)) if self.positives > 0 => F1Max {
+            Some((tp, fp, key)) if self.positives > 0 => Ok(F1Max {
                 f1: 2.0 * tp as f64 / (tp + fp + self.positives) as f64,
                 threshold: score_of_key(key),
-            },
-            // Callers reject inputs without positives before sweeping; an empty
-            // sweep has no threshold, so report F1 = 0 at +inf (nothing is flagged).
-            _ => F1Max {
-                f1: 0.0,
-                threshold: f32::INFINITY,
-            },
+            }),
+            _ => Err(MetricsError::OneClass {
+                metric,
+                present: "normal",
+            }),
         }
     }
 }
@@ -248,13 +250,7 @@ pub fn roc_auc(scores: &[f32], labels: &[bool]) -> Result<f64, MetricsError> {
 pub fn f1_max(scores: &[f32], labels: &[bool]) -> Result<F1Max, MetricsError> {
     const METRIC: &str = "f1_max";
     let (keys, positives, negatives) = sorted_labelled_keys(METRIC, scores, labels)?;
-    if positives == 0 {
-        return Err(MetricsError::OneClass {
-            metric: METRIC,
-            present: "normal",
-        });
-    }
-    Ok(sweep_labelled(&keys, positives, negatives).f1_max())
+    sweep_labelled(&keys, positives, negatives).f1_max(METRIC)
 }
 
 /// Fails with [`MetricsError::OneClass`] unless both classes are present.
@@ -285,7 +281,7 @@ pub(crate) fn roc_auc_and_f1_max(
     let (keys, positives, negatives) = sorted_labelled_keys(metric, scores, labels)?;
     one_class_check(metric, positives, negatives)?;
     let sweep = sweep_labelled(&keys, positives, negatives);
-    Ok((sweep.auroc(), sweep.f1_max()))
+    Ok((sweep.auroc(), sweep.f1_max(metric)?))
 }
 
 #[cfg(test)]

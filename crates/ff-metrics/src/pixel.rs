@@ -239,7 +239,7 @@ pub(crate) fn pixel_metrics(
     });
     Ok(PixelMetrics {
         auroc: roc.auroc(),
-        f1: roc.f1_max(),
+        f1: roc.f1_max(metric)?,
         aupro: pro.finish(),
     })
 }
