@@ -111,7 +111,7 @@ pub fn apply(
     mask: Option<&[bool]>,
     size: usize,
 ) -> (Vec<u8>, Option<Vec<bool>>) {
-    let geo = d.hflip || d.vflip || d.quarter_turns % 4 != 0;
+    let geo = d.hflip || d.vflip || d.quarter_turns & 3 != 0;
     let mut img = if geo {
         geometric(rgb, size, 3, d)
     } else {
