@@ -2,10 +2,10 @@
 //!
 //! Listing only touches directory entries; images are decoded later by the
 //! [`crate::Loader`]. Files that are not images (by extension: png, jpg,
-//! jpeg, bmp, tif, tiff, any case) and subdirectories inside image folders
-//! are skipped with a `log::warn!` naming them, because stray files such as
-//! `.DS_Store`, `Thumbs.db` or a README are common in users' folders and
-//! should not stop a run.
+//! jpeg, bmp, tif, tiff, any case), hidden entries (name starting with `.`,
+//! e.g. `.DS_Store` or macOS `._x.png` resource forks) and subdirectories
+//! inside image folders are skipped with a `log::warn!` naming them, because
+//! such stray files are common in users' folders and should not stop a run.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -97,6 +97,12 @@ fn require_dir(path: &Path) -> Result<(), DataError> {
     }
 }
 
+/// Whether the entry's name starts with a dot (hidden on Unix, macOS metadata).
+fn is_hidden(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
 fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     let io_err = |source| DataError::Io {
         path: dir.to_path_buf(),
@@ -116,7 +122,9 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     require_dir(dir)?;
     let mut images = Vec::new();
     for path in read_dir_sorted(dir)? {
-        if path.is_file() && is_image_file(&path) {
+        if is_hidden(&path) {
+            log::warn!("skipping {}: hidden file", path.display());
+        } else if path.is_file() && is_image_file(&path) {
             images.push(path);
         } else {
             log::warn!("skipping {}: not an image file", path.display());
@@ -157,7 +165,7 @@ pub fn mvtec_category(root: &Path, category: &str) -> Result<Split, DataError> {
     require_dir(&test_dir)?;
     let mut test = Vec::new();
     for defect_dir in read_dir_sorted(&test_dir)? {
-        if !defect_dir.is_dir() {
+        if !defect_dir.is_dir() || is_hidden(&defect_dir) {
             log::warn!("skipping {}: not a defect directory", defect_dir.display());
             continue;
         }

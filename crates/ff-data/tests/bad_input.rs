@@ -47,6 +47,36 @@ fn mvtec(root: &Path) -> std::path::PathBuf {
     c
 }
 
+/// Records log messages so tests can check that skipped files are reported.
+struct Recorder(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Recorder {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        if record.level() == log::Level::Warn {
+            self.0.lock().unwrap().push(record.args().to_string());
+        }
+    }
+    fn flush(&self) {}
+}
+
+static RECORDER: Recorder = Recorder(std::sync::Mutex::new(Vec::new()));
+
+fn warnings_about(needle: &str) -> usize {
+    // Tests share the process-wide logger; the first call installs it.
+    let _ = log::set_logger(&RECORDER);
+    log::set_max_level(log::LevelFilter::Warn);
+    RECORDER
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.contains(needle))
+        .count()
+}
+
 fn all_batches(loader: &Loader) -> Result<Vec<ff_data::Batch>, DataError> {
     loader.epoch(0).collect()
 }
@@ -131,9 +161,30 @@ fn non_image_files_and_subdirs_are_skipped() {
     std::fs::write(c.join("train/good/README.md"), "notes").unwrap();
     std::fs::create_dir_all(c.join("train/good/thumbs")).unwrap();
     std::fs::write(c.join("test/license.txt"), "x").unwrap();
+    std::fs::write(c.join("test/crack/._000.png"), [0u8; 8]).unwrap();
+    std::fs::create_dir_all(c.join("test/.ipynb_checkpoints")).unwrap();
+    warnings_about("");
     let split = mvtec_category(dir.path(), "widget").unwrap();
     assert_eq!(split.train.len(), 3);
     assert_eq!(split.test.len(), 5);
+    for skipped in [
+        ".DS_Store",
+        "README.md",
+        "thumbs",
+        "license.txt",
+        "._000.png",
+        ".ipynb_checkpoints",
+    ] {
+        let p = dir.path().display().to_string();
+        let n = RECORDER
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.contains(&p) && m.contains(skipped))
+            .count();
+        assert_eq!(n, 1, "one warning for {skipped}");
+    }
 }
 
 #[test]
