@@ -188,7 +188,7 @@ fn inconsistent_config_is_rejected() {
         n_blocks_used: 4,
         ..small_cait()
     };
-    let err = Cait::with_config(&cfg, vb).err().expect("must fail");
+    let err = Cait::with_config(&cfg, vb).expect_err("must fail");
     assert!(
         err.to_string().contains("n_blocks_used 4 exceeds depth 3"),
         "{err}"

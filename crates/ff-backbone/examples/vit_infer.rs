@@ -1,0 +1,163 @@
+//! Measures memory and time of one DeiT-384 or CaiT-M48-448 inference with
+//! weights memory-mapped from a local safetensors file.
+//!
+//! Two steps, each its own process so the second one's peak RSS is the
+//! inference's alone:
+//!
+//! ```text
+//! cargo run --release -p ff-backbone --example vit_infer -- write cait /tmp/cait_det.safetensors
+//! cargo run --release -p ff-backbone --example vit_infer -- infer cait /tmp/cait_det.safetensors
+//! ```
+//!
+//! `write` stores the closed-form `det_init` weights of every tensor the
+//! extractor asks for, under its timm key (the same keys the hub file has);
+//! `infer` loads them through `WeightSource::File` (the memory-mapped path
+//! the CLI uses for hub and local weights), runs one batch-1 image and prints
+//! build and forward seconds with the process's peak and current resident
+//! memory (split into anonymous and file-backed pages) from `/proc/self/status`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use ff_backbone::det_init::{det_uniform, DetInit};
+use ff_backbone::{Backbone, BackboneKind, WeightSource};
+
+type BoxError = Box<dyn std::error::Error>;
+
+/// A det_init backend that keeps every tensor it hands out, by key.
+#[derive(Clone, Default)]
+struct Keeping {
+    tensors: Arc<Mutex<HashMap<String, Tensor>>>,
+}
+
+impl SimpleBackend for Keeping {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = DetInit.get(s, name, h, dtype, dev)?;
+        let mut map = self
+            .tensors
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("tensor map poisoned".to_string()))?;
+        map.insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        DetInit.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        DetInit.contains_tensor(name)
+    }
+}
+
+/// The `Vm*`/`Rss*` lines of `/proc/self/status`, in MiB, joined for printing.
+fn memory_report() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|line| {
+            let (key, rest) = line.split_once(':')?;
+            if !matches!(key, "VmHWM" | "VmRSS" | "RssAnon" | "RssFile") {
+                return None;
+            }
+            let kib: f64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+            Some(format!("{key} {:.0} MiB", kib / 1024.0))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn kind_of(name: &str) -> Result<BackboneKind, BoxError> {
+    match name {
+        "deit" => Ok(BackboneKind::DeitBaseDistilled384),
+        "cait" => Ok(BackboneKind::CaitM48_448),
+        other => Err(format!("unknown model '{other}' (expected deit or cait)").into()),
+    }
+}
+
+fn write(kind: BackboneKind, path: &Path) -> Result<(), BoxError> {
+    let keeping = Keeping::default();
+    let vb = VarBuilder::from_backend(Box::new(keeping.clone()), DType::F32, Device::Cpu);
+    drop(Backbone::new(kind, vb)?);
+    let map = keeping
+        .tensors
+        .lock()
+        .map_err(|_| "tensor map poisoned")?
+        .clone();
+    let n: usize = map.values().map(|t| t.elem_count()).sum();
+    candle_core::safetensors::save(&map, path)?;
+    println!(
+        "wrote {} tensors, {:.1} M parameters ({:.0} MiB f32) to {}",
+        map.len(),
+        n as f64 / 1e6,
+        n as f64 * 4.0 / 1048576.0,
+        path.display()
+    );
+    Ok(())
+}
+
+fn infer(kind: BackboneKind, path: &Path) -> Result<(), BoxError> {
+    let dev = Device::Cpu;
+    println!("start: {}", memory_report());
+    let t0 = Instant::now();
+    let backbone = Backbone::load(kind, &WeightSource::File(path.to_path_buf()), &dev)?;
+    println!(
+        "built {} in {:.2} s: {}",
+        kind.timm_name(),
+        t0.elapsed().as_secs_f64(),
+        memory_report()
+    );
+    let side = kind.default_input_size();
+    let values: Vec<f32> = det_uniform("vit_infer.input", 3 * side * side)
+        .into_iter()
+        .map(|u| (u * 4.0) as f32)
+        .collect();
+    let x = Tensor::from_vec(values, (1, 3, side, side), &dev)?;
+    let t1 = Instant::now();
+    let features = backbone.features(&x)?;
+    let mean = features[0].mean_all()?.to_scalar::<f32>()?;
+    println!(
+        "one {side}-px image in {:.2} s, features {:?} (mean {mean:.4}): {}",
+        t1.elapsed().as_secs_f64(),
+        features[0].dims(),
+        memory_report()
+    );
+    Ok(())
+}
+
+fn run() -> Result<(), BoxError> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [step, model, path] = args.as_slice() else {
+        return Err("usage: vit_infer <write|infer> <deit|cait> <file.safetensors>".into());
+    };
+    let kind = kind_of(model)?;
+    let path = PathBuf::from(path);
+    match step.as_str() {
+        "write" => write(kind, &path),
+        "infer" => infer(kind, &path),
+        other => Err(format!("unknown step '{other}' (expected write or infer)").into()),
+    }
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
