@@ -1,0 +1,322 @@
+//! Running one benchmark cell: the `CellRunner` seam (the real one drives the
+//! `fastflow` program; tests use a fake), building `fastflow` once, and
+//! reading the metrics JSON that `fastflow train --json` writes.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+use crate::plan::Cell;
+use crate::results::{CellMetrics, RunSettings};
+
+/// Everything one cell's training run needs.
+#[derive(Debug, Clone)]
+pub struct CellJob {
+    pub cell: Cell,
+    /// The model config (`configs/<backbone>.yaml`, or a derived one with
+    /// another input size).
+    pub config: PathBuf,
+    /// The dataset root holding `<category>/`.
+    pub data: PathBuf,
+    /// `fastflow train --out`: checkpoints and logs of this cell.
+    pub run_dir: PathBuf,
+    /// `fastflow train --json`: the final evaluation's metrics.
+    pub metrics_json: PathBuf,
+    pub settings: RunSettings,
+}
+
+/// Runs one cell and reports what it measured. The matrix logic (planning,
+/// skipping, sharding, storing) is independent of how a cell is run, so it is
+/// tested with a fake runner and used with [`FastflowRunner`].
+pub trait CellRunner {
+    fn run_cell(&mut self, job: &CellJob) -> anyhow::Result<CellOutput>;
+}
+
+/// What a runner hands back for one cell.
+#[derive(Debug, Clone)]
+pub struct CellOutput {
+    pub metrics: CellMetrics,
+    /// The CLI's metrics JSON as it wrote it.
+    pub raw: serde_json::Value,
+}
+
+/// Runs cells with the `fastflow` program:
+/// `fastflow train --config C --data D --category K --epochs N --out R --json J
+/// --weights W --seed S [--batch-size B] [--device X] [extra args]`.
+#[derive(Debug)]
+pub struct FastflowRunner {
+    pub binary: PathBuf,
+    /// `--device` for `fastflow train` (`cpu` or `cuda`).
+    pub device: String,
+    /// Show fastflow's own output instead of only logging it to `train.log`.
+    pub verbose: bool,
+}
+
+impl CellRunner for FastflowRunner {
+    fn run_cell(&mut self, job: &CellJob) -> anyhow::Result<CellOutput> {
+        fs::create_dir_all(&job.run_dir)
+            .with_context(|| format!("cannot create {}", job.run_dir.display()))?;
+        // A metrics file from an earlier, interrupted attempt must not be
+        // mistaken for this run's.
+        if job.metrics_json.exists() {
+            fs::remove_file(&job.metrics_json)
+                .with_context(|| format!("cannot remove {}", job.metrics_json.display()))?;
+        }
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(train_args(job, &self.device));
+        let log_path = job.run_dir.join("train.log");
+        let start = Instant::now();
+        let status = if self.verbose {
+            cmd.status()
+                .with_context(|| format!("cannot start {}", self.binary.display()))?
+        } else {
+            let log = fs::File::create(&log_path)
+                .with_context(|| format!("cannot create {}", log_path.display()))?;
+            let log_err = log
+                .try_clone()
+                .with_context(|| format!("cannot reopen {}", log_path.display()))?;
+            cmd.stdout(Stdio::from(log))
+                .stderr(Stdio::from(log_err))
+                .status()
+                .with_context(|| format!("cannot start {}", self.binary.display()))?
+        };
+        let wall_seconds = start.elapsed().as_secs_f64();
+        if !status.success() {
+            let tail = if self.verbose {
+                String::new()
+            } else {
+                format!(
+                    "\nlast lines of {}:\n{}",
+                    log_path.display(),
+                    log_tail(&log_path, 15)
+                )
+            };
+            bail!(
+                "`{} {}` failed ({status}){tail}",
+                self.binary.display(),
+                train_args(job, &self.device).join(" ")
+            );
+        }
+        let raw = read_json(&job.metrics_json)?;
+        let metrics = parse_metrics(&raw, wall_seconds)
+            .with_context(|| format!("in {}", job.metrics_json.display()))?;
+        Ok(CellOutput { metrics, raw })
+    }
+}
+
+/// The `fastflow train` arguments for a cell, with the flag names issue 5 fixes.
+pub fn train_args(job: &CellJob, device: &str) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "train".into(),
+        "--config".into(),
+        job.config.display().to_string(),
+        "--data".into(),
+        job.data.display().to_string(),
+        "--category".into(),
+        job.cell.category.clone(),
+        "--epochs".into(),
+        job.settings.epochs.to_string(),
+        "--out".into(),
+        job.run_dir.display().to_string(),
+        "--json".into(),
+        job.metrics_json.display().to_string(),
+        "--weights".into(),
+        job.settings.weights.clone(),
+        "--seed".into(),
+        job.settings.seed.to_string(),
+    ];
+    if let Some(b) = job.settings.batch_size {
+        args.extend(["--batch-size".into(), b.to_string()]);
+    }
+    if device != "cpu" {
+        args.extend(["--device".into(), device.to_string()]);
+    }
+    args.extend(job.settings.extra_args.iter().cloned());
+    args
+}
+
+fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text = fs::read_to_string(path).with_context(|| {
+        format!(
+            "fastflow train succeeded but wrote no metrics file {}",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// Reads the metrics of `fastflow train --json` / `fastflow eval --json`.
+/// `image_auroc`, `pixel_auroc` and `aupro` must be there; the rest is
+/// optional. The training time is the CLI's own (`train_seconds`) when it
+/// reports one, else the wall time of the process.
+pub fn parse_metrics(v: &serde_json::Value, wall_seconds: f64) -> anyhow::Result<CellMetrics> {
+    let required = |key: &str| -> anyhow::Result<f64> {
+        let x = v
+            .get(key)
+            .with_context(|| format!("the metrics JSON has no {key:?}"))?;
+        x.as_f64()
+            .with_context(|| format!("metrics JSON: {key:?} = {x} is not a number"))
+    };
+    let optional = |key: &str| v.get(key).and_then(serde_json::Value::as_f64);
+    Ok(CellMetrics {
+        image_auroc: required("image_auroc")?,
+        pixel_auroc: required("pixel_auroc")?,
+        aupro: required("aupro")?,
+        image_f1_max: optional("image_f1_max"),
+        inference_img_per_s: optional("inference_img_per_s"),
+        n_images: v.get("n_images").and_then(serde_json::Value::as_u64),
+        train_seconds: optional("train_seconds").unwrap_or(wall_seconds),
+        wall_seconds,
+    })
+}
+
+/// The last `n` lines of a log file, for error messages.
+fn log_tail(path: &Path, n: usize) -> String {
+    match fs::File::open(path) {
+        Ok(f) => {
+            let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(e) => format!("(cannot read the log: {e})"),
+    }
+}
+
+/// The workspace root, for `configs/` and for building `fastflow`. xtask lives
+/// one level below it.
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Builds the `fastflow` program once, in release mode and in the main target
+/// directory (not xtask's), and returns the path cargo reports for it.
+pub fn build_fastflow(features: &[String]) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let root = workspace_root();
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "ff-cli",
+        "--bin",
+        "fastflow",
+        "--message-format=json-render-diagnostics",
+    ]);
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
+    }
+    // `cargo xtask` runs us with xtask's own target dir; the program belongs
+    // in the main one, so a target dir inherited from our own build must not
+    // leak into this one.
+    cmd.env_remove("CARGO_TARGET_DIR");
+    eprintln!(
+        "building fastflow: cargo build --release -p ff-cli{} (in {})",
+        if features.is_empty() {
+            String::new()
+        } else {
+            format!(" --features {}", features.join(","))
+        },
+        root.display()
+    );
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot run {cargo:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "building fastflow failed ({}); see the compiler output above",
+            out.status
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    find_executable(&stdout).context("cargo built ff-cli but reported no `fastflow` executable")
+}
+
+/// Picks the `fastflow` executable out of cargo's JSON messages.
+fn find_executable(messages: &str) -> Option<PathBuf> {
+    messages
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "fastflow")
+        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .next_back()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn train_arguments_use_the_cli_flag_names() {
+        let job = CellJob {
+            cell: Cell {
+                backbone: "resnet18".into(),
+                category: "bottle".into(),
+            },
+            config: "configs/resnet18.yaml".into(),
+            data: "data/mvtec".into(),
+            run_dir: "results/runs/resnet18/bottle".into(),
+            metrics_json: "results/runs/resnet18/bottle/metrics.json".into(),
+            settings: RunSettings {
+                epochs: 3,
+                weights: "hub".into(),
+                input_size: None,
+                batch_size: Some(8),
+                seed: 7,
+                extra_args: vec!["--eval-every".into(), "1".into()],
+            },
+        };
+        assert_eq!(
+            train_args(&job, "cuda").join(" "),
+            "train --config configs/resnet18.yaml --data data/mvtec --category bottle \
+             --epochs 3 --out results/runs/resnet18/bottle \
+             --json results/runs/resnet18/bottle/metrics.json --weights hub --seed 7 \
+             --batch-size 8 --device cuda --eval-every 1"
+        );
+        assert!(!train_args(&job, "cpu").contains(&"--device".to_string()));
+    }
+
+    #[test]
+    fn metrics_json_is_read_with_required_and_optional_keys() {
+        let v = serde_json::json!({
+            "image_auroc": 0.97, "pixel_auroc": 0.96, "aupro": 0.9,
+            "image_f1_max": 0.93, "threshold": -0.5, "n_images": 83,
+            "inference_img_per_s": 14.5
+        });
+        let m = parse_metrics(&v, 120.0).unwrap();
+        assert_eq!(m.image_auroc, 0.97);
+        assert_eq!(m.n_images, Some(83));
+        assert_eq!(m.inference_img_per_s, Some(14.5));
+        assert_eq!(m.train_seconds, 120.0);
+        let mut with_time = v.clone();
+        with_time["train_seconds"] = serde_json::json!(100.5);
+        assert_eq!(
+            parse_metrics(&with_time, 120.0).unwrap().train_seconds,
+            100.5
+        );
+
+        let mut broken = v.clone();
+        broken.as_object_mut().unwrap().remove("pixel_auroc");
+        let err = format!("{:#}", parse_metrics(&broken, 1.0).unwrap_err());
+        assert!(err.contains("pixel_auroc"), "{err}");
+        broken["pixel_auroc"] = serde_json::json!("high");
+        assert!(parse_metrics(&broken, 1.0).is_err());
+    }
+
+    #[test]
+    fn the_fastflow_executable_is_found_in_cargo_messages() {
+        let msgs = r#"{"reason":"compiler-artifact","target":{"name":"ff_data"},"executable":null}
+{"reason":"compiler-artifact","target":{"name":"fastflow"},"executable":"/w/target/release/fastflow"}
+{"reason":"build-finished","success":true}"#;
+        assert_eq!(
+            find_executable(msgs),
+            Some(PathBuf::from("/w/target/release/fastflow"))
+        );
+        assert_eq!(find_executable("not json"), None);
+    }
+}
