@@ -111,8 +111,8 @@ fn mix(mut z: u64) -> u64 {
 }
 
 impl Loader {
-    /// A loader over `samples`. A zero batch size is reported as an error by
-    /// the first [`Loader::epoch`] item.
+    /// A loader over `samples`. A zero batch size or input size is reported
+    /// as an error by the first [`Loader::epoch`] item.
     pub fn new(samples: Vec<Sample>, preprocess: Preprocess, cfg: LoaderConfig) -> Self {
         let cache = (0..samples.len()).map(|_| OnceLock::new()).collect();
         Self {
@@ -166,11 +166,14 @@ impl Loader {
     pub fn epoch(&self, epoch: usize) -> EpochIter {
         let shared = Arc::clone(&self.shared);
         let (tx, rx) = sync_channel::<Result<Batch, DataError>>(1);
-        if shared.cfg.batch_size == 0 {
+        let invalid = if shared.cfg.batch_size == 0 {
+            Some(DataError::Config("batch_size must be at least 1".into()))
+        } else {
+            shared.preprocess.check().err()
+        };
+        if let Some(err) = invalid {
             // Reported in-band so `new` stays infallible.
-            let _ = tx.send(Err(DataError::Config(
-                "batch_size must be at least 1".into(),
-            )));
+            let _ = tx.send(Err(err));
             return EpochIter {
                 rx: Some(rx),
                 worker: None,

@@ -64,6 +64,7 @@ impl Preprocess {
     /// # Shapes
     /// Returns `[3, input_size, input_size]`.
     pub fn load_image(&self, path: &Path) -> Result<ImageTensor, DataError> {
+        self.check()?;
         let img = decode_rgb(path)?;
         Ok(self.preprocess_rgb(&img))
     }
@@ -74,8 +75,17 @@ impl Preprocess {
     /// # Shapes
     /// Returns `input_size * input_size` booleans, row-major.
     pub fn load_mask(&self, path: &Path) -> Result<Vec<bool>, DataError> {
+        self.check()?;
         let mask = decode_gray(path)?;
         Ok(self.resize_mask(&mask))
+    }
+
+    /// Rejects an input size of zero (a config error, reported before any work).
+    pub fn check(&self) -> Result<(), DataError> {
+        if self.input_size == 0 {
+            return Err(DataError::Config("input_size must be at least 1".into()));
+        }
+        Ok(())
     }
 
     /// Resizes an RGB image to `input_size x input_size` (PIL bilinear with

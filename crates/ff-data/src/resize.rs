@@ -88,10 +88,12 @@ fn clip8(acc: i32) -> u8 {
 /// `src`: `[height, width, channels]` interleaved; returns
 /// `[new_h, new_w, channels]`. Any channel count works (masks use 1, RGB 3).
 ///
+/// A zero output size gives an empty buffer; an empty source gives a black
+/// output (decoded images are never empty: see `DataError::EmptyImage`).
+///
 /// # Panics
-/// Panics if `src.len() != width * height * channels` or a size is zero;
-/// both are programming errors, not user input (decoded images always
-/// match their dimensions).
+/// Panics if `src.len() != width * height * channels`, a programming error
+/// rather than user input (decoded images always match their dimensions).
 pub fn resize_bilinear_antialias_raw(
     src: &[u8],
     width: usize,
@@ -105,10 +107,9 @@ pub fn resize_bilinear_antialias_raw(
         width * height * channels,
         "buffer/shape mismatch"
     );
-    assert!(
-        width > 0 && height > 0 && new_w > 0 && new_h > 0,
-        "zero-sized resize"
-    );
+    if width == 0 || height == 0 || new_w == 0 || new_h == 0 {
+        return vec![0; new_w * new_h * channels];
+    }
     let need_horizontal = new_w != width;
     let need_vertical = new_h != height;
     if !need_horizontal && !need_vertical {
@@ -163,9 +164,6 @@ pub fn resize_bilinear_antialias_raw(
 /// [`resize_bilinear_antialias_raw`] on an [`RgbImage`]: PIL's
 /// `img.resize((new_w, new_h), Image.BILINEAR)`, which is also torchvision's
 /// `Resize((new_h, new_w))` on a PIL image.
-///
-/// # Panics
-/// Panics if `new_w` or `new_h` is zero or the image is empty.
 pub fn resize_bilinear_antialias(img: &RgbImage, new_w: usize, new_h: usize) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data = resize_bilinear_antialias_raw(img.as_raw(), w, h, 3, new_w, new_h);
@@ -195,10 +193,12 @@ pub fn shorter_side_size(width: usize, height: usize, size: usize) -> (usize, us
 /// torchvision `Resize(size)` (an `int`) on a PIL RGB image: the shorter side
 /// becomes `size`, keeping the aspect ratio; PIL bilinear with antialias.
 ///
-/// # Panics
-/// Panics if `size` is zero or the image is empty.
+/// An empty image comes back unchanged.
 pub fn resize_shorter_side(img: &RgbImage, size: usize) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return img.clone();
+    }
     let (nw, nh) = shorter_side_size(w, h, size);
     if (nw, nh) == (w, h) {
         return img.clone();

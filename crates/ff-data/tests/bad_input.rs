@@ -358,7 +358,7 @@ fn folder_dataset_follows_anomalib_folder() {
 }
 
 #[test]
-fn zero_batch_size_is_an_error_not_a_panic() {
+fn zero_sizes_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     mvtec(dir.path());
     let split = mvtec_category(dir.path(), "widget").unwrap();
@@ -366,4 +366,20 @@ fn zero_batch_size_is_an_error_not_a_panic() {
     let items: Vec<_> = loader.epoch(0).collect();
     assert_eq!(items.len(), 1);
     assert!(matches!(items[0], Err(DataError::Config(_))));
+    let loader = Loader::new(vec![], Preprocess::imagenet(0), LoaderConfig::new(4));
+    assert!(matches!(
+        loader.epoch(0).next(),
+        Some(Err(DataError::Config(_)))
+    ));
+    let err = Preprocess::imagenet(0)
+        .load_image(Path::new("x.png"))
+        .unwrap_err();
+    assert!(matches!(err, DataError::Config(_)), "{err}");
+    // In memory: an empty image or a zero size gives an empty or black tensor, not a panic.
+    let t = Preprocess::imagenet(4).preprocess_rgb(&RgbImage::new(0, 0));
+    assert_eq!((t.height, t.width, t.data.len()), (4, 4, 48));
+    assert!(Preprocess::imagenet(0)
+        .preprocess_rgb(&RgbImage::new(5, 3))
+        .data
+        .is_empty());
 }
