@@ -24,9 +24,9 @@ the ``w_perm`` / ``w_perm_inv`` buffers. Inputs are closed-form too:
 
 Outputs in ``tests-fixtures/flow/`` (tensors as safetensors, statistics as JSON):
 
-* ``<case>.json`` / ``<case>.safetensors`` for three configs (resnet18 at 64 px
-  with 3x3 kernels only, resnet18 at 96 px and wide_resnet50_2 at 64 px with
-  alternating kernels; batch 2; reduced ``flow_step`` and ``hidden_ratio`` to
+* ``<case>.json`` / ``<case>.safetensors`` for four configs (resnet18 at 64 px
+  and wide_resnet50_2 at 96 px with 3x3 kernels only, resnet18 at 96 px and
+  wide_resnet50_2 at 64 px with alternating kernels; batch 2; reduced ``flow_step`` and ``hidden_ratio`` to
   keep the files small). Each case has two parts:
   ``flow`` (synthetic features -> norms -> flows) and ``model`` (images ->
   backbone -> norms -> flows). Per part: ``z`` per scale and backbone features
@@ -275,6 +275,7 @@ CASES = [
     ("resnet18_64_c3", dict(backbone_name="resnet18", input_size=64, flow_step=4, hidden_ratio=0.5, conv3x3_only=True)),
     ("resnet18_96_alt", dict(backbone_name="resnet18", input_size=96, flow_step=3, hidden_ratio=1.0, conv3x3_only=False)),
     ("wide_resnet50_2_64_alt", dict(backbone_name="wide_resnet50_2", input_size=64, flow_step=2, hidden_ratio=0.25, conv3x3_only=False)),
+    ("wide_resnet50_2_96_c3", dict(backbone_name="wide_resnet50_2", input_size=96, flow_step=2, hidden_ratio=0.125, conv3x3_only=True)),
 ]
 BATCH = 2
 

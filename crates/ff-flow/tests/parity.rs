@@ -170,6 +170,16 @@ fn flow_parity_wide_resnet50_2_64_alternating_kernels() {
 }
 
 #[test]
+fn flow_parity_wide_resnet50_2_96_conv3x3_only() {
+    flow_part("wide_resnet50_2_96_c3");
+}
+
+#[test]
+fn model_parity_wide_resnet50_2_96_conv3x3_only() {
+    model_part("wide_resnet50_2_96_c3");
+}
+
+#[test]
 fn model_parity_resnet18_64_conv3x3_only() {
     model_part("resnet18_64_c3");
 }
