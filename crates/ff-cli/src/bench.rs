@@ -11,7 +11,7 @@ use ff_flow::{AdamConfig, FastFlowConfig};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
-use crate::config::load_yaml;
+use crate::config::load_model_config;
 use crate::engine::{describe_config, device, load_backbone, Engine};
 
 /// The measurements `--json` writes.
@@ -33,7 +33,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         "--batch-size and --iters must be at least 1"
     );
     let device = device(args.device)?;
-    let mut cfg: FastFlowConfig = load_yaml(&args.config)?;
+    let mut cfg = load_model_config(&args.config)?;
     if let Some(s) = args.input_size {
         cfg.input_size = s;
     }

@@ -180,6 +180,12 @@ pub struct DemoArgs {
     /// backbone when it cannot be reached; `random` skips the hub.
     #[arg(long, default_value = "hub")]
     pub weights: String,
+    /// Training epochs (the demo's measured default finishes in minutes on 2 cores).
+    #[arg(long, default_value_t = crate::demo::DEMO_EPOCHS)]
+    pub epochs: usize,
+    /// Model input size in pixels (a multiple of 16).
+    #[arg(long, default_value_t = crate::demo::DEMO_INPUT_SIZE)]
+    pub input_size: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }

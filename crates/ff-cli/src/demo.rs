@@ -83,11 +83,11 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
             normal_test_dir: None,
             mask_dir: None,
         },
-        epochs: DEMO_EPOCHS,
+        epochs: args.epochs,
         batch_size: DEMO_BATCH,
         lr: 1e-3,
         weight_decay: 1e-5,
-        eval_every: DEMO_EPOCHS,
+        eval_every: args.epochs.max(1),
         seed: DEMO_SEED,
         weights,
         run_dir,
@@ -96,7 +96,9 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
         device: device.clone(),
     };
     println!(
-        "[2/4] training ResNet18 FastFlow at {DEMO_INPUT_SIZE} px for {DEMO_EPOCHS} epochs (backbone: {})",
+        "[2/4] training ResNet18 FastFlow at {} px for {} epochs (backbone: {})",
+        args.input_size,
+        args.epochs,
         plan.weights.describe()
     );
     let outcome = train(&plan)?;

@@ -10,7 +10,7 @@ use ff_metrics::Evaluator;
 
 use crate::checkpoint::CheckpointKind;
 use crate::cli::EvalArgs;
-use crate::config::load_yaml;
+use crate::config::load_model_config;
 use crate::data::{images_tensor, load_split};
 use crate::engine::{describe_config, device, load_our_checkpoint, parse_weights, Engine};
 use crate::report::{markdown_report, metrics_table, write_metrics_json, Metrics, ReportContext};
@@ -86,7 +86,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
                     path.display()
                 )
             })?;
-            let cfg: ff_flow::FastFlowConfig = load_yaml(cfg_path)?;
+            let cfg = load_model_config(cfg_path)?;
             let weights = match &args.weights {
                 Some(w) => Some(parse_weights(w, cfg.backbone_kind()?, 0)?),
                 None => None,
@@ -101,7 +101,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         CheckpointKind::Ours(paths) => {
             let (meta, engine) = load_our_checkpoint(&paths, args.weights.as_deref(), &device)?;
             if let Some(cfg_path) = &args.config {
-                let cfg: ff_flow::FastFlowConfig = load_yaml(cfg_path)?;
+                let cfg = load_model_config(cfg_path)?;
                 anyhow::ensure!(
                     cfg == meta.config,
                     "config '{}' ({}) differs from the checkpoint's ({})",

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::CheckpointKind;
 use crate::cli::PredictArgs;
-use crate::config::load_yaml;
+use crate::config::load_model_config;
 use crate::engine::{device, load_our_checkpoint, parse_weights, Engine};
 use crate::heatmap::{binary_mask, overlay, resize_bilinear, save_png};
 use crate::report::{predictions_csv, PredictionRow};
@@ -48,7 +48,7 @@ pub fn run_predict(args: PredictArgs) -> Result<()> {
                     path.display()
                 )
             })?;
-            let cfg: ff_flow::FastFlowConfig = load_yaml(cfg_path)?;
+            let cfg = load_model_config(cfg_path)?;
             let weights = match &args.weights {
                 Some(w) => Some(parse_weights(w, cfg.backbone_kind()?, 0)?),
                 None => None,
@@ -147,16 +147,27 @@ fn failed_row(path: &Path, error: &str) -> PredictionRow {
     }
 }
 
-/// Output names per input: the file stem, made unique with `-2`, `-3`, ...
+/// Output names per input: the file stem; when stems repeat (e.g. `000.png`
+/// in several defect folders), `<parent>_<stem>`, then a numeric suffix.
 fn output_stems(images: &[PathBuf]) -> Vec<String> {
+    let stem_of = |p: &PathBuf| {
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into())
+    };
+    let mut counts = std::collections::HashMap::new();
+    for p in images {
+        *counts.entry(stem_of(p)).or_insert(0usize) += 1;
+    }
     let mut seen = HashSet::new();
     images
         .iter()
         .map(|p| {
-            let base = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "image".into());
+            let stem = stem_of(p);
+            let base = match p.parent().and_then(|d| d.file_name()) {
+                Some(parent) if counts[&stem] > 1 => format!("{}_{stem}", parent.to_string_lossy()),
+                _ => stem,
+            };
             let mut name = base.clone();
             let mut k = 2;
             while !seen.insert(name.clone()) {
@@ -246,4 +257,26 @@ pub fn predict(
         rows,
         csv: out.join("predictions.csv"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_names_are_unique_and_readable() {
+        let images: Vec<PathBuf> = [
+            "t/good/000.png",
+            "t/hole/000.png",
+            "t/hole/001.png",
+            "u/hole/000.png",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(
+            output_stems(&images),
+            vec!["good_000", "hole_000", "001", "hole_000-2"]
+        );
+    }
 }

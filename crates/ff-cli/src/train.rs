@@ -15,7 +15,7 @@ use crate::checkpoint::{
     file_hash, read_meta, CheckpointMeta, CheckpointPaths, OptimizerMeta, RunDir, TrainMeta, FORMAT,
 };
 use crate::cli::{DataArgs, TrainArgs};
-use crate::config::load_yaml;
+use crate::config::load_model_config;
 use crate::data::{images_tensor, load_split};
 use crate::engine::{
     describe_config, device, load_backbone, parse_weights, weights_to_string, Engine,
@@ -69,7 +69,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         .resume
         .as_ref()
         .map(|p| CheckpointPaths::from_user_path(p));
-    let cfg: FastFlowConfig = load_yaml(&args.config)?;
+    let cfg = load_model_config(&args.config)?;
     let kind = cfg
         .backbone_kind()
         .with_context(|| format!("invalid config file '{}'", args.config.display()))?;
