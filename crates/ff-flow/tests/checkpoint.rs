@@ -473,3 +473,31 @@ fn a_bare_state_dict_pt_is_read_too() {
         assert_close(k, t, &want, 0.0);
     }
 }
+
+/// Tensors a VarMap already holds are taken as they are, not re-initialised,
+/// so a model can be built over a VarMap filled beforehand.
+#[test]
+fn existing_varmap_tensors_are_kept() {
+    let varmap = VarMap::new();
+    let (_, a) = small_head(&varmap, 1);
+    let key = "nf_flows.1.module_list.0.subnet.0.weight";
+    let p = a
+        .params()
+        .into_iter()
+        .find(|p| p.key == key)
+        .unwrap()
+        .clone();
+    p.var()
+        .unwrap()
+        .set(&p.tensor.ones_like().unwrap())
+        .unwrap();
+    let (_, b) = small_head(&varmap, 2);
+    let q = b
+        .params()
+        .into_iter()
+        .find(|q| q.key == key)
+        .unwrap()
+        .clone();
+    assert!(to_f64(&q.tensor).iter().all(|&v| v == 1.0));
+    assert_eq!(varmap.all_vars().len(), a.params().len());
+}
