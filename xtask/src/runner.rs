@@ -319,4 +319,118 @@ mod tests {
         );
         assert_eq!(find_executable("not json"), None);
     }
+
+    /// Writes an executable shell script standing in for `fastflow`.
+    #[cfg(unix)]
+    fn fake_fastflow(dir: &Path, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("fastflow");
+        fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    /// Runs a cell, retrying while the kernel reports the fresh script as
+    /// busy: another test thread forking at the moment the script was written
+    /// briefly holds its write handle (ETXTBSY), a known race of tests that
+    /// write and then execute files.
+    #[cfg(unix)]
+    fn run(runner: &mut FastflowRunner, job: &CellJob) -> anyhow::Result<CellOutput> {
+        for _ in 0..20 {
+            match runner.run_cell(job) {
+                Err(e) if format!("{e:#}").contains("Text file busy") => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                other => return other,
+            }
+        }
+        runner.run_cell(job)
+    }
+
+    #[cfg(unix)]
+    fn job(dir: &Path) -> CellJob {
+        let run_dir = dir.join("runs/resnet18/bottle");
+        CellJob {
+            cell: Cell {
+                backbone: "resnet18".into(),
+                category: "bottle".into(),
+            },
+            config: "configs/resnet18.yaml".into(),
+            data: "data".into(),
+            metrics_json: run_dir.join("metrics.json"),
+            run_dir,
+            settings: RunSettings {
+                epochs: 1,
+                weights: "random".into(),
+                input_size: None,
+                batch_size: None,
+                seed: 0,
+                extra_args: vec![],
+            },
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_runner_reads_what_the_program_wrote_and_logs_its_output() {
+        let dir = tempfile::tempdir().unwrap();
+        // The script finds the value after `--json` and writes metrics there.
+        let bin = fake_fastflow(
+            dir.path(),
+            r#"echo "epoch 1/1 loss -3.2"
+while [ "$#" -gt 0 ]; do
+  if [ "$1" = "--json" ]; then out="$2"; fi
+  shift
+done
+printf '{"image_auroc": 0.75, "pixel_auroc": 0.5, "aupro": 0.25, "n_images": 4}' > "$out""#,
+        );
+        let mut runner = FastflowRunner {
+            binary: bin,
+            device: "cpu".into(),
+            verbose: false,
+        };
+        let j = job(dir.path());
+        // A stale metrics file of an interrupted attempt is not taken for this run's.
+        fs::create_dir_all(&j.run_dir).unwrap();
+        fs::write(&j.metrics_json, "{}").unwrap();
+        let out = run(&mut runner, &j).unwrap();
+        assert_eq!(out.metrics.image_auroc, 0.75);
+        assert_eq!(out.metrics.aupro, 0.25);
+        assert_eq!(out.metrics.n_images, Some(4));
+        assert!(out.metrics.wall_seconds >= 0.0);
+        assert_eq!(out.metrics.train_seconds, out.metrics.wall_seconds);
+        let log = fs::read_to_string(j.run_dir.join("train.log")).unwrap();
+        assert!(log.contains("epoch 1/1"), "{log}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_failing_program_is_reported_with_its_last_log_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = fake_fastflow(
+            dir.path(),
+            "echo 'error: unknown field `flow_steps`' >&2\nexit 3",
+        );
+        let mut runner = FastflowRunner {
+            binary: bin,
+            device: "cpu".into(),
+            verbose: false,
+        };
+        let err = format!("{:#}", run(&mut runner, &job(dir.path())).unwrap_err());
+        assert!(
+            err.contains("flow_steps") && err.contains("train.log"),
+            "{err}"
+        );
+        assert!(err.contains("--category bottle"), "{err}");
+
+        // Success without a metrics file is an error too, not an empty result.
+        let bin = fake_fastflow(dir.path(), "exit 0");
+        let mut runner = FastflowRunner {
+            binary: bin,
+            device: "cpu".into(),
+            verbose: false,
+        };
+        let err = format!("{:#}", run(&mut runner, &job(dir.path())).unwrap_err());
+        assert!(err.contains("wrote no metrics file"), "{err}");
+    }
 }
