@@ -78,9 +78,10 @@ pub struct DataArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Model config with the reference YAML keys (e.g. `configs/resnet18.yaml`).
-    #[arg(long)]
-    pub config: PathBuf,
+    /// Model config with the reference YAML keys (e.g. `configs/resnet18.yaml`);
+    /// optional with `--resume` (then checked against the checkpoint's).
+    #[arg(long, required_unless_present = "resume")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     /// Number of epochs (reference: 500).

@@ -69,30 +69,33 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         .resume
         .as_ref()
         .map(|p| CheckpointPaths::from_user_path(p));
-    let cfg = load_model_config(&args.config)?;
-    let kind = cfg
-        .backbone_kind()
-        .with_context(|| format!("invalid config file '{}'", args.config.display()))?;
-    let (cfg, seed, weights) = match &resume {
-        None => (
-            cfg.clone(),
-            args.seed,
-            parse_weights(&args.weights, kind, args.seed)?,
-        ),
-        Some(paths) => {
+    let cfg = args.config.as_deref().map(load_model_config).transpose()?;
+    let (cfg, seed, weights) = match (&resume, cfg) {
+        (None, Some(cfg)) => {
+            let weights = parse_weights(&args.weights, cfg.backbone_kind()?, args.seed)?;
+            (cfg, args.seed, weights)
+        }
+        (None, None) => bail!("--config is required unless --resume is given"),
+        (Some(paths), cfg) => {
             let meta = read_meta(paths)?;
-            if meta.config != cfg {
-                bail!(
-                    "config '{}' ({}) does not match the checkpoint '{}' ({})",
-                    args.config.display(),
-                    describe_config(&cfg),
-                    paths.meta.display(),
-                    describe_config(&meta.config)
-                );
+            if let (Some(cfg), Some(path)) = (cfg, &args.config) {
+                if meta.config != cfg {
+                    bail!(
+                        "config '{}' ({}) does not match the checkpoint '{}' ({})",
+                        path.display(),
+                        describe_config(&cfg),
+                        paths.meta.display(),
+                        describe_config(&meta.config)
+                    );
+                }
             }
             // The seed and the backbone are part of the run: a resumed run keeps
             // the checkpoint's, so that it continues exactly.
-            let weights = parse_weights(&meta.backbone_weights, kind, meta.seed)?;
+            let weights = parse_weights(
+                &meta.backbone_weights,
+                meta.config.backbone_kind()?,
+                meta.seed,
+            )?;
             (meta.config, meta.seed, weights)
         }
     };
@@ -108,7 +111,8 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         (None, None) => {
             let stem = args
                 .config
-                .file_stem()
+                .as_deref()
+                .and_then(|c| c.file_stem())
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
             PathBuf::from("runs").join(format!("{stem}-{}", args.data.category))

@@ -146,10 +146,9 @@ fn fixture() -> &'static Fixture {
         assert_ok(&fastflow(a));
         assert_ok(&fastflow(train_args(&f, "1", &f.run_b)));
         let resume = f.run_b.join("checkpoints/last.safetensors");
+        // Without --config: the checkpoint knows its model.
         let out = fastflow(args![
             "train",
-            "--config",
-            f.config,
             "--data",
             f.data,
             "--category",
@@ -770,4 +769,65 @@ fn corrupt_and_mismatched_checkpoints_are_clear_errors() {
         let ckpt = f.run_a.join("checkpoints/best.safetensors");
         assert_fails_with(&eval(&ckpt, args!["--device", "cuda"]), &["CUDA"]);
     }
+}
+
+/// Copies every image file of `from` into `to`, prefixing names with `prefix`.
+fn copy_images(from: &Path, to: &Path, prefix: &str) {
+    std::fs::create_dir_all(to).expect("dir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let p = entry.expect("entry").path();
+        let name = p.file_name().expect("name").to_string_lossy().into_owned();
+        std::fs::copy(&p, to.join(format!("{prefix}{name}"))).expect("copy");
+    }
+}
+
+#[test]
+fn folder_dataset_trains_and_evaluates() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A user's folder: good/ and bad/ with masks/<stem>_mask.png, no test split
+    // of the good images (20 % are held out for testing, seeded).
+    let mine = dir.path().join("parts/mine");
+    let cat = f.data.join(CATEGORY);
+    copy_images(&cat.join("train/good"), &mine.join("good"), "train_");
+    copy_images(&cat.join("test/good"), &mine.join("good"), "test_");
+    for defect in ["scratch", "hole"] {
+        copy_images(
+            &cat.join("test").join(defect),
+            &mine.join("bad"),
+            &format!("{defect}_"),
+        );
+        copy_images(
+            &cat.join("ground_truth").join(defect),
+            &mine.join("masks"),
+            &format!("{defect}_"),
+        );
+    }
+    let json = dir.path().join("folder.json");
+    let out = fastflow(args![
+        "train",
+        "--config",
+        f.config,
+        "--data",
+        dir.path().join("parts"),
+        "--category",
+        "mine",
+        "--format",
+        "folder",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--weights",
+        "random",
+        "--out",
+        dir.path().join("run"),
+        "--json",
+        json,
+    ]);
+    assert_ok(&out);
+    let v = read_json(&json);
+    // 6 good images -> round(1.2) = 1 held out; 2 defective ones.
+    assert_eq!(v["n_images"], 3, "{v}");
+    assert!(v["pixel_auroc"].is_number(), "masks were not used: {v}");
 }
