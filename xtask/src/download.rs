@@ -148,6 +148,12 @@ pub fn manual_instructions(out: &Path) -> String {
     )
 }
 
+/// The error first, then how to do without this command: the cause is what
+/// the user reads first, the instructions what they act on.
+fn with_instructions(e: anyhow::Error, out: &Path) -> anyhow::Error {
+    anyhow::anyhow!("{e:#}\n\n{}", manual_instructions(out))
+}
+
 /// Whether a category folder holds a finished extraction.
 fn category_done(out: &Path, category: &str) -> bool {
     out.join(category).join(DONE_MARKER).exists()
@@ -184,10 +190,10 @@ pub fn download_mvtec(opts: &DownloadOptions) -> anyhow::Result<()> {
         let path = opts.out.join(&archive.name);
         let have_verified = path.exists() && verify(&path, archive).is_ok();
         if !have_verified {
-            fetch(&agent, archive, &path).with_context(|| manual_instructions(&opts.out))?;
+            fetch(&agent, archive, &path).map_err(|e| with_instructions(e, &opts.out))?;
         }
         extract(&path, &opts.out, &archive.categories)
-            .with_context(|| manual_instructions(&opts.out))?;
+            .map_err(|e| with_instructions(e, &opts.out))?;
         if !opts.keep_archives {
             fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }

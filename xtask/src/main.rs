@@ -147,6 +147,10 @@ struct BenchArgs {
     /// Use this `fastflow` binary instead of building it.
     #[arg(long)]
     fastflow: Option<PathBuf>,
+    /// Cargo profile to build `fastflow` with when `--fastflow` is not given
+    /// (`dev` reuses the artifacts of `cargo test`, e.g. in CI).
+    #[arg(long, default_value = "release")]
+    build_profile: String,
     /// Directory of the model configs (`<backbone>.yaml`).
     #[arg(long)]
     configs: Option<PathBuf>,
@@ -325,7 +329,7 @@ fn bench_all(a: BenchArgs) -> anyhow::Result<()> {
             } else {
                 vec![]
             };
-            runner::build_fastflow(&features)?
+            runner::build_fastflow(&a.build_profile, &features)?
         }
     };
     let mut runner = FastflowRunner {

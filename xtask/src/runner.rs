@@ -192,15 +192,17 @@ pub fn workspace_root() -> PathBuf {
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
-/// Builds the `fastflow` program once, in release mode and in the main target
-/// directory (not xtask's), and returns the path cargo reports for it.
-pub fn build_fastflow(features: &[String]) -> anyhow::Result<PathBuf> {
+/// Builds the `fastflow` program once with the given cargo profile (`release`
+/// for real benchmarks; `dev` reuses a test build's artifacts, for CI) in the
+/// main target directory (not xtask's), and returns the path cargo reports.
+pub fn build_fastflow(profile: &str, features: &[String]) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let root = workspace_root();
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&root).args([
         "build",
-        "--release",
+        "--profile",
+        profile,
         "-p",
         "ff-cli",
         "--bin",
@@ -215,7 +217,7 @@ pub fn build_fastflow(features: &[String]) -> anyhow::Result<PathBuf> {
     // leak into this one.
     cmd.env_remove("CARGO_TARGET_DIR");
     eprintln!(
-        "building fastflow: cargo build --release -p ff-cli{} (in {})",
+        "building fastflow: cargo build --profile {profile} -p ff-cli{} (in {})",
         if features.is_empty() {
             String::new()
         } else {
