@@ -268,6 +268,7 @@ mod tests {
                     n_images: Some(20),
                     train_seconds: 3.0 + x,
                     wall_seconds: 4.0 + x,
+                    resumed: false,
                 },
                 raw: serde_json::json!({ "image_auroc": 0.9 + x }),
             })

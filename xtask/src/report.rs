@@ -400,6 +400,19 @@ pub fn build(matrix: &[Cell], results: &[CellResult]) -> Report {
          process when it reports none); inference speed is that of the final evaluation \
          on this machine, not a 1080Ti."
     );
+    let resumed: Vec<String> = results
+        .iter()
+        .filter(|r| r.metrics.resumed)
+        .map(|r| r.cell().to_string())
+        .collect();
+    if !resumed.is_empty() {
+        let _ = writeln!(
+            md,
+            "Resumed after an interruption, so their times cover only the part after \
+             resuming: {}.",
+            resumed.join(", ")
+        );
+    }
     let _ = writeln!(md, "\n## Sources\n\n{PUBLISHED_SOURCE}");
 
     let summary = serde_json::json!({
@@ -419,6 +432,7 @@ pub fn build(matrix: &[Cell], results: &[CellResult]) -> Report {
             "n_images": r.metrics.n_images,
             "train_seconds": r.metrics.train_seconds,
             "wall_seconds": r.metrics.wall_seconds,
+            "resumed": r.metrics.resumed,
         })).collect::<Vec<_>>(),
         "means_percent": means,
         "published_percent": PUBLISHED,

@@ -52,6 +52,10 @@ pub struct CellMetrics {
     /// Wall time of the whole `fastflow train` process (training, periodic
     /// and final evaluation, checkpoints), seconds.
     pub wall_seconds: f64,
+    /// The run continued from a checkpoint of an interrupted attempt, so the
+    /// times cover only the part after resuming.
+    #[serde(default)]
+    pub resumed: bool,
 }
 
 /// One finished cell: what was run, with which settings, and what came out.
@@ -298,6 +302,7 @@ pub(crate) mod tests {
                 n_images: Some(30),
                 train_seconds: 10.0 + 100.0 * x,
                 wall_seconds: 12.0 + 100.0 * x,
+                resumed: false,
             },
             fastflow_json: serde_json::json!({"image_auroc": 0.9 + x}),
         }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 
 use crate::plan::Cell;
-use crate::results::{CellMetrics, RunSettings};
+use crate::results::{write_atomic, CellMetrics, RunSettings};
 
 /// Everything one cell's training run needs.
 #[derive(Debug, Clone)]
@@ -57,17 +57,63 @@ pub struct FastflowRunner {
 }
 
 impl CellRunner for FastflowRunner {
+    /// Runs `fastflow train` for the cell. When an earlier attempt with the
+    /// same settings was interrupted after writing a checkpoint, training
+    /// continues from it (`--resume`, which the CLI makes exact) instead of
+    /// starting over; if that fails (say, a checkpoint torn by the kill), the
+    /// cell is trained from scratch.
     fn run_cell(&mut self, job: &CellJob) -> anyhow::Result<CellOutput> {
         fs::create_dir_all(&job.run_dir)
             .with_context(|| format!("cannot create {}", job.run_dir.display()))?;
+        let stamp_path = job.run_dir.join(STAMP_FILE);
+        let stamp = cell_stamp(job, &self.device)?;
+        let last = job.run_dir.join("checkpoints").join("last.json");
+        let can_resume = last.exists() && fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp);
+        write_atomic(&stamp_path, stamp.as_bytes())?;
+        if can_resume {
+            eprintln!(
+                "  {}: continuing the interrupted run from {}",
+                job.cell,
+                last.display()
+            );
+            match self.attempt(job, Some(&last)) {
+                Ok(out) => return Ok(out),
+                Err(e) => eprintln!(
+                    "  {}: resuming failed ({e:#}); training from scratch",
+                    job.cell
+                ),
+            }
+        }
+        self.attempt(job, None)
+    }
+}
+
+/// File in a cell's run directory recording the settings its checkpoints were
+/// made with; a later attempt resumes only from checkpoints with equal ones.
+const STAMP_FILE: &str = "xtask-cell.json";
+
+fn cell_stamp(job: &CellJob, device: &str) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(&serde_json::json!({
+        "cell": job.cell,
+        "config": job.config,
+        "data": job.data,
+        "settings": job.settings,
+        "device": device,
+    }))?)
+}
+
+impl FastflowRunner {
+    /// One run of `fastflow train`, from scratch or resumed.
+    fn attempt(&self, job: &CellJob, resume: Option<&Path>) -> anyhow::Result<CellOutput> {
         // A metrics file from an earlier, interrupted attempt must not be
         // mistaken for this run's.
         if job.metrics_json.exists() {
             fs::remove_file(&job.metrics_json)
                 .with_context(|| format!("cannot remove {}", job.metrics_json.display()))?;
         }
+        let args = train_args(job, &self.device, resume);
         let mut cmd = Command::new(&self.binary);
-        cmd.args(train_args(job, &self.device));
+        cmd.args(&args);
         let log_path = job.run_dir.join("train.log");
         let start = Instant::now();
         let status = if self.verbose {
@@ -98,18 +144,20 @@ impl CellRunner for FastflowRunner {
             bail!(
                 "`{} {}` failed ({status}){tail}",
                 self.binary.display(),
-                train_args(job, &self.device).join(" ")
+                args.join(" ")
             );
         }
         let raw = read_json(&job.metrics_json)?;
-        let metrics = parse_metrics(&raw, wall_seconds)
+        let mut metrics = parse_metrics(&raw, wall_seconds)
             .with_context(|| format!("in {}", job.metrics_json.display()))?;
+        metrics.resumed = resume.is_some();
         Ok(CellOutput { metrics, raw })
     }
 }
 
 /// The `fastflow train` arguments for a cell, with the flag names issue 5 fixes.
-pub fn train_args(job: &CellJob, device: &str) -> Vec<String> {
+/// With `resume`, training continues from that checkpoint.
+pub fn train_args(job: &CellJob, device: &str, resume: Option<&Path>) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "train".into(),
         "--config".into(),
@@ -134,6 +182,9 @@ pub fn train_args(job: &CellJob, device: &str) -> Vec<String> {
     }
     if device != "cpu" {
         args.extend(["--device".into(), device.to_string()]);
+    }
+    if let Some(checkpoint) = resume {
+        args.extend(["--resume".into(), checkpoint.display().to_string()]);
     }
     args.extend(job.settings.extra_args.iter().cloned());
     args
@@ -171,6 +222,7 @@ pub fn parse_metrics(v: &serde_json::Value, wall_seconds: f64) -> anyhow::Result
         n_images: v.get("n_images").and_then(serde_json::Value::as_u64),
         train_seconds: optional("train_seconds").unwrap_or(wall_seconds),
         wall_seconds,
+        resumed: false,
     })
 }
 
@@ -274,13 +326,18 @@ mod tests {
             },
         };
         assert_eq!(
-            train_args(&job, "cuda").join(" "),
+            train_args(&job, "cuda", None).join(" "),
             "train --config configs/resnet18.yaml --data data/mvtec --category bottle \
              --epochs 3 --out results/runs/resnet18/bottle \
              --json results/runs/resnet18/bottle/metrics.json --weights hub --seed 7 \
              --batch-size 8 --device cuda --eval-every 1"
         );
-        assert!(!train_args(&job, "cpu").contains(&"--device".to_string()));
+        assert!(!train_args(&job, "cpu", None).contains(&"--device".to_string()));
+        let resumed = train_args(&job, "cpu", Some(Path::new("r/checkpoints/last.json")));
+        assert_eq!(
+            resumed[resumed.len() - 4..],
+            ["--resume", "r/checkpoints/last.json", "--eval-every", "1"].map(String::from)[..]
+        );
     }
 
     #[test]
@@ -434,5 +491,66 @@ printf '{"image_auroc": 0.75, "pixel_auroc": 0.5, "aupro": 0.25, "n_images": 4}'
         };
         let err = format!("{:#}", run(&mut runner, &job(dir.path())).unwrap_err());
         assert!(err.contains("wrote no metrics file"), "{err}");
+    }
+
+    /// A stand-in that records its arguments, fails (like a killed run) after
+    /// writing a checkpoint when `FAIL_ONCE` exists, and refuses to resume
+    /// when `BAD_RESUME` exists.
+    #[cfg(unix)]
+    const RESUMABLE: &str = r#"dir=$(dirname "$0")
+echo "$@" >> "$dir/calls.txt"
+resume=no
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --out) out="$2"; shift ;;
+    --json) json="$2"; shift ;;
+    --resume) resume="$2"; shift ;;
+  esac
+  shift
+done
+if [ "$resume" != no ] && [ -e "$dir/BAD_RESUME" ]; then echo "corrupt checkpoint" >&2; exit 1; fi
+mkdir -p "$out/checkpoints" && echo '{}' > "$out/checkpoints/last.json"
+if [ -e "$dir/FAIL_ONCE" ]; then rm "$dir/FAIL_ONCE"; echo "killed" >&2; exit 137; fi
+printf '{"image_auroc": 0.75, "pixel_auroc": 0.5, "aupro": 0.25}' > "$json""#;
+
+    #[cfg(unix)]
+    #[test]
+    fn an_interrupted_cell_resumes_from_its_last_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = fake_fastflow(dir.path(), RESUMABLE);
+        let calls = || fs::read_to_string(dir.path().join("calls.txt")).unwrap();
+        let mut runner = FastflowRunner {
+            binary: bin,
+            device: "cpu".into(),
+            verbose: false,
+        };
+        let j = job(dir.path());
+        fs::write(dir.path().join("FAIL_ONCE"), "").unwrap();
+        assert!(run(&mut runner, &j).is_err());
+        assert!(!calls().contains("--resume"));
+        // Same settings: the second attempt continues from the checkpoint.
+        let out = run(&mut runner, &j).unwrap();
+        assert!(out.metrics.resumed);
+        let last_call = calls().lines().last().unwrap().to_string();
+        assert!(
+            last_call.ends_with(&format!(
+                "--resume {}",
+                j.run_dir.join("checkpoints/last.json").display()
+            )),
+            "{last_call}"
+        );
+        // Other settings: the old checkpoint is not used.
+        let mut other = j.clone();
+        other.settings.epochs = 5;
+        let out = run(&mut runner, &other).unwrap();
+        assert!(!out.metrics.resumed);
+        assert!(!calls().lines().last().unwrap().contains("--resume"));
+        // A checkpoint that cannot be resumed: the cell is trained from scratch.
+        fs::write(dir.path().join("BAD_RESUME"), "").unwrap();
+        let out = run(&mut runner, &other).unwrap();
+        assert!(!out.metrics.resumed);
+        let lines: Vec<String> = calls().lines().map(String::from).collect();
+        assert!(lines[lines.len() - 2].contains("--resume"));
+        assert!(!lines[lines.len() - 1].contains("--resume"));
     }
 }
