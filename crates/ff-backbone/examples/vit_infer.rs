@@ -28,6 +28,12 @@ use candle_nn::{Init, VarBuilder};
 use ff_backbone::det_init::{det_uniform, DetInit};
 use ff_backbone::{Backbone, BackboneKind, WeightSource};
 
+// The fastflow CLI runs on mimalloc; measuring with the same allocator keeps
+// these numbers the CLI's (glibc's malloc returns every large buffer to the
+// kernel and faults it in again, which costs CaiT seconds of system time).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type BoxError = Box<dyn std::error::Error>;
 
 /// A det_init backend that keeps every tensor it hands out, by key.
