@@ -297,6 +297,13 @@ mod tests {
     }
 
     #[test]
+    fn durations_print_as_hours_minutes_seconds() {
+        assert_eq!(hms(Duration::from_secs(0)), "0:00:00");
+        assert_eq!(hms(Duration::from_secs(3 * 3600 + 7 * 60 + 9)), "3:07:09");
+        assert_eq!(hms(Duration::from_secs(100 * 3600)), "100:00:00");
+    }
+
+    #[test]
     fn a_rerun_skips_finished_cells_and_redoes_failed_ones() {
         let dir = tempfile::tempdir().unwrap();
         let run = matrix_run(dir.path(), Shard::FULL);

@@ -481,6 +481,18 @@ mod tests {
     }
 
     #[test]
+    fn content_range_and_sizes_are_read_and_printed() {
+        assert_eq!(
+            content_range_start(Some("bytes 70000-199999/200000")),
+            Some(70000)
+        );
+        assert_eq!(content_range_start(Some("bytes */200000")), None);
+        assert_eq!(content_range_start(None), None);
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(FULL_ARCHIVE_SIZE), "4.9 GiB");
+    }
+
+    #[test]
     fn archives_follow_the_request() {
         let full = archives_for(&[], None).unwrap();
         assert_eq!(full.len(), 1);

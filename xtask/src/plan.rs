@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 /// also the stem of its config file under `configs/`.
 pub const PAPER_BACKBONES: [&str; 4] = ["resnet18", "wide_resnet50_2", "deit", "cait"];
 
+/// Folder names of a results directory that are not backbones.
+pub const RESERVED: [&str; 3] = ["runs", "data", "configs"];
+
 /// One cell of the matrix: one backbone trained and evaluated on one category.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Cell {
@@ -101,6 +104,11 @@ pub fn plan(backbones: &[String], categories: &[String]) -> anyhow::Result<Vec<C
     }
     for b in backbones {
         check_name("backbone", b)?;
+        // These folders of a results directory hold runs, generated data and
+        // derived configs, not a backbone's cell files.
+        if RESERVED.contains(&b.as_str()) {
+            bail!("{b:?} cannot be a backbone name: the results directory uses that folder");
+        }
     }
     for c in categories {
         check_name("category", c)?;
@@ -171,6 +179,7 @@ mod tests {
         assert!(plan(&names(&["../x"]), &names(&["bottle"])).is_err());
         assert!(plan(&names(&["resnet18"]), &names(&["a/b"])).is_err());
         assert!(plan(&names(&["resnet18"]), &names(&[".hidden"])).is_err());
+        assert!(plan(&names(&["runs"]), &names(&["bottle"])).is_err());
         assert!(plan(&[], &names(&["bottle"])).is_err());
         assert!(plan(&names(&["resnet18"]), &[]).is_err());
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{check_name, Cell};
+use crate::plan::{check_name, Cell, RESERVED};
 
 /// Version of the cell file layout; a file with another version is redone.
 pub const CELL_SCHEMA: u32 = 1;
@@ -238,12 +238,7 @@ pub fn collect_cells(results: &Path) -> anyhow::Result<Vec<CellResult>> {
         let entry = entry.with_context(|| format!("cannot read {}", results.display()))?;
         let dir = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !dir.is_dir()
-            || name == "runs"
-            || name == "data"
-            || name == "configs"
-            || name.starts_with('.')
-        {
+        if !dir.is_dir() || RESERVED.contains(&name.as_str()) || name.starts_with('.') {
             continue;
         }
         let files = fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
