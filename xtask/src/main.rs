@@ -1,6 +1,20 @@
 //! Project automation, run as `cargo xtask <command>`: the MVTec AD download,
 //! synthetic datasets, and the benchmark matrix that reproduces the paper's
 //! tables (`bench-all`, sharded with `--shard`, combined by `bench-merge`).
+//!
+//! ```text
+//! cargo xtask download-mvtec --out data/mvtec [--category bottle,screw]
+//! cargo xtask synth --out data/synthetic [--categories weave,disc] [--size 256] [--seed 0]
+//! cargo xtask bench-all --data data/mvtec [--backbones resnet18,wide_resnet50_2,deit,cait]
+//!     [--categories ...] [--epochs 500] [--out results] [--weights hub|random] [--shard i/n]
+//! cargo xtask bench-all --data synthetic --epochs 2          # offline, generated data
+//! cargo xtask bench-merge --inputs results/shard-0,results/shard-1 --out results
+//! ```
+//!
+//! Results layout: `<out>/<backbone>/<category>.json` (one finished cell,
+//! written atomically; its presence means "skip on rerun"),
+//! `<out>/runs/<backbone>/<category>/` (the `fastflow train` run directory:
+//! checkpoints, `train.log`), `<out>/report.md` and `<out>/summary.json`.
 
 mod bench;
 mod download;
