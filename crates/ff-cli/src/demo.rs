@@ -22,7 +22,7 @@ use crate::train::{train, TrainPlan};
 /// for a few epochs. Measured figures are in the README.
 pub const DEMO_CATEGORY: &str = "demo";
 pub const DEMO_INPUT_SIZE: usize = 128;
-pub const DEMO_EPOCHS: usize = 8;
+pub const DEMO_EPOCHS: usize = 5;
 pub const DEMO_BATCH: usize = 8;
 pub const DEMO_SEED: u64 = 0;
 
@@ -68,7 +68,7 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
         }
     };
     let cfg = FastFlowConfig {
-        input_size: DEMO_INPUT_SIZE,
+        input_size: args.input_size,
         ..FastFlowConfig::resnet18()
     };
     let run_dir = args.out.join("run");

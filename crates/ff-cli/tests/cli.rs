@@ -831,3 +831,70 @@ fn folder_dataset_trains_and_evaluates() {
     assert_eq!(v["n_images"], 3, "{v}");
     assert!(v["pixel_auroc"].is_number(), "masks were not used: {v}");
 }
+
+#[test]
+fn bench_reports_train_and_inference_throughput() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    let out = fastflow(args![
+        "bench",
+        "--config",
+        f.config,
+        "--batch-size",
+        "2",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        json,
+    ]);
+    assert_ok(&out);
+    let v = read_json(&json);
+    for key in ["train_img_per_s", "inference_img_per_s"] {
+        let x = v[key].as_f64().unwrap_or(0.0);
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}: {v}");
+    }
+    assert_eq!(v["batch_size"], 2);
+    assert_eq!(v["config"]["input_size"], 64);
+}
+
+#[test]
+fn demo_runs_end_to_end_offline_at_a_reduced_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().join("demo");
+    // The real demo trains longer at 128 px; the command path is the same.
+    let out = fastflow(args![
+        "demo",
+        "--out",
+        out_dir,
+        "--epochs",
+        "1",
+        "--input-size",
+        "64"
+    ]);
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // HF_HUB_OFFLINE=1 (set by `fastflow()`) makes the hub unavailable: the
+    // demo must say that it falls back to a random backbone.
+    assert!(
+        stdout.contains("NOTICE") && stdout.contains("RANDOM"),
+        "{}",
+        text(&out)
+    );
+    for needle in ["report:", "heatmaps:", "image AUROC"] {
+        assert!(
+            stdout.contains(needle),
+            "demo output lacks {needle}:\n{}",
+            text(&out)
+        );
+    }
+    assert!(out_dir.join("run/report.md").is_file());
+    assert!(out_dir.join("run/checkpoints/best.safetensors").is_file());
+    let v = read_json(&out_dir.join("metrics.json"));
+    assert_eq!(v["n_images"], 32);
+    let csv = std::fs::read_to_string(out_dir.join("heatmaps/predictions.csv")).expect("csv");
+    assert_eq!(csv.lines().count(), 1 + 5, "{csv}");
+    assert!(out_dir.join("heatmaps/scratch_000_heatmap.png").is_file());
+}
