@@ -24,7 +24,7 @@ impl EpochProgress {
             let bar =
                 ProgressBar::with_draw_target(Some(n_batches as u64), ProgressDrawTarget::stdout());
             let style =
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                ProgressStyle::with_template("{prefix} [{bar:20}] {pos}/{len} {msg} ETA {eta}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
                     .progress_chars("=> ");
             bar.set_style(style);
