@@ -74,8 +74,10 @@ pub struct CheckpointMeta {
     /// Lowest and highest anomaly-map value seen in the evaluation: the colour
     /// scale of heatmaps, so that pictures of different images compare.
     pub map_range: Option<[f32; 2]>,
-    /// Best image AUROC of the run so far (decides when `best` is replaced).
-    pub best_image_auroc: Option<f64>,
+    /// The best `[image AUROC, pixel AUROC]` of the run so far: `best` is
+    /// replaced when image AUROC improves, or stays equal while pixel AUROC
+    /// improves (image AUROC saturates at 1.0 on easy categories).
+    pub best_score: Option<[f64; 2]>,
     pub optimizer: OptimizerMeta,
     pub train: TrainMeta,
     /// File names (in the same directory) and FNV-1a 64 hashes of the tensors.

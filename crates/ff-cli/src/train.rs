@@ -174,7 +174,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         weight_decay: plan.weight_decay,
         ..AdamConfig::default()
     };
-    let (engine, mut adam, start_epoch, mut best_auroc) = match &plan.resume {
+    let (engine, mut adam, start_epoch, mut best_score) = match &plan.resume {
         None => {
             let engine = Engine::new(&plan.cfg, backbone, plan.seed, &plan.device)?;
             let adam = engine.optimizer(adam_cfg)?;
@@ -191,7 +191,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                 meta.epoch,
                 meta.optimizer.step
             );
-            (engine, adam, meta.epoch, meta.best_image_auroc)
+            (engine, adam, meta.epoch, meta.best_score)
         }
     };
     if start_epoch >= plan.epochs {
@@ -241,9 +241,14 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         let done = epoch + 1;
         if done % plan.eval_every == 0 || done == plan.epochs {
             let eval = evaluate(&engine, &split.test, plan.batch_size)?;
-            let is_best = best_auroc.is_none_or(|b| eval.metrics.image_auroc > b);
+            let score = [
+                eval.metrics.image_auroc,
+                eval.metrics.pixel_auroc.unwrap_or(0.0),
+            ];
+            let is_best =
+                best_score.is_none_or(|b| score[0] > b[0] || (score[0] == b[0] && score[1] > b[1]));
             if is_best {
-                best_auroc = Some(eval.metrics.image_auroc);
+                best_score = Some(score);
             }
             println!(
                 "eval @ epoch {done}: image AUROC {:.4}, pixel AUROC {}, AU-PRO {}{}",
@@ -273,7 +278,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                     threshold: Some(eval.metrics.threshold),
                     pixel_threshold: eval.metrics.pixel_threshold,
                     map_range: Some(eval.map_range),
-                    best_image_auroc: best_auroc,
+                    best_score,
                     optimizer: OptimizerMeta {
                         kind: "adam".into(),
                         step: adam.step_count(),
