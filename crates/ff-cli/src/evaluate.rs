@@ -78,7 +78,7 @@ pub fn eval_report_path(checkpoint: &Path, category: &str) -> PathBuf {
 /// `fastflow eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     let device = device(args.device)?;
-    let (engine, facts) = match CheckpointKind::of(&args.checkpoint) {
+    let (engine, facts, split_seed) = match CheckpointKind::of(&args.checkpoint) {
         CheckpointKind::Reference(path) => {
             let cfg_path = args.config.as_ref().with_context(|| {
                 format!(
@@ -96,7 +96,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
                 "checkpoint".to_string(),
                 format!("{} (reference .pt)", path.display()),
             )];
-            (engine, facts)
+            (engine, facts, 0)
         }
         CheckpointKind::Ours(paths) => {
             let (meta, engine) = load_our_checkpoint(&paths, args.weights.as_deref(), &device)?;
@@ -121,10 +121,12 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
                     meta.backbone_weights.clone(),
                 ),
             ];
-            (engine, facts)
+            // A folder dataset holds out good images for testing by the run's
+            // seed; the same seed keeps training images out of the test set.
+            (engine, facts, meta.seed)
         }
     };
-    let split = load_split(&args.data, 0)?;
+    let split = load_split(&args.data, split_seed)?;
     let eval = evaluate(&engine, &split.test, args.batch_size)?;
     println!("{}", metrics_table(&eval.metrics));
     let mut facts = facts;

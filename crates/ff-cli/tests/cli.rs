@@ -820,6 +820,8 @@ fn folder_dataset_trains_and_evaluates() {
         "2",
         "--weights",
         "random",
+        "--seed",
+        "5",
         "--out",
         dir.path().join("run"),
         "--json",
@@ -830,6 +832,33 @@ fn folder_dataset_trains_and_evaluates() {
     // 6 good images -> round(1.2) = 1 held out; 2 defective ones.
     assert_eq!(v["n_images"], 3, "{v}");
     assert!(v["pixel_auroc"].is_number(), "masks were not used: {v}");
+    // `eval` holds out the same good image (the run's seed), so it reproduces
+    // the training run's final numbers.
+    let eval_json = dir.path().join("folder_eval.json");
+    let out = fastflow(args![
+        "eval",
+        "--checkpoint",
+        dir.path().join("run/checkpoints/last.safetensors"),
+        "--data",
+        dir.path().join("parts"),
+        "--category",
+        "mine",
+        "--format",
+        "folder",
+        "--json",
+        eval_json,
+    ]);
+    assert_ok(&out);
+    let e = read_json(&eval_json);
+    for key in [
+        "n_images",
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "threshold",
+    ] {
+        assert_eq!(e[key], v[key], "{key}: eval {e} vs train {v}");
+    }
 }
 
 #[test]
