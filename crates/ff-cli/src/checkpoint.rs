@@ -80,6 +80,8 @@ pub struct CheckpointMeta {
     pub best_score: Option<[f64; 2]>,
     pub optimizer: OptimizerMeta,
     pub train: TrainMeta,
+    /// Seconds spent training up to this checkpoint, over all resumed parts.
+    pub train_seconds: f64,
     /// File names (in the same directory) and FNV-1a 64 hashes of the tensors.
     pub weights_file: String,
     pub weights_hash: String,

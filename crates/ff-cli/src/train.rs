@@ -23,7 +23,7 @@ use crate::engine::{
 use crate::evaluate::{evaluate, Evaluation};
 use crate::fsutil::{append_json_line, write_atomic, write_json_atomic};
 use crate::progress::EpochProgress;
-use crate::report::{markdown_report, metrics_table, write_metrics_json, ReportContext};
+use crate::report::{markdown_report, metrics_table, Metrics, ReportContext};
 
 /// Everything a training run needs, resolved from flags, a config file, a
 /// checkpoint to resume, or the demo.
@@ -60,6 +60,16 @@ struct EvalLogLine<'a> {
     metrics: &'a crate::report::Metrics,
     map_range: [f32; 2],
     best: bool,
+}
+
+/// What `train --json` writes: the final evaluation's metrics (the keys of
+/// `eval --json`), the epochs trained and the training time in seconds.
+#[derive(Serialize)]
+struct TrainJson<'a> {
+    #[serde(flatten)]
+    metrics: &'a Metrics,
+    epochs: usize,
+    train_seconds: f64,
 }
 
 /// `fastflow train`.
@@ -174,11 +184,11 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         weight_decay: plan.weight_decay,
         ..AdamConfig::default()
     };
-    let (engine, mut adam, start_epoch, mut best_score) = match &plan.resume {
+    let (engine, mut adam, start_epoch, mut best_score, prior_seconds) = match &plan.resume {
         None => {
             let engine = Engine::new(&plan.cfg, backbone, plan.seed, &plan.device)?;
             let adam = engine.optimizer(adam_cfg)?;
-            (engine, adam, 0, None)
+            (engine, adam, 0, None, 0.0)
         }
         Some(paths) => {
             let meta = read_meta(paths)?;
@@ -191,7 +201,13 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                 meta.epoch,
                 meta.optimizer.step
             );
-            (engine, adam, meta.epoch, meta.best_score)
+            (
+                engine,
+                adam,
+                meta.epoch,
+                meta.best_score,
+                meta.train_seconds,
+            )
         }
     };
     if start_epoch >= plan.epochs {
@@ -289,6 +305,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                         eps: adam_cfg.eps,
                     },
                     train: train_meta.clone(),
+                    train_seconds: prior_seconds + start.elapsed().as_secs_f64(),
                     weights_file: format!("{name}.safetensors"),
                     weights_hash: file_hash(&paths.weights)?,
                     optimizer_file: format!("{name}.optim.safetensors"),
@@ -306,7 +323,8 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
             last_eval = Some((done, eval));
         }
     }
-    let train_seconds = start.elapsed().as_secs_f64();
+    // Training time over the whole run, resumed parts included.
+    let train_seconds = prior_seconds + start.elapsed().as_secs_f64();
     let (epoch, evaluation) = match last_eval {
         Some(e) => e,
         // Nothing left to train (resumed at or past the last epoch): the final
@@ -340,7 +358,14 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
     );
     write_atomic(&run.report(), md.as_bytes())?;
     if let Some(json) = &plan.json {
-        write_metrics_json(json, &evaluation.metrics)?;
+        write_json_atomic(
+            json,
+            &TrainJson {
+                metrics: &evaluation.metrics,
+                epochs: epoch,
+                train_seconds,
+            },
+        )?;
     }
     Ok(TrainOutcome {
         run,

@@ -237,6 +237,11 @@ fn train_writes_checkpoints_logs_report_and_json() {
         assert!(json.get(key).is_some(), "--json lacks {key}: {json}");
     }
     assert_eq!(json["n_images"], 4);
+    assert_eq!(json["epochs"], 2);
+    assert!(
+        json["train_seconds"].as_f64().is_some_and(|t| t > 0.0),
+        "{json}"
+    );
     let auroc = json["image_auroc"].as_f64().expect("number");
     assert!((0.0..=1.0).contains(&auroc));
     let report = std::fs::read_to_string(f.run_a.join("report.md")).expect("report");
