@@ -347,7 +347,10 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                 ("epochs".into(), epoch.to_string()),
                 ("batch size".into(), plan.batch_size.to_string()),
                 ("seed".into(), plan.seed.to_string()),
-                ("training time (s)".into(), format!("{train_seconds:.1}")),
+                (
+                    "training time incl. evaluations (s)".into(),
+                    format!("{train_seconds:.1}"),
+                ),
                 (
                     "checkpoints".into(),
                     run.checkpoints().display().to_string(),
