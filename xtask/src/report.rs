@@ -408,8 +408,8 @@ pub fn build(matrix: &[Cell], results: &[CellResult]) -> Report {
     if !resumed.is_empty() {
         let _ = writeln!(
             md,
-            "Resumed after an interruption, so their times cover only the part after \
-             resuming: {}.",
+            "Resumed after an interruption: {}. Their training time is fastflow's own, \
+             which adds up the resumed parts; their wall time covers only the last attempt.",
             resumed.join(", ")
         );
     }

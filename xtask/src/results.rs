@@ -52,8 +52,9 @@ pub struct CellMetrics {
     /// Wall time of the whole `fastflow train` process (training, periodic
     /// and final evaluation, checkpoints), seconds.
     pub wall_seconds: f64,
-    /// The run continued from a checkpoint of an interrupted attempt, so the
-    /// times cover only the part after resuming.
+    /// The run continued from a checkpoint of an interrupted attempt: the
+    /// wall time covers only the last attempt (fastflow's `train_seconds`
+    /// adds up all parts).
     #[serde(default)]
     pub resumed: bool,
 }

@@ -148,6 +148,17 @@ impl FastflowRunner {
             );
         }
         let raw = read_json(&job.metrics_json)?;
+        // fastflow reports how far it trained; anything but the requested
+        // number of epochs would make the cell incomparable to its row.
+        if let Some(done) = raw.get("epochs").and_then(serde_json::Value::as_u64) {
+            if done != job.settings.epochs as u64 {
+                bail!(
+                    "{} reports {done} epochs trained where {} were asked for",
+                    job.metrics_json.display(),
+                    job.settings.epochs
+                );
+            }
+        }
         let mut metrics = parse_metrics(&raw, wall_seconds)
             .with_context(|| format!("in {}", job.metrics_json.display()))?;
         metrics.resumed = resume.is_some();
@@ -441,7 +452,7 @@ while [ "$#" -gt 0 ]; do
   if [ "$1" = "--json" ]; then out="$2"; fi
   shift
 done
-printf '{"image_auroc": 0.75, "pixel_auroc": 0.5, "aupro": 0.25, "n_images": 4}' > "$out""#,
+printf '{"image_auroc": 0.75, "pixel_auroc": 0.5, "aupro": 0.25, "n_images": 4, "epochs": 1}' > "$out""#,
         );
         let mut runner = FastflowRunner {
             binary: bin,
@@ -491,6 +502,23 @@ printf '{"image_auroc": 0.75, "pixel_auroc": 0.5, "aupro": 0.25, "n_images": 4}'
         };
         let err = format!("{:#}", run(&mut runner, &job(dir.path())).unwrap_err());
         assert!(err.contains("wrote no metrics file"), "{err}");
+
+        // A run that reports fewer epochs than asked for is not a finished cell.
+        let bin = fake_fastflow(
+            dir.path(),
+            r#"while [ "$#" -gt 0 ]; do [ "$1" = "--json" ] && out="$2"; shift; done
+printf '{"image_auroc": 0.7, "pixel_auroc": 0.5, "aupro": 0.2, "epochs": 0}' > "$out""#,
+        );
+        let mut runner = FastflowRunner {
+            binary: bin,
+            device: "cpu".into(),
+            verbose: false,
+        };
+        let err = format!("{:#}", run(&mut runner, &job(dir.path())).unwrap_err());
+        assert!(
+            err.contains("0 epochs trained where 1 were asked for"),
+            "{err}"
+        );
     }
 
     /// A stand-in that records its arguments, fails (like a killed run) after
