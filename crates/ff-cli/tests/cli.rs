@@ -441,8 +441,19 @@ fn reference_config(dir: &Path, flow_step: usize) -> PathBuf {
     path
 }
 
+/// A copy of the fixture in a temporary folder: `eval` writes its Markdown
+/// report next to the checkpoint, which must not land in the repository.
 fn reference_pt() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests-fixtures/flow/reference_tiny.pt")
+    static COPY: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = COPY.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("reference_tiny.pt");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests-fixtures/flow/reference_tiny.pt");
+        std::fs::copy(&fixture, &path).expect("copy the reference fixture");
+        (dir, path)
+    });
+    path.clone()
 }
 
 #[test]
@@ -469,6 +480,9 @@ fn reference_pt_checkpoint_evaluates_and_predicts_through_the_cli() {
         json,
     ]);
     assert_ok(&out);
+    assert!(reference_pt()
+        .with_file_name(format!("reference_tiny.eval-{CATEGORY}.md"))
+        .is_file());
     let v = read_json(&json);
     assert_eq!(v["n_images"], 4);
     for key in ["image_auroc", "pixel_auroc", "aupro"] {
