@@ -63,7 +63,9 @@ impl EpochProgress {
         self.loss_sum / self.batches.max(1) as f64
     }
 
-    /// Ends the epoch: clears the bar into a summary line, or prints the plain line.
+    /// Ends the epoch: clears the bar and prints the epoch's summary line with
+    /// an estimate of the run's remaining time (this epoch's duration times the
+    /// epochs left, evaluations not counted).
     pub fn finish(self) -> EpochSummary {
         let summary = EpochSummary {
             epoch: self.epoch,
@@ -71,15 +73,31 @@ impl EpochProgress {
             img_per_s: self.img_per_s(),
             seconds: self.start.elapsed().as_secs_f64(),
         };
+        let remaining = summary.seconds * (self.epochs - self.epoch.min(self.epochs)) as f64;
         let line = format!(
-            "epoch {}/{}  loss {:.4}  {:.1} img/s  {:.1} s",
-            self.epoch, self.epochs, summary.mean_loss, summary.img_per_s, summary.seconds
+            "epoch {}/{}  loss {:.4}  {:.1} img/s  {:.1} s  ETA {}",
+            self.epoch,
+            self.epochs,
+            summary.mean_loss,
+            summary.img_per_s,
+            summary.seconds,
+            format_duration(remaining)
         );
         if let Some(bar) = self.bar {
             bar.finish_and_clear();
         }
         println!("{line}");
         summary
+    }
+}
+
+/// `1h02m`, `3m05s` or `42s`.
+pub fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, min, sec) => format!("{min}m{sec:02}s"),
+        (h, min, _) => format!("{h}h{min:02}m"),
     }
 }
 
@@ -90,4 +108,17 @@ pub struct EpochSummary {
     pub mean_loss: f64,
     pub img_per_s: f64,
     pub seconds: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(format_duration(42.4), "42s");
+        assert_eq!(format_duration(185.0), "3m05s");
+        assert_eq!(format_duration(3720.0), "1h02m");
+        assert_eq!(format_duration(-1.0), "0s");
+    }
 }
