@@ -23,17 +23,28 @@ pub struct Evaluation {
     pub map_range: [f32; 2],
 }
 
+/// A loader over a test set, with masks when every anomalous sample has one.
+/// With `cache`, decoded images are kept for later evaluations of the same run.
+pub fn test_loader(test: &[Sample], input_size: usize, batch_size: usize, cache: bool) -> Loader {
+    let mut cfg = LoaderConfig::new(batch_size.max(1));
+    cfg.with_masks = test
+        .iter()
+        .all(|s| s.label == Label::Normal || s.mask.is_some());
+    cfg.cache = cache;
+    Loader::new(test.to_vec(), Preprocess::imagenet(input_size), cfg)
+}
+
 /// Evaluates `engine` on `test` (every sample labelled; masks used when all
 /// anomalous samples have one).
 pub fn evaluate(engine: &Engine, test: &[Sample], batch_size: usize) -> Result<Evaluation> {
-    anyhow::ensure!(!test.is_empty(), "the test set is empty");
+    let loader = test_loader(test, engine.config().input_size, batch_size, false);
+    evaluate_loader(engine, &loader)
+}
+
+/// Evaluates `engine` on the samples of a test loader built by [`test_loader`].
+pub fn evaluate_loader(engine: &Engine, loader: &Loader) -> Result<Evaluation> {
+    anyhow::ensure!(!loader.is_empty(), "the test set is empty");
     let size = engine.config().input_size;
-    let with_masks = test
-        .iter()
-        .all(|s| s.label == Label::Normal || s.mask.is_some());
-    let mut cfg = LoaderConfig::new(batch_size.max(1));
-    cfg.with_masks = with_masks;
-    let loader = Loader::new(test.to_vec(), Preprocess::imagenet(size), cfg);
     let mut evaluator = Evaluator::new();
     let mut model_seconds = 0.0;
     let mut range = [f32::INFINITY, f32::NEG_INFINITY];

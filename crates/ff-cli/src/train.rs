@@ -20,7 +20,7 @@ use crate::data::{images_tensor, load_split};
 use crate::engine::{
     describe_config, device, load_backbone, parse_weights, weights_to_string, Engine,
 };
-use crate::evaluate::{evaluate, Evaluation};
+use crate::evaluate::{evaluate_loader, test_loader, Evaluation};
 use crate::fsutil::{append_json_line, write_atomic, write_json_atomic};
 use crate::progress::EpochProgress;
 use crate::report::{markdown_report, metrics_table, Metrics, ReportContext};
@@ -178,6 +178,9 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         loader_cfg,
     );
 
+    // Test images are decoded once and kept for every evaluation of the run.
+    let test = test_loader(&split.test, plan.cfg.input_size, plan.batch_size, true);
+
     let backbone = load_backbone(kind, &plan.weights, &plan.device)?;
     let adam_cfg = AdamConfig {
         lr: plan.lr,
@@ -256,7 +259,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         append_json_line(&run.train_log(), &summary)?;
         let done = epoch + 1;
         if done % plan.eval_every == 0 || done == plan.epochs {
-            let eval = evaluate(&engine, &split.test, plan.batch_size)?;
+            let eval = evaluate_loader(&engine, &test)?;
             let score = [
                 eval.metrics.image_auroc,
                 eval.metrics.pixel_auroc.unwrap_or(0.0),
@@ -329,10 +332,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         Some(e) => e,
         // Nothing left to train (resumed at or past the last epoch): the final
         // evaluation is of the checkpoint as it is.
-        None => (
-            start_epoch,
-            evaluate(&engine, &split.test, plan.batch_size)?,
-        ),
+        None => (start_epoch, evaluate_loader(&engine, &test)?),
     };
     let md = markdown_report(
         &ReportContext {
