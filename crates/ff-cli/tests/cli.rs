@@ -36,8 +36,10 @@ macro_rules! args {
 fn fastflow(args: Vec<OsString>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fastflow"));
     cmd.args(&args);
-    // Tests never touch the network, even if a hub fallback were attempted.
+    // Tests never touch the network, and an empty hub cache makes the hub
+    // unavailable even on machines that have the ResNet18 weights cached.
     cmd.env("HF_HUB_OFFLINE", "1");
+    cmd.env("HF_HOME", std::env::temp_dir().join("fastflow-cli-tests-empty-hf-home"));
     cmd.output().expect("cannot start the fastflow binary")
 }
 
