@@ -6,7 +6,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
+use crate::conv::{conv2d_same_nhwc, relu_conv2d_same_nhwc};
 use crate::error::{Error, Result};
+use crate::fused::{row_view, CouplingOp};
 use crate::param::{trainable, Param, ParamInit};
 
 /// FrEIA's `affine_clamping` as the reference sets it.
@@ -161,6 +163,15 @@ impl Permutation {
         // the result is bit-identical and costs C instead of C^2 per pixel.
         Ok(x.index_select(&self.index, 1)?)
     }
+
+    /// Applies the permutation along the last (channel) dimension of a
+    /// channels-last map.
+    ///
+    /// # Shapes
+    /// `x`: `[b, h, w, C]` -> `[b, h, w, C]`.
+    pub fn apply_last(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.index_select(&self.index, x.rank() - 1)?)
+    }
 }
 
 /// One affine coupling step: split, subnet, clamped affine coupling, global
@@ -308,12 +319,25 @@ impl AllInOneBlock {
         Ok((softplus * 0.1)?)
     }
 
-    /// Runs the step forward.
+    /// Runs the step forward on a channels-first map (see
+    /// [`AllInOneBlock::forward_nhwc`], which the flows use).
     ///
     /// # Shapes
     /// `x`: `[b, C, h, w]` -> (`[b, C, h, w]`, log-det `[b]`).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (_b, c, h, w) = x.dims4()?;
+        let (y, log_det) = self.forward_nhwc(&to_nhwc(x)?)?;
+        Ok((to_nchw(&y)?, log_det))
+    }
+
+    /// Runs the step forward on a channels-last map. The flows work in this
+    /// layout because the subnet convolutions become plain matrix products
+    /// over channels and every per-channel reduction runs over the trailing
+    /// dimension, which candle's CPU backend does fastest.
+    ///
+    /// # Shapes
+    /// `x`: `[b, h, w, C]` -> (`[b, h, w, C]`, log-det `[b]`).
+    pub fn forward_nhwc(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_b, h, w, c) = x.dims4()?;
         if c != self.cfg.channels {
             return Err(Error::InputShape {
                 what: "coupling step input channels",
@@ -321,41 +345,77 @@ impl AllInOneBlock {
                 found: c.to_string(),
             });
         }
+        if x.device().is_cpu() && x.dtype() == DType::F32 {
+            return self.forward_nhwc_fused(x);
+        }
         let c1 = c - c / 2;
         let c2 = c / 2;
-        let x1 = x.narrow(1, 0, c1)?.contiguous()?; // [b, c1, h, w]
-        let x2 = x.narrow(1, c1, c2)?; // [b, c2, h, w]
-        let a = (self.subnet(&x1)? * 0.1)?; // [b, 2 c2, h, w]
-        let s = (a.narrow(1, 0, c2)?.tanh()? * AFFINE_CLAMPING)?;
-        let t = a.narrow(1, c2, c2)?;
+        let x1 = x.narrow(3, 0, c1)?; // [b, h, w, c1]
+        let x2 = x.narrow(3, c1, c2)?; // [b, h, w, c2]
+        let a = (self.subnet_raw(&x1)? * 0.1)?; // [b, h, w, 2 c2]
+        let s = (a.narrow(3, 0, c2)?.tanh()? * AFFINE_CLAMPING)?;
+        let t = a.narrow(3, c2, c2)?;
         let y2 = ((x2 * s.exp()?)? + t)?;
         let coupling_log_det = s.flatten_from(1)?.sum(1)?; // [b]
-        let y = Tensor::cat(&[&x1, &y2], 1)?;
-        let scale = self.global_affine_scale()?; // [1, C, 1, 1]
+        let y = Tensor::cat(&[&x1, &y2], 3)?;
+        let scale = self.global_affine_scale()?.reshape(c)?; // [C]
         let y = y
             .broadcast_mul(&scale)?
-            .broadcast_add(&self.global_offset.tensor)?;
-        let y = self.permutation.apply(&y)?;
+            .broadcast_add(&self.global_offset.tensor.reshape(c)?)?;
+        let y = self.permutation.apply_last(&y)?;
         // FrEIA adds n_pixels * sum(log scale) for the global scaling.
         let scale_log_det = (scale.log()?.sum_all()? * (h * w) as f64)?;
         let log_det = coupling_log_det.broadcast_add(&scale_log_det)?;
         Ok((y, log_det))
     }
 
-    /// conv(k) -> ReLU -> conv(k), "same" zero padding, with bias.
+    /// [`AllInOneBlock::forward_nhwc`] on the CPU in f32: the subnet as two
+    /// im2col products, the rest as one fused kernel ([`CouplingOp`]).
     ///
     /// # Shapes
-    /// `x1`: `[b, C - C/2, h, w]` -> `[b, 2 (C/2), h, w]`.
-    fn subnet(&self, x1: &Tensor) -> Result<Tensor> {
-        let pad = self.cfg.kernel_size / 2;
-        let hdn = x1
-            .conv2d(&self.conv1_weight.tensor, pad, 1, 1, 1)?
-            .broadcast_add(&self.conv1_bias.tensor.reshape((1, (), 1, 1))?)?
-            .relu()?;
-        Ok(hdn
-            .conv2d(&self.conv2_weight.tensor, pad, 1, 1, 1)?
-            .broadcast_add(&self.conv2_bias.tensor.reshape((1, (), 1, 1))?)?)
+    /// `x`: `[b, h, w, C]` -> (`[b, h, w, C]`, log-det `[b]`).
+    fn forward_nhwc_fused(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, w, c) = x.dims4()?;
+        let x = if row_view(x.layout()).is_some() {
+            x.clone()
+        } else {
+            x.contiguous()?
+        };
+        let x1 = x.narrow(3, 0, c - c / 2)?; // [b, h, w, c1]
+        let a = self.subnet_raw(&x1)?; // [b, h, w, 2 c2]
+        let scale = self.global_affine_scale()?.reshape((1, c))?;
+        let affine = Tensor::cat(&[&scale, &self.global_offset.tensor.reshape((1, c))?], 0)?;
+        let op = CouplingOp {
+            perm: self.permutation.indices().to_vec(),
+        };
+        let out = x.apply_op3(&a, &affine, op)?; // [b, h, w, C + 1]
+                                                 // The output's channels are a strided view; the next step reads it as it is.
+        let y = out.narrow(3, 0, c)?;
+        let coupling_log_det = out.narrow(3, c, 1)?.reshape((b, h * w))?.sum(1)?; // [b]
+        let scale_log_det = (scale.log()?.sum_all()? * (h * w) as f64)?;
+        let log_det = coupling_log_det.broadcast_add(&scale_log_det)?;
+        Ok((y, log_det))
     }
+
+    /// conv(k) -> ReLU -> conv(k), "same" zero padding, with bias; the ReLU
+    /// is folded into the second convolution's gather.
+    ///
+    /// # Shapes
+    /// `x1`: `[b, h, w, C - C/2]` -> `[b, h, w, 2 (C/2)]`.
+    fn subnet_raw(&self, x1: &Tensor) -> Result<Tensor> {
+        let hdn = conv2d_same_nhwc(x1, &self.conv1_weight.tensor, &self.conv1_bias.tensor)?;
+        relu_conv2d_same_nhwc(&hdn, &self.conv2_weight.tensor, &self.conv2_bias.tensor)
+    }
+}
+
+/// `[b, C, h, w]` -> contiguous `[b, h, w, C]`.
+pub(crate) fn to_nhwc(x: &Tensor) -> Result<Tensor> {
+    Ok(x.permute((0, 2, 3, 1))?.contiguous()?)
+}
+
+/// `[b, h, w, C]` -> contiguous `[b, C, h, w]`.
+pub(crate) fn to_nchw(x: &Tensor) -> Result<Tensor> {
+    Ok(x.permute((0, 3, 1, 2))?.contiguous()?)
 }
 
 #[cfg(test)]

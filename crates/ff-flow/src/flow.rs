@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
-use crate::coupling::{AllInOneBlock, CouplingConfig, Permutation};
+use crate::coupling::{to_nchw, to_nhwc, AllInOneBlock, CouplingConfig, Permutation};
 use crate::error::{Error, Result};
 
 /// The settings of one scale's flow.
@@ -92,10 +92,12 @@ impl Flow {
     /// # Shapes
     /// `x`: `[b, C, h, w]` -> (`z`: `[b, C, h, w]`, log-det `[b]`).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut z = x.clone();
+        // The steps run channels-last (see `AllInOneBlock::forward_nhwc`);
+        // the layout changes once per flow, not once per step.
+        let mut z = to_nhwc(x)?;
         let mut log_det: Option<Tensor> = None;
         for step in &self.steps {
-            let (next, ld) = step.forward(&z)?;
+            let (next, ld) = step.forward_nhwc(&z)?;
             z = next;
             log_det = Some(match log_det {
                 None => ld,
@@ -103,7 +105,7 @@ impl Flow {
             });
         }
         match log_det {
-            Some(ld) => Ok((z, ld)),
+            Some(ld) => Ok((to_nchw(&z)?, ld)),
             None => Err(Error::InputShape {
                 what: "flow steps",
                 expected: "at least 1".into(),

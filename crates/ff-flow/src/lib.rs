@@ -10,9 +10,11 @@
 pub mod adam;
 pub mod checkpoint;
 pub mod config;
+pub mod conv;
 pub mod coupling;
 pub mod error;
 pub mod flow;
+mod fused;
 pub mod model;
 pub mod norm;
 pub mod param;
