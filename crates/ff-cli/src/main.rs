@@ -20,8 +20,9 @@ mod progress;
 mod report;
 mod train;
 
-// mimalloc is markedly faster than the system allocator for candle's many
-// short-lived tensor buffers, and it is deterministic across platforms.
+// candle allocates and frees a buffer for nearly every tensor operation, from
+// several threads; mimalloc serves that churn from per-thread free lists
+// instead of glibc's shared arenas.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
