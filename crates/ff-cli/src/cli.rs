@@ -87,20 +87,23 @@ pub struct TrainArgs {
     /// Number of epochs (reference: 500).
     #[arg(long, default_value_t = 500)]
     pub epochs: usize,
-    /// Images per training batch (reference: 32).
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
-    /// Adam learning rate (reference: 1e-3).
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Adam L2 weight decay, added to the gradient as PyTorch does (reference: 1e-5).
-    #[arg(long, default_value_t = 1e-5)]
-    pub weight_decay: f64,
-    /// Evaluate and checkpoint every N epochs (reference: 10); training always
-    /// ends with an evaluation.
-    #[arg(long, default_value_t = 10)]
-    pub eval_every: usize,
-    /// Seed for the flow initialisation, permutations, random backbone and data order.
+    /// Images per training batch [default: 32, the reference's; with `--resume`:
+    /// the checkpoint's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Adam learning rate [default: 1e-3; with `--resume`: the checkpoint's].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Adam L2 weight decay, added to the gradient as PyTorch does [default:
+    /// 1e-5; with `--resume`: the checkpoint's].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Evaluate and checkpoint every N epochs; training always ends with an
+    /// evaluation [default: 10; with `--resume`: the checkpoint's].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Seed for the flow initialisation, permutations, random backbone and data
+    /// order (a resumed run keeps the checkpoint's).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Backbone weights: `hub` (Hugging Face, cached), `random` (seeded timm-style

@@ -80,10 +80,12 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         .as_ref()
         .map(|p| CheckpointPaths::from_user_path(p));
     let cfg = args.config.as_deref().map(load_model_config).transpose()?;
-    let (cfg, seed, weights) = match (&resume, cfg) {
+    // Settings not given on the command line come from the checkpoint when
+    // resuming (so that the run continues exactly), else the reference's.
+    let (cfg, seed, weights, previous) = match (&resume, cfg) {
         (None, Some(cfg)) => {
             let weights = parse_weights(&args.weights, cfg.backbone_kind()?, args.seed)?;
-            (cfg, args.seed, weights)
+            (cfg, args.seed, weights, None)
         }
         (None, None) => bail!("--config is required unless --resume is given"),
         (Some(paths), cfg) => {
@@ -100,15 +102,41 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
                 }
             }
             // The seed and the backbone are part of the run: a resumed run keeps
-            // the checkpoint's, so that it continues exactly.
+            // the checkpoint's.
             let weights = parse_weights(
                 &meta.backbone_weights,
                 meta.config.backbone_kind()?,
                 meta.seed,
             )?;
-            (meta.config, meta.seed, weights)
+            (meta.config.clone(), meta.seed, weights, Some(meta))
         }
     };
+    let prev = previous.as_ref();
+    let batch_size = args
+        .batch_size
+        .or(prev.map(|m| m.train.batch_size))
+        .unwrap_or(32);
+    let lr = args.lr.or(prev.map(|m| m.optimizer.lr)).unwrap_or(1e-3);
+    let weight_decay = args
+        .weight_decay
+        .or(prev.map(|m| m.optimizer.weight_decay))
+        .unwrap_or(1e-5);
+    let eval_every = args
+        .eval_every
+        .or(prev.map(|m| m.train.eval_every))
+        .unwrap_or(10);
+    if let Some(m) = prev {
+        if batch_size != m.train.batch_size
+            || lr != m.optimizer.lr
+            || weight_decay != m.optimizer.weight_decay
+        {
+            eprintln!(
+                "note: batch size, learning rate or weight decay differ from the checkpoint's \
+                 ({}, {}, {}); the resumed run will not equal an uninterrupted one",
+                m.train.batch_size, m.optimizer.lr, m.optimizer.weight_decay
+            );
+        }
+    }
     let run_dir = match (&args.out, &resume) {
         (Some(out), _) => out.clone(),
         // A resumed run continues in its own directory (`<run>/checkpoints/last.json`).
@@ -132,10 +160,10 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         cfg,
         data: args.data,
         epochs: args.epochs,
-        batch_size: args.batch_size,
-        lr: args.lr,
-        weight_decay: args.weight_decay,
-        eval_every: args.eval_every,
+        batch_size,
+        lr,
+        weight_decay,
+        eval_every,
         seed,
         weights,
         run_dir,

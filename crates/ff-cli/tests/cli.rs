@@ -39,7 +39,10 @@ fn fastflow(args: Vec<OsString>) -> Output {
     // Tests never touch the network, and an empty hub cache makes the hub
     // unavailable even on machines that have the ResNet18 weights cached.
     cmd.env("HF_HUB_OFFLINE", "1");
-    cmd.env("HF_HOME", std::env::temp_dir().join("fastflow-cli-tests-empty-hf-home"));
+    cmd.env(
+        "HF_HOME",
+        std::env::temp_dir().join("fastflow-cli-tests-empty-hf-home"),
+    );
     cmd.output().expect("cannot start the fastflow binary")
 }
 
@@ -148,7 +151,7 @@ fn fixture() -> &'static Fixture {
         assert_ok(&fastflow(a));
         assert_ok(&fastflow(train_args(&f, "1", &f.run_b)));
         let resume = f.run_b.join("checkpoints/last.safetensors");
-        // Without --config: the checkpoint knows its model.
+        // Without --config, --batch-size or --eval-every: the checkpoint knows them.
         let out = fastflow(args![
             "train",
             "--data",
@@ -157,10 +160,6 @@ fn fixture() -> &'static Fixture {
             CATEGORY,
             "--epochs",
             "2",
-            "--batch-size",
-            "2",
-            "--eval-every",
-            "1",
             "--resume",
             resume,
         ]);
