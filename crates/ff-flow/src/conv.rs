@@ -19,8 +19,10 @@ use crate::error::{Error, Result};
 /// numerically the reference's `nn.Conv2d(C, O, k, padding=k // 2)`.
 ///
 /// # Shapes
-/// `x`: `[b, h, w, C]` (any layout), `weight`: `[O, C, k, k]` (PyTorch's),
-/// `bias`: `[O]` -> `[b, h, w, O]` (contiguous).
+/// `x`: `[b, h, w, C']` with `C' >= C` (any layout; only the first `C`
+/// channels are read, so a step can pass its whole input for the first
+/// half), `weight`: `[O, C, k, k]` (PyTorch's), `bias`: `[O]` -> `[b, h, w, O]`
+/// (contiguous).
 pub fn conv2d_same_nhwc(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     conv2d_same_nhwc_impl(x, weight, bias, false)
 }
@@ -36,9 +38,9 @@ pub fn relu_conv2d_same_nhwc(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Resu
 }
 
 fn conv2d_same_nhwc_impl(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
-    let (o, wc, k, k2) = weight.dims4()?;
-    if wc != c || k != k2 || k % 2 == 0 || bias.dims() != [o] {
+    let (b, h, w, x_c) = x.dims4()?;
+    let (o, c, k, k2) = weight.dims4()?;
+    if x_c < c || k != k2 || k % 2 == 0 || bias.dims() != [o] {
         return Err(Error::InputShape {
             what: "same convolution (input [b, h, w, C], weight [O, C, k, k] with odd k, bias [O])",
             expected: format!("weight [{o}, {c}, k, k], bias [{o}]"),
@@ -62,9 +64,9 @@ fn conv2d_same_nhwc_impl(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool)
         } else {
             x.contiguous()?
         };
-        return Ok(x.apply_op2(&wmat.contiguous()?, ConvSame { k, relu })?);
+        return Ok(x.apply_op2(&wmat.contiguous()?, ConvSame { k, c, relu })?);
     }
-    let cols = im2col(x, k, relu)?; // [b h w, k k C + 1]
+    let cols = im2col(&x.narrow(3, 0, c)?, k, relu)?; // [b h w, k k C + 1]
     Ok(cols.matmul(&wmat)?.reshape((b, h, w, o))?)
 }
 
@@ -105,21 +107,22 @@ fn im2col_generic(x: &Tensor, k: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 3)?.reshape((b * h * w, k * k * c + 1))?)
 }
 
-/// The im2col gather of a `[b, h, w, C]` map whose channels are contiguous:
-/// `[b h w, k k C + 1]`, row-major.
+/// The im2col gather of the first `c` channels of a `[b, h, w, C']` map
+/// whose channels are contiguous: `[b h w, k k c + 1]`, row-major.
 fn im2col_f32(
     storage: &CpuStorage,
     layout: &Layout,
     k: usize,
+    c: usize,
     relu: bool,
 ) -> candle_core::Result<Vec<f32>> {
     let CpuStorage::F32(data) = storage else {
         candle_core::bail!("im2col: only f32 is supported")
     };
-    let (b, h, w, c) = layout.shape().dims4()?;
+    let (b, h, w, x_c) = layout.shape().dims4()?;
     let st = layout.stride();
-    if st[3] != 1 {
-        candle_core::bail!("im2col: channels must be contiguous")
+    if st[3] != 1 || x_c < c {
+        candle_core::bail!("im2col: channels must be contiguous, at least {c} of them")
     }
     let (s0, s1, s2) = (st[0], st[1], st[2]);
     let off = layout.start_offset();
@@ -166,6 +169,8 @@ fn im2col_f32(
 /// instead of keeping them.
 struct ConvSame {
     k: usize,
+    /// Input channels read (the first `c` of the map).
+    c: usize,
     relu: bool,
 }
 
@@ -181,7 +186,8 @@ impl CustomOp2 for ConvSame {
         wmat: &CpuStorage,
         wmat_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, w, c) = x_l.shape().dims4()?;
+        let (b, h, w, _) = x_l.shape().dims4()?;
+        let c = self.c;
         let (kk, o) = wmat_l.shape().dims2()?;
         let n = b * h * w;
         if kk != self.k * self.k * c + 1 {
@@ -191,7 +197,7 @@ impl CustomOp2 for ConvSame {
                 wmat_l.dims()
             )
         }
-        let cols = CpuStorage::F32(im2col_f32(x, x_l, self.k, self.relu)?);
+        let cols = CpuStorage::F32(im2col_f32(x, x_l, self.k, c, self.relu)?);
         let out = cols.matmul(wmat, (1, n, o, kk), &Layout::contiguous((n, kk)), wmat_l)?;
         Ok((out, Shape::from((b, h, w, o))))
     }
@@ -213,10 +219,11 @@ impl CustomOp2 for ConvSame {
             &x,
             &Col2Im {
                 k: self.k,
+                c: self.c,
                 relu: self.relu,
             },
         )?;
-        let cols = x.apply_op1_no_bwd(&Im2Col {
+        let cols = x.narrow(3, 0, self.c)?.apply_op1_no_bwd(&Im2Col {
             k: self.k,
             relu: self.relu,
         })?;
@@ -242,7 +249,7 @@ impl CustomOp1 for Im2Col {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, c) = layout.shape().dims4()?;
-        let out = im2col_f32(storage, layout, self.k, self.relu)?;
+        let out = im2col_f32(storage, layout, self.k, c, self.relu)?;
         let shape = Shape::from((b * h * w, self.k * self.k * c + 1));
         Ok((CpuStorage::F32(out), shape))
     }
@@ -257,6 +264,7 @@ impl CustomOp1 for Im2Col {
             arg,
             &Col2Im {
                 k: self.k,
+                c: arg.dim(3)?,
                 relu: self.relu,
             },
         )?;
@@ -269,6 +277,8 @@ impl CustomOp1 for Im2Col {
 /// clipped by the ReLU.
 struct Col2Im {
     k: usize,
+    /// Channels the gather read (the first `c`); the gradient of the others is 0.
+    c: usize,
     relu: bool,
 }
 
@@ -287,10 +297,13 @@ impl CustomOp2 for Col2Im {
         let (CpuStorage::F32(data), CpuStorage::F32(arg)) = (storage, arg) else {
             candle_core::bail!("{}: only f32 is supported", self.name())
         };
-        let (b, h, w, c) = arg_l.shape().dims4()?;
+        let (b, h, w, x_c) = arg_l.shape().dims4()?;
         let st = arg_l.stride();
         let (s0, s1, s2, a_off) = (st[0], st[1], st[2], arg_l.start_offset());
-        let (k, relu) = (self.k, self.relu);
+        let (k, c, relu) = (self.k, self.c, self.relu);
+        if st[3] != 1 || x_c < c {
+            candle_core::bail!("{}: bad input layout {:?}", self.name(), arg_l)
+        }
         let p = k / 2;
         let ncols = k * k * c + 1;
         let Some((start, end)) = layout.contiguous_offsets() else {
@@ -305,17 +318,19 @@ impl CustomOp2 for Col2Im {
                 arg_l.dims()
             )
         }
-        let mut out = vec![0f32; b * h * w * c];
+        // The gradient has the input's full channel count; channels past
+        // the first `c` were not read, so theirs is 0.
+        let mut out = vec![0f32; b * h * w * x_c];
         if out.is_empty() {
-            return Ok((CpuStorage::F32(out), Shape::from((b, h, w, c))));
+            return Ok((CpuStorage::F32(out), Shape::from((b, h, w, x_c))));
         }
         // Input pixel (y, x) is tap (ky, kx) of output pixel (y + p - ky, x + p - kx).
-        out.par_chunks_mut(w * c)
+        out.par_chunks_mut(w * x_c)
             .enumerate()
             .for_each(|(row, dst)| {
                 let (bi, y) = (row / h, row % h);
                 for x in 0..w {
-                    let d = &mut dst[x * c..(x + 1) * c];
+                    let d = &mut dst[x * x_c..x * x_c + c];
                     for ky in 0..k {
                         let Some(oy) = (y + p).checked_sub(ky).filter(|&v| v < h) else {
                             continue;
@@ -340,7 +355,7 @@ impl CustomOp2 for Col2Im {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((b, h, w, c))))
+        Ok((CpuStorage::F32(out), Shape::from((b, h, w, x_c))))
     }
 }
 
@@ -380,10 +395,12 @@ mod tests {
                 Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, k, k), &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, o, &dev).unwrap()).unwrap();
             let x = full.narrow(3, 1, c).unwrap(); // strided channels
+                                                   // Only the first c of these are read: the rest get no gradient.
+            let wide = full.narrow(3, 1, c + 1).unwrap();
             let ours = if relu {
-                relu_conv2d_same_nhwc(&x, &weight, &bias).unwrap()
+                relu_conv2d_same_nhwc(&wide, &weight, &bias).unwrap()
             } else {
-                conv2d_same_nhwc(&x, &weight, &bias).unwrap()
+                conv2d_same_nhwc(&wide, &weight, &bias).unwrap()
             };
             let x_act = if relu { x.relu().unwrap() } else { x.clone() };
             let x_nchw = x_act.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();

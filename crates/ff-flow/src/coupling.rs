@@ -345,7 +345,7 @@ impl AllInOneBlock {
                 found: c.to_string(),
             });
         }
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if fused_path(x) {
             return self.forward_nhwc_fused(x);
         }
         let c1 = c - c / 2;
@@ -375,37 +375,75 @@ impl AllInOneBlock {
     /// # Shapes
     /// `x`: `[b, h, w, C]` -> (`[b, h, w, C]`, log-det `[b]`).
     fn forward_nhwc_fused(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, h, w, c) = x.dims4()?;
+        let (out, scale_log_det) = self.forward_carrying_log_det(x)?;
+        let (y, coupling_log_det) = split_log_det_column(&out)?;
+        Ok((y, coupling_log_det.broadcast_add(&scale_log_det)?))
+    }
+
+    /// The fused step on a map that may carry its per-pixel log-det so far
+    /// as an extra last channel (CPU, f32). The flows chain steps this way:
+    /// no slicing between steps, so autograd adds up no zero-padded
+    /// full-size gradients.
+    ///
+    /// # Shapes
+    /// `x`: `[b, h, w, C]` or `[b, h, w, C + 1]` -> (`[b, h, w, C + 1]`: the
+    /// step output and the accumulated coupling log-det per pixel, the
+    /// global scale's log-det `[]`, the same for every image).
+    pub(crate) fn forward_carrying_log_det(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_b, h, w, x_c) = x.dims4()?;
+        let c = self.cfg.channels;
+        if x_c != c && x_c != c + 1 {
+            return Err(Error::InputShape {
+                what: "coupling step input channels (with or without the log-det column)",
+                expected: format!("{c} or {}", c + 1),
+                found: x_c.to_string(),
+            });
+        }
         let x = if row_view(x.layout()).is_some() {
             x.clone()
         } else {
             x.contiguous()?
         };
-        let x1 = x.narrow(3, 0, c - c / 2)?; // [b, h, w, c1]
-        let a = self.subnet_raw(&x1)?; // [b, h, w, 2 c2]
+        // The first convolution reads only the first C - C/2 channels (x1).
+        let a = self.subnet_raw(&x)?; // [b, h, w, 2 c2]
         let scale = self.global_affine_scale()?.reshape((1, c))?;
         let affine = Tensor::cat(&[&scale, &self.global_offset.tensor.reshape((1, c))?], 0)?;
         let op = CouplingOp {
             perm: self.permutation.indices().to_vec(),
         };
         let out = x.apply_op3(&a, &affine, op)?; // [b, h, w, C + 1]
-                                                 // The output's channels are a strided view; the next step reads it as it is.
-        let y = out.narrow(3, 0, c)?;
-        let coupling_log_det = out.narrow(3, c, 1)?.reshape((b, h * w))?.sum(1)?; // [b]
+                                                 // FrEIA adds n_pixels * sum(log scale) for the global scaling.
         let scale_log_det = (scale.log()?.sum_all()? * (h * w) as f64)?;
-        let log_det = coupling_log_det.broadcast_add(&scale_log_det)?;
-        Ok((y, log_det))
+        Ok((out, scale_log_det))
     }
 
     /// conv(k) -> ReLU -> conv(k), "same" zero padding, with bias; the ReLU
     /// is folded into the second convolution's gather.
     ///
     /// # Shapes
-    /// `x1`: `[b, h, w, C - C/2]` -> `[b, h, w, 2 (C/2)]`.
+    /// `x1`: `[b, h, w, C']` with `C' >= C - C/2` (only the first `C - C/2`
+    /// channels are read) -> `[b, h, w, 2 (C/2)]`.
     fn subnet_raw(&self, x1: &Tensor) -> Result<Tensor> {
         let hdn = conv2d_same_nhwc(x1, &self.conv1_weight.tensor, &self.conv1_bias.tensor)?;
         relu_conv2d_same_nhwc(&hdn, &self.conv2_weight.tensor, &self.conv2_bias.tensor)
     }
+}
+
+/// Splits a map carrying its per-pixel log-det as a last channel into the
+/// map and the per-image log-det.
+///
+/// # Shapes
+/// `out`: `[b, h, w, C + 1]` -> (`[b, h, w, C]` (a strided view), `[b]`).
+pub(crate) fn split_log_det_column(out: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, h, w, c1) = out.dims4()?;
+    let c = c1 - 1;
+    let log_det = out.narrow(3, c, 1)?.reshape((b, h * w))?.sum(1)?; // [b]
+    Ok((out.narrow(3, 0, c)?, log_det))
+}
+
+/// Whether a map takes the fused CPU path ([`AllInOneBlock::forward_nhwc`]).
+pub(crate) fn fused_path(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `[b, C, h, w]` -> contiguous `[b, h, w, C]`.

@@ -6,7 +6,9 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use rand_chacha::ChaCha8Rng;
 
-use crate::coupling::{to_nchw, to_nhwc, AllInOneBlock, CouplingConfig, Permutation};
+use crate::coupling::{
+    fused_path, split_log_det_column, to_nchw, to_nhwc, AllInOneBlock, CouplingConfig, Permutation,
+};
 use crate::error::{Error, Result};
 
 /// The settings of one scale's flow.
@@ -95,6 +97,9 @@ impl Flow {
         // The steps run channels-last (see `AllInOneBlock::forward_nhwc`);
         // the layout changes once per flow, not once per step.
         let mut z = to_nhwc(x)?;
+        if fused_path(&z) {
+            return self.forward_fused(z);
+        }
         let mut log_det: Option<Tensor> = None;
         for step in &self.steps {
             let (next, ld) = step.forward_nhwc(&z)?;
@@ -106,11 +111,39 @@ impl Flow {
         }
         match log_det {
             Some(ld) => Ok((to_nchw(&z)?, ld)),
-            None => Err(Error::InputShape {
-                what: "flow steps",
-                expected: "at least 1".into(),
-                found: "0".into(),
-            }),
+            None => Err(no_steps()),
         }
+    }
+
+    /// [`Flow::forward`] on the CPU in f32: the steps pass the per-pixel
+    /// log-det along as an extra channel, split off once at the end.
+    ///
+    /// # Shapes
+    /// `x`: `[b, h, w, C]` -> (`z`: `[b, C, h, w]`, log-det `[b]`).
+    fn forward_fused(&self, x: Tensor) -> Result<(Tensor, Tensor)> {
+        let mut z = x;
+        let mut scale_log_det: Option<Tensor> = None;
+        for step in &self.steps {
+            let (next, sld) = step.forward_carrying_log_det(&z)?;
+            z = next;
+            scale_log_det = Some(match scale_log_det {
+                None => sld,
+                Some(acc) => (acc + sld)?,
+            });
+        }
+        let scale_log_det = scale_log_det.ok_or_else(no_steps)?;
+        let (z, coupling_log_det) = split_log_det_column(&z)?;
+        Ok((
+            to_nchw(&z)?,
+            coupling_log_det.broadcast_add(&scale_log_det)?,
+        ))
+    }
+}
+
+fn no_steps() -> Error {
+    Error::InputShape {
+        what: "flow steps",
+        expected: "at least 1".into(),
+        found: "0".into(),
     }
 }

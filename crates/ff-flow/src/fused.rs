@@ -33,10 +33,14 @@ pub(crate) fn row_view(layout: &Layout) -> Option<(usize, usize)> {
     (consistent && rs >= dims[3]).then_some((layout.start_offset(), rs))
 }
 
-/// The step's elementwise part. Inputs: `x` `[b, h, w, C]` (the step input),
-/// `a` `[b, h, w, 2 (C/2)]` (the raw subnet output), `affine` `[2, C]` (global
-/// scale, global offset). Output `[b, h, w, C + 1]`: the permuted
-/// `concat(x1, x2 * exp(s) + t) * scale + offset`, then `sum_c s` per pixel.
+/// The step's elementwise part. Inputs: `x` `[b, h, w, C]` or
+/// `[b, h, w, C + 1]` (the step input, optionally followed by the log-det per
+/// pixel accumulated so far), `a` `[b, h, w, 2 (C/2)]` (the raw subnet
+/// output), `affine` `[2, C]` (global scale, global offset). Output
+/// `[b, h, w, C + 1]`: the permuted `concat(x1, x2 * exp(s) + t) * scale +
+/// offset`, then the accumulated log-det plus `sum_c s` per pixel. Carrying
+/// the log-det along as a column means a flow's steps chain with no slicing
+/// (whose backward would zero-fill and add a full-size gradient per step).
 pub(crate) struct CouplingOp {
     /// `perm[j]`: the pre-permutation channel of output channel `j`.
     pub perm: Vec<u32>,
@@ -78,7 +82,11 @@ impl CustomOp3 for CouplingOp {
             f32_slice(s2, name)?,
             f32_slice(s3, name)?,
         );
-        let (b, h, w, c) = l1.shape().dims4()?;
+        let (b, h, w, x_c) = l1.shape().dims4()?;
+        let c = self.perm.len();
+        if x_c != c && x_c != c + 1 {
+            candle_core::bail!("{name}: {x_c} input channels for a {c}-channel step")
+        }
         let (c1, c2) = (c - c / 2, c / 2);
         let n = b * h * w;
         let Some((x_off, x_rs)) = row_view(l1) else {
@@ -104,10 +112,10 @@ impl CustomOp3 for CouplingOp {
                 let mut pre = vec![0f32; c];
                 for (r, o) in dst.chunks_mut(oc).enumerate() {
                     let row = chunk * 64 + r;
-                    let xr = &x[x_off + row * x_rs..x_off + row * x_rs + c];
+                    let xr = &x[x_off + row * x_rs..x_off + row * x_rs + x_c];
                     let ar = &a[row * 2 * c2..(row + 1) * 2 * c2];
                     pre[..c1].copy_from_slice(&xr[..c1]);
-                    let mut log_det = 0f32;
+                    let mut log_det = if x_c > c { xr[c] } else { 0.0 };
                     for i in 0..c2 {
                         let (s, _) = log_scale(ar[i]);
                         log_det += s;
@@ -131,7 +139,8 @@ impl CustomOp3 for CouplingOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, w, c) = x.dims4()?;
+        let (b, h, w, x_c) = x.dims4()?;
+        let c = self.perm.len();
         let c2 = c / 2;
         let n = b * h * w;
         let scale = affine.get(0)?.to_vec1::<f32>()?;
@@ -143,12 +152,14 @@ impl CustomOp3 for CouplingOp {
                 scale,
             },
         )?;
-        // The packed result is [gx (n C) | ga (n 2 c2) | g_affine (2 C)].
-        let gx = packed.narrow(0, 0, n * c)?.reshape((b, h, w, c))?;
+        // The packed result is [gx (n x_c) | ga (n 2 c2) | g_affine (2 C)].
+        let gx = packed.narrow(0, 0, n * x_c)?.reshape((b, h, w, x_c))?;
         let ga = packed
-            .narrow(0, n * c, n * 2 * c2)?
+            .narrow(0, n * x_c, n * 2 * c2)?
             .reshape((b, h, w, 2 * c2))?;
-        let gf = packed.narrow(0, n * (c + 2 * c2), 2 * c)?.reshape((2, c))?;
+        let gf = packed
+            .narrow(0, n * (x_c + 2 * c2), 2 * c)?
+            .reshape((2, c))?;
         Ok((Some(gx), Some(ga), Some(gf)))
     }
 }
@@ -183,7 +194,8 @@ impl CustomOp3 for CouplingBackward {
             f32_slice(s2, name)?,
             f32_slice(s3, name)?,
         );
-        let (b, h, w, c) = l1.shape().dims4()?;
+        let (b, h, w, x_c) = l1.shape().dims4()?;
+        let c = self.perm.len();
         let (c1, c2) = (c - c / 2, c / 2);
         let n = b * h * w;
         let Some((x_off, x_rs)) = row_view(l1) else {
@@ -199,24 +211,32 @@ impl CustomOp3 for CouplingBackward {
             candle_core::bail!("{name}: inconsistent shapes")
         }
         let scale = &self.scale;
-        let mut gx = vec![0f32; n * c];
+        let mut gx = vec![0f32; n * x_c];
         let mut ga = vec![0f32; n * 2 * c2];
         // Each task returns its partial sums for the global scale and offset
         // gradients (f64, so the sum over all pixels loses nothing).
         let partials: Vec<Vec<f64>> = gx
-            .par_chunks_mut(c * ROWS_PER_TASK)
+            .par_chunks_mut(x_c * ROWS_PER_TASK)
             .zip(ga.par_chunks_mut(2 * c2 * ROWS_PER_TASK))
             .enumerate()
             .map(|(chunk, (gx_c, ga_c))| {
                 let mut acc = vec![0f64; 2 * c];
                 let mut gpre = vec![0f32; c];
                 let mut pre = vec![0f32; c];
-                for (r, (gxr, gar)) in gx_c.chunks_mut(c).zip(ga_c.chunks_mut(2 * c2)).enumerate() {
+                for (r, (gxr, gar)) in gx_c
+                    .chunks_mut(x_c)
+                    .zip(ga_c.chunks_mut(2 * c2))
+                    .enumerate()
+                {
                     let row = chunk * ROWS_PER_TASK + r;
                     let xr = &x[x_off + row * x_rs..x_off + row * x_rs + c];
                     let ar = &a[row * 2 * c2..(row + 1) * 2 * c2];
                     let gr = &g[row * oc..(row + 1) * oc];
                     let gl = gr[c];
+                    if x_c > c {
+                        // The accumulated log-det passes straight through.
+                        gxr[c] = gl;
+                    }
                     pre[..c1].copy_from_slice(&xr[..c1]);
                     for i in 0..c2 {
                         let (s, _) = log_scale(ar[i]);

@@ -1,0 +1,110 @@
+"""Time the PyTorch reference FastFlow (training step and inference) on the CPU,
+next to ``cargo run -p ff-flow --release --example bench_train``.
+
+Run from the repository root (no network; a few minutes on 2 cores):
+
+    /work/venv/ff/bin/python data-scripts/bench_reference.py [config] [size] [batch] [iters]
+
+``config`` is ``resnet18`` (default) or ``wide_resnet50_2`` with the reference
+YAML settings (resnet18: 8 flow steps, hidden ratio 1.0, 3x3 kernels only).
+The model is the reference's, as ``make_flow_fixtures.py`` builds it, with
+timm's random init (``torch.manual_seed(0)``) and random inputs. PyTorch runs
+with 2 threads (``torch.set_num_threads(2)``), the machine's cores. Reports the
+best of ``iters`` timings of: backbone forward, the whole training step
+(forward, backward, ``torch.optim.Adam(lr=1e-3, weight_decay=1e-5)`` step) and
+its parts, and inference (forward + anomaly map under ``torch.no_grad()``) at
+batch ``batch`` and 1. Writes nothing.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_flow_fixtures import FastFlow  # noqa: E402
+
+CONFIGS = {
+    "resnet18": dict(backbone_name="resnet18", flow_step=8, hidden_ratio=1.0, conv3x3_only=True),
+    "wide_resnet50_2": dict(
+        backbone_name="wide_resnet50_2", flow_step=8, hidden_ratio=1.0, conv3x3_only=False
+    ),
+}
+
+
+def best_of(iters, f):
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    args = sys.argv[1:]
+    name = args[0] if len(args) > 0 else "resnet18"
+    size = int(args[1]) if len(args) > 1 else 256
+    batch = int(args[2]) if len(args) > 2 else 8
+    iters = int(args[3]) if len(args) > 3 else 3
+    cfg = CONFIGS[name]
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = FastFlow(cfg["backbone_name"], cfg["flow_step"], size, cfg["conv3x3_only"], cfg["hidden_ratio"])
+    opt = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5
+    )
+    x = torch.randn(batch, 3, size, size)
+    print(f"torch {torch.__version__}, {name} @ {size} px, batch {batch}, best of {iters}, "
+          f"{torch.get_num_threads()} threads")
+
+    model.train()
+
+    def step():
+        ret = model(x)
+        opt.zero_grad()
+        ret["loss"].backward()
+        opt.step()
+
+    step()  # warm-up
+    t_step = best_of(iters, step)
+
+    def backbone():
+        with torch.no_grad():
+            model.feature_extractor.eval()
+            return model.feature_extractor(x)
+
+    t_backbone = best_of(iters, backbone)
+    t_fwd = t_bwd = t_opt = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        ret = model(x)
+        t1 = time.perf_counter()
+        opt.zero_grad()
+        ret["loss"].backward()
+        t2 = time.perf_counter()
+        opt.step()
+        t3 = time.perf_counter()
+        t_fwd, t_bwd, t_opt = min(t_fwd, t1 - t0), min(t_bwd, t2 - t1), min(t_opt, t3 - t2)
+    print(f"train step: {t_step * 1e3:8.1f} ms  ({batch / t_step:.2f} img/s)")
+    print(f"  backbone: {t_backbone * 1e3:8.1f} ms")
+    print(f"  forward:  {t_fwd * 1e3:8.1f} ms (backbone included)")
+    print(f"  backward: {t_bwd * 1e3:8.1f} ms")
+    print(f"  adam:     {t_opt * 1e3:8.1f} ms")
+
+    model.eval()
+    for b in (batch, 1):
+        xb = x[:b].contiguous()
+
+        def infer():
+            with torch.no_grad():
+                return model(xb)["anomaly_map"]
+
+        infer()
+        t = best_of(iters, infer)
+        print(f"inference batch {b}: {t * 1e3:8.1f} ms  ({b / t:.2f} img/s)")
+
+
+if __name__ == "__main__":
+    main()
