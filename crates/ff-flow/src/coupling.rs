@@ -337,7 +337,7 @@ impl AllInOneBlock {
     /// # Shapes
     /// `x`: `[b, h, w, C]` -> (`[b, h, w, C]`, log-det `[b]`).
     pub fn forward_nhwc(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (_b, h, w, c) = x.dims4()?;
+        let c = x.dim(3)?;
         if c != self.cfg.channels {
             return Err(Error::InputShape {
                 what: "coupling step input channels",
