@@ -223,6 +223,9 @@ impl CustomOp3 for CouplingBackward {
                 let mut acc = vec![0f64; 2 * c];
                 let mut gpre = vec![0f32; c];
                 let mut pre = vec![0f32; c];
+                // tanh and exp of each log-scale, computed once per pixel.
+                let mut th = vec![0f32; c2];
+                let mut e = vec![0f32; c2];
                 for (r, (gxr, gar)) in gx_c
                     .chunks_mut(x_c)
                     .zip(ga_c.chunks_mut(2 * c2))
@@ -239,8 +242,10 @@ impl CustomOp3 for CouplingBackward {
                     }
                     pre[..c1].copy_from_slice(&xr[..c1]);
                     for i in 0..c2 {
-                        let (s, _) = log_scale(ar[i]);
-                        pre[c1 + i] = xr[c1 + i] * s.exp() + SUBNET_SCALE * ar[c2 + i];
+                        let (s, t) = log_scale(ar[i]);
+                        th[i] = t;
+                        e[i] = s.exp();
+                        pre[c1 + i] = xr[c1 + i] * e[i] + SUBNET_SCALE * ar[c2 + i];
                     }
                     for (j, &p) in self.perm.iter().enumerate() {
                         let p = p as usize;
@@ -251,12 +256,10 @@ impl CustomOp3 for CouplingBackward {
                     }
                     gxr[..c1].copy_from_slice(&gpre[..c1]);
                     for i in 0..c2 {
-                        let (s, th) = log_scale(ar[i]);
-                        let e = s.exp();
                         let gp = gpre[c1 + i];
-                        gxr[c1 + i] = gp * e;
-                        let ds = gp * xr[c1 + i] * e + gl;
-                        gar[i] = ds * AFFINE_CLAMPING as f32 * SUBNET_SCALE * (1.0 - th * th);
+                        gxr[c1 + i] = gp * e[i];
+                        let ds = gp * xr[c1 + i] * e[i] + gl;
+                        gar[i] = ds * AFFINE_CLAMPING as f32 * SUBNET_SCALE * (1.0 - th[i] * th[i]);
                         gar[c2 + i] = SUBNET_SCALE * gp;
                     }
                 }
