@@ -120,7 +120,12 @@ fn check_reference_pt(name: &str) {
 
     // The fixture left out the 768 x 768 permutation buffers; they are
     // rebuilt from the permutations the script drew.
-    for (k, perm) in doc["permutations"][0].as_array().unwrap().iter().enumerate() {
+    for (k, perm) in doc["permutations"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let p: Vec<usize> = perm
             .as_array()
             .unwrap()
@@ -129,7 +134,10 @@ fn check_reference_pt(name: &str) {
             .collect();
         let (w, w_inv) = permutation_matrices(&p);
         let key = format!("nf_flows.0.module_list.{k}.w_perm");
-        assert!(!parts.flow.contains_key(&key), "{key} was expected to be trimmed");
+        assert!(
+            !parts.flow.contains_key(&key),
+            "{key} was expected to be trimmed"
+        );
         parts.flow.insert(format!("{key}_inv"), w_inv);
         parts.flow.insert(key, w);
     }
@@ -144,7 +152,10 @@ fn check_reference_pt(name: &str) {
     let backbone = Backbone::new(kind, vb).unwrap();
     let varmap = VarMap::new();
     let mut model = FastFlow::new(&cfg, backbone, fresh_vb(&varmap), 0).unwrap();
-    assert!(model.head().norms().is_empty(), "{name}: no extra LayerNorm");
+    assert!(
+        model.head().norms().is_empty(),
+        "{name}: no extra LayerNorm"
+    );
     load_state_dict(&mut model, &parts.flow).unwrap();
 
     let s = cfg.input_size;
