@@ -221,3 +221,84 @@ fn deit_config_trains_evaluates_and_predicts() {
 fn cait_config_trains_evaluates_and_predicts() {
     train_eval_predict("cait", "cait_m48_448", 448);
 }
+
+/// Writes the reduced config a `tests-fixtures/vit_pt/` checkpoint was made
+/// with (stored in its JSON) as a reference YAML file.
+fn vit_pt_config(name: &str, dir: &Path) -> PathBuf {
+    let doc = read_json(&repo_root().join(format!("tests-fixtures/vit_pt/{name}.json")));
+    let c = &doc["config"];
+    let yaml = format!(
+        "backbone_name: {}\ninput_size: {}\nflow_step: {}\nhidden_ratio: {}\nconv3x3_only: {}\n",
+        c["backbone_name"].as_str().expect("backbone_name"),
+        c["input_size"],
+        c["flow_step"],
+        c["hidden_ratio"],
+        if c["conv3x3_only"].as_bool().expect("conv3x3_only") {
+            "True"
+        } else {
+            "False"
+        },
+    );
+    let path = dir.join(format!("{name}_reduced.yaml"));
+    std::fs::write(&path, yaml).expect("config");
+    path
+}
+
+/// The ViT reference fixtures leave out their 768 x 768 permutation buffers
+/// (size budget; ff-flow's test rebuilds them from the fixture's JSON), so
+/// `fastflow eval` must refuse them by naming the file and the missing key,
+/// after reading the file and matching the reduced config up to that key.
+#[test]
+fn trimmed_vit_reference_pts_are_refused_naming_the_missing_permutation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let synth = SynthConfig {
+        image_size: 32,
+        n_train: 1,
+        n_test_good: 1,
+        n_test_defect: 1,
+        seed: 4,
+    };
+    generate_category(&data, CATEGORY, &synth).expect("synthetic data");
+    for name in ["deit", "cait"] {
+        // A copy, so that nothing the CLI writes lands in the repository.
+        let pt = dir.path().join(format!("{name}.pt"));
+        std::fs::copy(
+            repo_root().join(format!("tests-fixtures/vit_pt/{name}.pt")),
+            &pt,
+        )
+        .expect("copy the fixture");
+        let cfg = vit_pt_config(name, dir.path());
+        let out = fastflow(args![
+            "eval",
+            "--checkpoint",
+            pt,
+            "--config",
+            cfg,
+            "--weights",
+            "deterministic",
+            "--data",
+            data,
+            "--category",
+            CATEGORY,
+        ]);
+        assert!(
+            !out.status.success(),
+            "{name}: should fail:\n{}",
+            text(&out)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for needle in [
+            "error: ",
+            &format!("{name}.pt"),
+            "nf_flows.0.module_list.0.w_perm",
+        ] {
+            assert!(
+                stderr.contains(needle),
+                "{name}: stderr lacks '{needle}':\n{}",
+                text(&out)
+            );
+        }
+        assert!(!stderr.contains("panicked"), "{name}:\n{}", text(&out));
+    }
+}
