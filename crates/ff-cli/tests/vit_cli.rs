@@ -140,10 +140,7 @@ fn train_eval_predict(name: &str, backbone_name: &str, input_size: u64) {
         "{name}: unexpected tensors {names:?}"
     );
     let last_step = "nf_flows.0.module_list.19.global_scale";
-    assert!(
-        names.iter().any(|k| *k == last_step),
-        "{name}: {last_step} missing"
-    );
+    assert!(names.contains(&last_step), "{name}: {last_step} missing");
     let scale = st.tensor(last_step).expect("global_scale");
     assert_eq!(scale.shape(), &[1, 768, 1, 1], "{name}: global_scale shape");
     let train = read_json(&train_json);
