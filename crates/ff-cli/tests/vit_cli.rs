@@ -8,7 +8,8 @@
 //! (`tests-fixtures/vit_pt/`, made by `data-scripts/make_vit_pt_fixtures.py`)
 //! are checked against the reference's anomaly maps in ff-flow
 //! (`tests/vit_reference_pt.rs`); here `fastflow eval` is pointed at them to
-//! show that the CLI reads them and names what it cannot use.
+//! show that the CLI reads them (once the permutation buffers the fixtures
+//! leave out are restored) and names what it cannot use.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -297,5 +298,224 @@ fn trimmed_vit_reference_pts_are_refused_naming_the_missing_permutation() {
             );
         }
         assert!(!stderr.contains("panicked"), "{name}:\n{}", text(&out));
+    }
+}
+
+/// CRC-32 (IEEE), as zip entries carry it.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Appends a pickle BINUNICODE string.
+fn pickle_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'X');
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Appends a pickle tuple of BININTs.
+fn pickle_int_tuple(out: &mut Vec<u8>, values: &[usize]) {
+    out.push(b'(');
+    for &v in values {
+        out.push(b'J');
+        out.extend_from_slice(&(v as i32).to_le_bytes());
+    }
+    out.push(b't');
+}
+
+/// Writes float32 tensors as `torch.save({"model_state_dict": {...}})` does:
+/// a stored (uncompressed) zip holding `archive/data.pkl`, whose pickle
+/// rebuilds each tensor with `torch._utils._rebuild_tensor_v2` from the
+/// storage `archive/data/<i>`, plus `archive/version`.
+fn write_torch_pt(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let mut pkl = vec![0x80, 2, b'}', b'('];
+    pickle_str(&mut pkl, "model_state_dict");
+    pkl.extend_from_slice(b"}(");
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for (i, (key, dims, values)) in tensors.iter().enumerate() {
+        pickle_str(&mut pkl, key);
+        pkl.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        pkl.push(b'(');
+        pickle_str(&mut pkl, "storage");
+        pkl.extend_from_slice(b"ctorch\nFloatStorage\n");
+        pickle_str(&mut pkl, &i.to_string());
+        pickle_str(&mut pkl, "cpu");
+        pkl.push(b'J');
+        pkl.extend_from_slice(&(values.len() as i32).to_le_bytes());
+        pkl.extend_from_slice(b"tQ");
+        pkl.push(b'J');
+        pkl.extend_from_slice(&0i32.to_le_bytes());
+        pickle_int_tuple(&mut pkl, dims);
+        let mut strides = vec![1usize; dims.len()];
+        for d in (0..dims.len().saturating_sub(1)).rev() {
+            strides[d] = strides[d + 1] * dims[d + 1];
+        }
+        pickle_int_tuple(&mut pkl, &strides);
+        pkl.push(0x89); // NEWFALSE: requires_grad
+        pkl.extend_from_slice(b"ccollections\nOrderedDict\n)R");
+        pkl.extend_from_slice(b"tR");
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        files.push((format!("archive/data/{i}"), bytes));
+    }
+    pkl.extend_from_slice(b"uu.");
+    files.insert(0, ("archive/data.pkl".to_string(), pkl));
+    files.push(("archive/version".to_string(), b"3\n".to_vec()));
+
+    let mut zip = Vec::new();
+    let mut central = Vec::new();
+    for (name, data) in &files {
+        let offset = zip.len() as u32;
+        let crc = crc32(data);
+        let size = data.len() as u32;
+        let mut common = Vec::new();
+        common.extend_from_slice(&20u16.to_le_bytes()); // version needed
+        common.extend_from_slice(&0u16.to_le_bytes()); // flags
+        common.extend_from_slice(&0u16.to_le_bytes()); // stored
+        common.extend_from_slice(&0u32.to_le_bytes()); // time, date
+        common.extend_from_slice(&crc.to_le_bytes());
+        common.extend_from_slice(&size.to_le_bytes());
+        common.extend_from_slice(&size.to_le_bytes());
+        common.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        common.extend_from_slice(&0u16.to_le_bytes()); // extra length
+        zip.extend_from_slice(&0x0403_4b50u32.to_le_bytes());
+        zip.extend_from_slice(&common);
+        zip.extend_from_slice(name.as_bytes());
+        zip.extend_from_slice(data);
+        central.extend_from_slice(&0x0201_4b50u32.to_le_bytes());
+        central.extend_from_slice(&20u16.to_le_bytes()); // version made by
+        central.extend_from_slice(&common);
+        central.extend_from_slice(&[0u8; 6]); // comment length, disk, internal attributes
+        central.extend_from_slice(&0u32.to_le_bytes()); // external attributes
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(name.as_bytes());
+    }
+    let central_offset = zip.len() as u32;
+    zip.extend_from_slice(&central);
+    zip.extend_from_slice(&0x0605_4b50u32.to_le_bytes());
+    zip.extend_from_slice(&[0u8; 4]); // disk numbers
+    zip.extend_from_slice(&(files.len() as u16).to_le_bytes());
+    zip.extend_from_slice(&(files.len() as u16).to_le_bytes());
+    zip.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    zip.extend_from_slice(&central_offset.to_le_bytes());
+    zip.extend_from_slice(&0u16.to_le_bytes()); // comment length
+    std::fs::write(path, zip).expect("write the .pt");
+}
+
+/// The fixture's flow tensors plus the permutation buffers it left out,
+/// rebuilt from its JSON, written as a complete reference `.pt` (the
+/// backbone comes from `--weights deterministic`, the det_init values the
+/// fixture's backbone holds).
+fn complete_vit_pt(name: &str, dir: &Path) -> PathBuf {
+    let doc = read_json(&repo_root().join(format!("tests-fixtures/vit_pt/{name}.json")));
+    let sd =
+        ff_flow::read_reference_pt(repo_root().join(format!("tests-fixtures/vit_pt/{name}.pt")))
+            .expect("read the fixture");
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = sd
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("nf_flows."))
+        .map(|(k, t)| {
+            let dims = t.dims().to_vec();
+            let v = t
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("float32 tensor");
+            (k, dims, v)
+        })
+        .collect();
+    for (k, perm) in doc["permutations"][0]
+        .as_array()
+        .expect("permutations")
+        .iter()
+        .enumerate()
+    {
+        let p: Vec<usize> = perm
+            .as_array()
+            .expect("a permutation")
+            .iter()
+            .map(|v| v.as_u64().expect("index") as usize)
+            .collect();
+        let c = p.len();
+        let mut w = vec![0f32; c * c];
+        let mut w_inv = vec![0f32; c * c];
+        for (i, &j) in p.iter().enumerate() {
+            w[i * c + j] = 1.0;
+            w_inv[j * c + i] = 1.0;
+        }
+        let key = format!("nf_flows.0.module_list.{k}.w_perm");
+        tensors.push((format!("{key}_inv"), vec![c, c, 1, 1], w_inv));
+        tensors.push((key, vec![c, c, 1, 1], w));
+    }
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let path = dir.join(format!("{name}_complete.pt"));
+    write_torch_pt(&path, &tensors);
+    path
+}
+
+/// With the permutation buffers restored, the ViT reference checkpoints
+/// evaluate and predict through the CLI with their reduced configs.
+#[test]
+fn vit_reference_pts_evaluate_and_predict_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let synth = SynthConfig {
+        image_size: 32,
+        n_train: 1,
+        n_test_good: 1,
+        n_test_defect: 1,
+        seed: 6,
+    };
+    generate_category(&data, CATEGORY, &synth).expect("synthetic data");
+    for name in ["deit", "cait"] {
+        let pt = complete_vit_pt(name, dir.path());
+        let cfg = vit_pt_config(name, dir.path());
+        let json = dir.path().join(format!("{name}_eval.json"));
+        let out = fastflow(args![
+            "eval",
+            "--checkpoint",
+            pt,
+            "--config",
+            cfg,
+            "--weights",
+            "deterministic",
+            "--data",
+            data,
+            "--category",
+            CATEGORY,
+            "--json",
+            json,
+        ]);
+        assert_ok(&out);
+        let v = read_json(&json);
+        assert_eq!(v["n_images"], 2, "{name}: {v}");
+        assert_metrics_sane(&v, &format!("{name} reference .pt eval"));
+        let pred = dir.path().join(format!("{name}_pred"));
+        let out = fastflow(args![
+            "predict",
+            "--checkpoint",
+            pt,
+            "--config",
+            cfg,
+            "--weights",
+            "deterministic",
+            "--threshold",
+            "-0.5",
+            data.join(CATEGORY).join("test/good"),
+            "--out",
+            pred,
+        ]);
+        assert_ok(&out);
+        let csv = std::fs::read_to_string(pred.join("predictions.csv")).expect("csv");
+        assert_eq!(csv.lines().count(), 2, "{name}: {csv}");
     }
 }
