@@ -120,6 +120,64 @@ fn unreadable_weights_file_names_the_path() {
     }
 }
 
+/// Half-precision files (hub weights are sometimes stored as f16 or bf16)
+/// load through the memory-mapped source and are converted to the f32 the
+/// backbone asks for: every value equals the stored half value widened.
+#[test]
+fn half_precision_files_are_converted_to_f32() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kind = BackboneKind::ResNet18;
+    for dtype in [DType::F16, DType::BF16] {
+        let path = dir.path().join(format!("half_{dtype:?}.safetensors"));
+        let full = det_tensors(kind);
+        let half: std::collections::HashMap<String, Tensor> = full
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_dtype(dtype).expect("to half")))
+            .collect();
+        write_safetensors(&half, &path);
+        let vb = ff_backbone::safetensors_var_builder(&path, &Device::Cpu).expect("vb");
+        for key in ["conv1.weight", "layer3.1.conv2.weight", "bn1.running_var"] {
+            let want = half[key].to_dtype(DType::F32).expect("widen");
+            let got = vb.get(want.dims(), key).expect("get");
+            assert_eq!(got.dtype(), DType::F32, "{dtype:?} {key}");
+            assert_eq!(to_vec(&got), to_vec(&want), "{dtype:?} {key}");
+            // Without a shape the stored shape comes back, converted too.
+            let unchecked = vb.get_unchecked(key).expect("get_unchecked");
+            assert_eq!(unchecked.dims(), want.dims());
+            assert_eq!(to_vec(&unchecked), to_vec(&want), "{dtype:?} {key}");
+        }
+        // The whole backbone builds and runs from the half-precision file.
+        let backbone =
+            Backbone::load(kind, &WeightSource::File(path), &Device::Cpu).expect("load half");
+        let feats = backbone
+            .features(&det_input("half", &[1, 3, 64, 64]))
+            .expect("forward");
+        assert!(feats
+            .iter()
+            .all(|f| to_vec(f).iter().all(|v| v.is_finite())));
+    }
+}
+
+/// A tensor stored as a type that is no number (here bool) is refused with a
+/// message naming the key, its stored type and the file.
+#[test]
+fn non_numeric_tensor_is_refused_naming_key_and_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bool.safetensors");
+    let bytes = [0u8, 1, 1, 0];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::BOOL, vec![4], &bytes)
+        .expect("view");
+    safetensors::serialize_to_file([("bn1.bias", view)], None, &path).expect("write");
+    let vb = ff_backbone::safetensors_var_builder(&path, &Device::Cpu).expect("vb");
+    assert!(vb.contains_tensor("bn1.bias"));
+    let err = vb.get(4, "bn1.bias").expect_err("bool must be refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("bn1.bias") && msg.contains("BOOL") && msg.contains("bool.safetensors"),
+        "{msg}"
+    );
+}
+
 /// Mean and population standard deviation of a tensor's values.
 fn mean_std(t: &Tensor) -> (f64, f64) {
     let v = to_vec(t);
