@@ -104,6 +104,28 @@ impl Engine {
         Ok(engine)
     }
 
+    /// The model of a gathierry/FastFlow `.pt` file as `eval` and `predict`
+    /// take it: `config` (required: a `.pt` does not say which model it is)
+    /// and an optional `--weights` override for the backbone.
+    pub fn open_reference(
+        path: &Path,
+        config: Option<&Path>,
+        weights: Option<&str>,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg_path = config.with_context(|| {
+            format!(
+                "'{}' is a reference .pt checkpoint: pass --config to say which model it is",
+                path.display()
+            )
+        })?;
+        let cfg = crate::config::load_model_config(cfg_path)?;
+        let weights = weights
+            .map(|w| parse_weights(w, cfg.backbone_kind()?, 0))
+            .transpose()?;
+        Self::from_reference_pt(path, &cfg, weights.as_ref(), device)
+    }
+
     /// The model of a gathierry/FastFlow `.pt` file: backbone and flows both
     /// come from the file unless `weights` names another backbone source.
     pub fn from_reference_pt(

@@ -12,7 +12,7 @@ use crate::checkpoint::CheckpointKind;
 use crate::cli::EvalArgs;
 use crate::config::load_model_config;
 use crate::data::{images_tensor, load_split};
-use crate::engine::{describe_config, device, load_our_checkpoint, parse_weights, Engine};
+use crate::engine::{describe_config, device, load_our_checkpoint, Engine};
 use crate::report::{markdown_report, metrics_table, write_metrics_json, Metrics, ReportContext};
 
 /// The result of evaluating a model on a test set.
@@ -91,18 +91,12 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     let device = device(args.device)?;
     let (engine, facts, split_seed) = match CheckpointKind::of(&args.checkpoint) {
         CheckpointKind::Reference(path) => {
-            let cfg_path = args.config.as_ref().with_context(|| {
-                format!(
-                    "'{}' is a reference .pt checkpoint: pass --config to say which model it is",
-                    path.display()
-                )
-            })?;
-            let cfg = load_model_config(cfg_path)?;
-            let weights = match &args.weights {
-                Some(w) => Some(parse_weights(w, cfg.backbone_kind()?, 0)?),
-                None => None,
-            };
-            let engine = Engine::from_reference_pt(&path, &cfg, weights.as_ref(), &device)?;
+            let engine = Engine::open_reference(
+                &path,
+                args.config.as_deref(),
+                args.weights.as_deref(),
+                &device,
+            )?;
             let facts = vec![(
                 "checkpoint".to_string(),
                 format!("{} (reference .pt)", path.display()),

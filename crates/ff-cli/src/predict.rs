@@ -13,8 +13,7 @@ use rayon::prelude::*;
 
 use crate::checkpoint::CheckpointKind;
 use crate::cli::PredictArgs;
-use crate::config::load_model_config;
-use crate::engine::{device, load_our_checkpoint, parse_weights, Engine};
+use crate::engine::{device, load_our_checkpoint, Engine};
 use crate::heatmap::{binary_mask, overlay, resize_bilinear, save_png};
 use crate::report::{predictions_csv, PredictionRow};
 
@@ -42,18 +41,12 @@ pub fn run_predict(args: PredictArgs) -> Result<()> {
     let device = device(args.device)?;
     let (engine, settings) = match CheckpointKind::of(&args.checkpoint) {
         CheckpointKind::Reference(path) => {
-            let cfg_path = args.config.as_ref().with_context(|| {
-                format!(
-                    "'{}' is a reference .pt checkpoint: pass --config to say which model it is",
-                    path.display()
-                )
-            })?;
-            let cfg = load_model_config(cfg_path)?;
-            let weights = match &args.weights {
-                Some(w) => Some(parse_weights(w, cfg.backbone_kind()?, 0)?),
-                None => None,
-            };
-            let engine = Engine::from_reference_pt(&path, &cfg, weights.as_ref(), &device)?;
+            let engine = Engine::open_reference(
+                &path,
+                args.config.as_deref(),
+                args.weights.as_deref(),
+                &device,
+            )?;
             if args.threshold.is_none() {
                 eprintln!(
                     "note: a reference .pt file carries no threshold; labels stay 'n/a' unless you pass --threshold"
