@@ -9,10 +9,13 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
 use ff_data::synth::{generate_category, SynthConfig};
+
+mod common;
+use common::{assert_ok, fastflow, read_json, text};
 
 const CATEGORY: &str = "tiny";
 
@@ -25,40 +28,6 @@ flow_step: 2
 hidden_ratio: 0.5
 conv3x3_only: True
 ";
-
-/// Command-line arguments of mixed types (`&str`, paths) as `OsString`s.
-macro_rules! args {
-    ($($x:expr),* $(,)?) => {
-        vec![$(std::ffi::OsString::from(AsRef::<std::ffi::OsStr>::as_ref(&$x))),*]
-    };
-}
-
-fn fastflow(args: Vec<OsString>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fastflow"));
-    cmd.args(&args);
-    // Tests never touch the network, and an empty hub cache makes the hub
-    // unavailable even on machines that have the ResNet18 weights cached.
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd.env(
-        "HF_HOME",
-        std::env::temp_dir().join("fastflow-cli-tests-empty-hf-home"),
-    );
-    cmd.output().expect("cannot start the fastflow binary")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status: {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-#[track_caller]
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "fastflow failed:\n{}", text(out));
-}
 
 /// Asserts failure with an error message containing every needle.
 #[track_caller]
@@ -180,11 +149,6 @@ fn read_tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<u8>)> {
         .into_iter()
         .map(|(k, v)| (k, (v.shape().to_vec(), v.data().to_vec())))
         .collect()
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[test]

@@ -11,51 +11,14 @@
 //! show that the CLI reads them (once the permutation buffers the fixtures
 //! leave out are restored) and names what it cannot use.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use ff_data::synth::{generate_category, SynthConfig};
 
+mod common;
+use common::{assert_ok, fastflow, read_json, text};
+
 const CATEGORY: &str = "tiny";
-
-/// Command-line arguments of mixed types (`&str`, paths) as `OsString`s.
-macro_rules! args {
-    ($($x:expr),* $(,)?) => {
-        vec![$(std::ffi::OsString::from(AsRef::<std::ffi::OsStr>::as_ref(&$x))),*]
-    };
-}
-
-fn fastflow(args: Vec<OsString>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fastflow"));
-    cmd.args(&args);
-    // Tests never touch the network.
-    cmd.env("HF_HUB_OFFLINE", "1");
-    cmd.env(
-        "HF_HOME",
-        std::env::temp_dir().join("fastflow-cli-tests-empty-hf-home"),
-    );
-    cmd.output().expect("cannot start the fastflow binary")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status: {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-#[track_caller]
-fn assert_ok(out: &Output) {
-    assert!(out.status.success(), "fastflow failed:\n{}", text(out));
-}
-
-fn read_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
