@@ -5,11 +5,9 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use ff_backbone::det_init::det_value;
@@ -19,40 +17,6 @@ use serde_json::Value;
 
 fn vit_pt_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests-fixtures/vit_pt")
-}
-
-/// Backbone weights from the checkpoint, with det_init values for the
-/// tensors the size-trimmed fixture leaves out (all of them det_init values
-/// in the reference too).
-struct FileThenDet {
-    file: HashMap<String, Tensor>,
-}
-
-impl SimpleBackend for FileThenDet {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        match self.file.get(name) {
-            Some(t) => {
-                assert_eq!(t.dims(), s.dims(), "{name}");
-                t.to_dtype(dtype)?.to_device(dev)
-            }
-            None => Tensor::from_vec(det_value(name, s.dims()), s, dev)?.to_dtype(dtype),
-        }
-    }
-
-    fn get_unchecked(&self, name: &str, _d: DType, _dev: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("no shape for {name}")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
 }
 
 fn strings(v: &Value) -> Vec<String> {

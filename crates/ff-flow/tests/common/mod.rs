@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{VarBuilder, VarMap};
 use ff_backbone::det_init::{det_uniform, det_value};
 use ff_flow::{FastFlowConfig, FastFlowHead, Permutation};
@@ -154,4 +155,38 @@ pub fn assert_close(what: &str, t: &Tensor, want: &Tensor, rtol: f64) {
         worst = worst.max((x - y).abs() / y.abs().max(rms).max(1e-30));
     }
     eprintln!("{what}: worst relative difference {worst:.2e}");
+}
+
+/// Backbone weights from a reference checkpoint, with det_init values for the
+/// tensors a size-trimmed fixture leaves out (det_init values in the
+/// reference too).
+pub struct FileThenDet {
+    pub file: HashMap<String, Tensor>,
+}
+
+impl SimpleBackend for FileThenDet {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self.file.get(name) {
+            Some(t) => {
+                assert_eq!(t.dims(), s.dims(), "{name}");
+                t.to_dtype(dtype)?.to_device(dev)
+            }
+            None => Tensor::from_vec(det_value(name, s.dims()), s, dev)?.to_dtype(dtype),
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, _d: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("no shape for {name}")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
 }
