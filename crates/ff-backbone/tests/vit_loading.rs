@@ -3,40 +3,19 @@
 //! errors for missing keys, wrong shapes and wrong input sizes, and the seeded
 //! timm-style random init.
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use common::{small_cait, small_deit};
 use ff_backbone::det_init::{det_uniform, det_value, det_var_builder};
 use ff_backbone::vit::cait::{Cait, CaitConfig};
 use ff_backbone::vit::deit::{Deit, DeitConfig};
 use ff_backbone::{
     backbone_var_builder, safetensors_var_builder, BackboneKind, Error, WeightSource,
 };
-
-fn small_deit() -> DeitConfig {
-    DeitConfig {
-        embed_dim: 64,
-        depth: 3,
-        n_heads: 4,
-        mlp_ratio: 4.0,
-        patch: 16,
-        img_size: 64,
-        n_blocks_used: 2,
-    }
-}
-
-fn small_cait() -> CaitConfig {
-    CaitConfig {
-        embed_dim: 64,
-        depth: 3,
-        n_heads: 4,
-        mlp_ratio: 4.0,
-        patch: 16,
-        img_size: 64,
-        n_blocks_used: 2,
-    }
-}
 
 /// The timm 0.5.4 state-dict keys and shapes of a small distilled ViT with
 /// `depth` blocks, width 64, 4 heads, 64-px input and a 10-class head.

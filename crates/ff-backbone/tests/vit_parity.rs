@@ -2,13 +2,16 @@
 //! same-architecture configs and the full-size models), with fixture weights
 //! from `det_init` and targets written by `data-scripts/make_vit_fixtures.py`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use common::{small_cait, small_deit};
 use ff_backbone::det_init::{det_uniform, det_var_builder};
-use ff_backbone::vit::cait::{Cait, CaitConfig};
-use ff_backbone::vit::deit::{Deit, DeitConfig};
+use ff_backbone::vit::cait::Cait;
+use ff_backbone::vit::deit::Deit;
 
 /// Largest accepted |rust - timm| over the largest |timm| of the compared values.
 const REL_TOL: f64 = 1e-4;
@@ -97,30 +100,6 @@ fn assert_matches_full(features: &Tensor, fx: &HashMap<String, Tensor>, what: &s
         &values(fx, "channel_std"),
         &format!("{what} channel std"),
     );
-}
-
-fn small_deit() -> DeitConfig {
-    DeitConfig {
-        embed_dim: 64,
-        depth: 3,
-        n_heads: 4,
-        mlp_ratio: 4.0,
-        patch: 16,
-        img_size: 64,
-        n_blocks_used: 2,
-    }
-}
-
-fn small_cait() -> CaitConfig {
-    CaitConfig {
-        embed_dim: 64,
-        depth: 3,
-        n_heads: 4,
-        mlp_ratio: 4.0,
-        patch: 16,
-        img_size: 64,
-        n_blocks_used: 2,
-    }
 }
 
 #[test]

@@ -108,3 +108,30 @@ pub fn det_tensors(kind: BackboneKind) -> HashMap<String, Tensor> {
 pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) {
     candle_core::safetensors::save(tensors, path).expect("write safetensors");
 }
+
+/// The small DeiT that `data-scripts/make_vit_fixtures.py` builds in timm
+/// (same architecture as deit_base_distilled_patch16_384, 64 wide, 64 px).
+pub fn small_deit() -> ff_backbone::vit::deit::DeitConfig {
+    ff_backbone::vit::deit::DeitConfig {
+        embed_dim: 64,
+        depth: 3,
+        n_heads: 4,
+        mlp_ratio: 4.0,
+        patch: 16,
+        img_size: 64,
+        n_blocks_used: 2,
+    }
+}
+
+/// The small CaiT that `data-scripts/make_vit_fixtures.py` builds in timm.
+pub fn small_cait() -> ff_backbone::vit::cait::CaitConfig {
+    ff_backbone::vit::cait::CaitConfig {
+        embed_dim: 64,
+        depth: 3,
+        n_heads: 4,
+        mlp_ratio: 4.0,
+        patch: 16,
+        img_size: 64,
+        n_blocks_used: 2,
+    }
+}
