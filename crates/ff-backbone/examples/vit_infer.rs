@@ -25,7 +25,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use ff_backbone::det_init::{det_uniform, DetInit};
+use ff_backbone::det_init::{det_backend, det_uniform};
 use ff_backbone::{Backbone, BackboneKind, WeightSource};
 
 // The fastflow CLI runs on mimalloc; measuring with the same allocator keeps
@@ -51,7 +51,7 @@ impl SimpleBackend for Keeping {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = DetInit.get(s, name, h, dtype, dev)?;
+        let t = det_backend().get(s, name, h, dtype, dev)?;
         let mut map = self
             .tensors
             .lock()
@@ -61,11 +61,11 @@ impl SimpleBackend for Keeping {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        DetInit.get_unchecked(name, dtype, dev)
+        det_backend().get_unchecked(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        DetInit.contains_tensor(name)
+        det_backend().contains_tensor(name)
     }
 }
 

@@ -68,11 +68,34 @@ pub fn det_value(key: &str, dims: &[usize]) -> Vec<f32> {
     u.into_iter().map(|u| map(u) as f32).collect()
 }
 
-/// A `VarBuilder` backend that answers every request with [`det_value`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DetInit;
+/// A `VarBuilder` backend whose every tensor is computed from its full key
+/// and shape by `values`: the closed-form fixture weights ([`det_backend`])
+/// and the seeded timm-style random init share it.
+pub struct ClosedForm<F> {
+    what: &'static str,
+    values: F,
+}
 
-impl SimpleBackend for DetInit {
+impl<F> ClosedForm<F>
+where
+    F: Fn(&str, &[usize]) -> Vec<f32> + Send + Sync,
+{
+    /// `what` names the init in errors (it cannot answer a request without a shape).
+    pub fn new(what: &'static str, values: F) -> Self {
+        Self { what, values }
+    }
+}
+
+impl<F> std::fmt::Debug for ClosedForm<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClosedForm({})", self.what)
+    }
+}
+
+impl<F> SimpleBackend for ClosedForm<F>
+where
+    F: Fn(&str, &[usize]) -> Vec<f32> + Send + Sync,
+{
     fn get(
         &self,
         s: Shape,
@@ -81,7 +104,7 @@ impl SimpleBackend for DetInit {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let values = det_value(name, s.dims());
+        let values = (self.values)(name, s.dims());
         Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
     }
 
@@ -91,7 +114,7 @@ impl SimpleBackend for DetInit {
         _dtype: DType,
         _dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        candle_core::bail!("DetInit needs the shape of '{name}'")
+        candle_core::bail!("{} needs the shape of '{name}'", self.what)
     }
 
     fn contains_tensor(&self, _name: &str) -> bool {
@@ -99,9 +122,17 @@ impl SimpleBackend for DetInit {
     }
 }
 
+/// A function from a tensor's key and shape to its values.
+pub type ValuesFn = fn(&str, &[usize]) -> Vec<f32>;
+
+/// The backend that answers every request with [`det_value`].
+pub fn det_backend() -> ClosedForm<ValuesFn> {
+    ClosedForm::new("det_init", det_value)
+}
+
 /// A `VarBuilder` whose every tensor is [`det_value`] of its full key.
 pub fn det_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(DetInit), dtype, device.clone())
+    VarBuilder::from_backend(Box::new(det_backend()), dtype, device.clone())
 }
 
 #[cfg(test)]

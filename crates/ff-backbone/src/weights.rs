@@ -16,7 +16,7 @@ use rand_distr::StandardNormal;
 use safetensors::{tensor::Metadata, Dtype, SafeTensors};
 
 use crate::backbone::BackboneKind;
-use crate::det_init::{det_var_builder, fnv1a32};
+use crate::det_init::{det_var_builder, fnv1a32, ClosedForm};
 use crate::error::{Error, Result};
 
 /// Where the backbone's weights come from.
@@ -110,31 +110,22 @@ pub fn backbone_var_builder(
         }
         WeightSource::File(path) => safetensors_var_builder(path, device),
         WeightSource::Random { seed } => {
-            if !kind.is_cnn() {
-                return vit_random_var_builder(kind, *seed, device);
-            }
+            let seed = *seed;
+            let values = move |name: &str, dims: &[usize]| {
+                if kind.is_cnn() {
+                    resnet_random_value(kind, name, dims, seed)
+                } else {
+                    crate::vit::random_init(name, dims, seed)
+                }
+            };
             Ok(VarBuilder::from_backend(
-                Box::new(TimmRandomInit { kind, seed: *seed }),
+                Box::new(ClosedForm::new("the timm random init", values)),
                 DType::F32,
                 device.clone(),
             ))
         }
         WeightSource::Deterministic => Ok(det_var_builder(DType::F32, device)),
     }
-}
-
-/// The random-init route for the transformer kinds: timm's ViT/CaiT scheme
-/// from [`crate::vit::random_init`].
-fn vit_random_var_builder(
-    kind: BackboneKind,
-    seed: u64,
-    device: &Device,
-) -> Result<VarBuilder<'static>> {
-    Ok(VarBuilder::from_backend(
-        Box::new(TimmRandomInit { kind, seed }),
-        DType::F32,
-        device.clone(),
-    ))
 }
 
 /// A `VarBuilder` over the memory-mapped safetensors file at `path`, with
@@ -394,43 +385,6 @@ pub fn resnet_random_value(kind: BackboneKind, key: &str, dims: &[usize], seed: 
         // Nothing else exists in layers 1-3 of a timm ResNet; a zero is the
         // neutral answer should a caller ask for, e.g., a bias.
         ResNetRole::Other => vec![0.0; n],
-    }
-}
-
-/// A `VarBuilder` backend drawing timm's initialisation of `kind` from a seed.
-struct TimmRandomInit {
-    kind: BackboneKind,
-    seed: u64,
-}
-
-impl SimpleBackend for TimmRandomInit {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let values = if self.kind.is_cnn() {
-            resnet_random_value(self.kind, name, s.dims(), self.seed)
-        } else {
-            crate::vit::random_init(name, s.dims(), self.seed)
-        };
-        Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        candle_core::bail!("the random init needs the shape of '{name}'")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use ff_backbone::det_init::{det_uniform, det_value, DetInit};
+use ff_backbone::det_init::{det_backend, det_uniform, det_value};
 use ff_backbone::{Backbone, BackboneKind};
 
 /// The fixture written by `data-scripts/make_backbone_fixtures.py`.
@@ -70,15 +70,15 @@ impl SimpleBackend for Recording {
             .lock()
             .expect("lock")
             .push((name.to_string(), s.dims().to_vec()));
-        DetInit.get(s, name, h, dtype, dev)
+        det_backend().get(s, name, h, dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        DetInit.get_unchecked(name, dtype, dev)
+        det_backend().get_unchecked(name, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        DetInit.contains_tensor(name)
+        det_backend().contains_tensor(name)
     }
 }
 
