@@ -1,0 +1,78 @@
+//! GFLOP/s of the convolution kernels on the layer shapes of resnet18 @ 256
+//! and its flows, batch 8: `cargo run --release -p ff-kernels --example conv_bench`.
+
+use std::time::Instant;
+
+use ff_kernels::{
+    conv2d, conv2d_weight_grad, Activation, ConvGeometry, Epilogue, Isa, NhwcMut, NhwcRef,
+    PackedConv2d,
+};
+
+fn main() {
+    let n = 8;
+    println!("isa: {}", Isa::detect().name());
+    // (name, c, o, k, stride, h)
+    let layers = [
+        ("stem 7x7/2", 3, 64, 7, 2, 256),
+        ("layer1 3x3", 64, 64, 3, 1, 64),
+        ("layer2 3x3/2", 64, 128, 3, 2, 64),
+        ("layer2 3x3", 128, 128, 3, 1, 32),
+        ("layer3 3x3", 256, 256, 3, 1, 16),
+        ("down 1x1/2", 128, 256, 1, 2, 32),
+        ("flow0 3x3 32->32", 32, 32, 3, 1, 64),
+        ("flow0 3x3 32->64", 32, 64, 3, 1, 64),
+        ("flow1 3x3 64->128", 64, 128, 3, 1, 32),
+        ("flow2 3x3 128->256", 128, 256, 3, 1, 16),
+    ];
+    for (name, c, o, k, s, h) in layers {
+        let g = ConvGeometry {
+            in_channels: c,
+            out_channels: o,
+            kernel: k,
+            stride: s,
+            padding: k / 2,
+        };
+        let x = vec![0.5f32; n * h * h * c];
+        let wt = vec![0.01f32; o * c * k * k];
+        let packed = PackedConv2d::from_oihw(g, &wt, None).unwrap();
+        let (oh, ow) = g.output_size(h, h).unwrap();
+        let mut out = vec![0f32; n * oh * ow * o];
+        let flop = 2.0 * (n * oh * ow * o * c * k * k) as f64;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            conv2d(
+                &packed,
+                NhwcRef::new(&x, [n, h, h, c]).unwrap(),
+                Activation::Identity,
+                Epilogue::default(),
+                NhwcMut::new(&mut out, [n, oh, ow, o]).unwrap(),
+            )
+            .unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let mut wbest = f64::MAX;
+        if s == 1 {
+            let mut dw = vec![0f32; (k * k * c + 1) * o];
+            for _ in 0..3 {
+                let t = Instant::now();
+                conv2d_weight_grad(
+                    g,
+                    NhwcRef::new(&x, [n, h, h, c]).unwrap(),
+                    Activation::Identity,
+                    NhwcRef::new(&out, [n, oh, ow, o]).unwrap(),
+                    &mut dw,
+                )
+                .unwrap();
+                wbest = wbest.min(t.elapsed().as_secs_f64());
+            }
+        }
+        println!(
+            "{name:22} fwd {:7.2} ms {:6.1} GFLOP/s | wgrad {:7.2} ms {:6.1} GFLOP/s",
+            best * 1e3,
+            flop / best / 1e9,
+            wbest * 1e3,
+            flop / wbest / 1e9
+        );
+    }
+}

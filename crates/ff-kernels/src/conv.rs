@@ -1,0 +1,540 @@
+//! NHWC 2D convolution forward, with weights packed once into blocks of 16
+//! output channels and a fused epilogue (bias, residual add, ReLU).
+//!
+//! One task computes one output row of one image: it gathers the `k` input
+//! rows it needs into a small zero-padded window (applying the input
+//! activation on the way), then runs the micro-kernel over tiles of pixels x
+//! output-channel blocks. The window stays in L1/L2, nothing of im2col size is
+//! ever materialised, the padding costs no branches in the inner loop, and the
+//! only parallelism is over rows (no nested thread pools).
+
+use rayon::prelude::*;
+
+use crate::error::{shape_error, Result};
+use crate::isa::Isa;
+use crate::micro::{max_blocks, max_pixels, run_tile, Tile, LANES};
+
+/// The shape of one convolution (square kernel, equal stride and zero padding
+/// on both axes, no dilation, no groups).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Kernel size `k` (`k x k`).
+    pub kernel: usize,
+    /// Stride on both axes.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl ConvGeometry {
+    /// The output size for an `h x w` input, PyTorch's arithmetic:
+    /// `(h + 2p - k) / s + 1`; `None` where the padded input is smaller than
+    /// the kernel.
+    pub fn output_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        if h + 2 * p < k || w + 2 * p < k || s == 0 {
+            return None;
+        }
+        Some(((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1))
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.in_channels == 0 || self.out_channels == 0 || self.kernel == 0 || self.stride == 0 {
+            return Err(shape_error(
+                "convolution geometry",
+                "non-zero channels, kernel and stride",
+                format!("{self:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An elementwise activation applied to a convolution's input as it is
+/// gathered, or to its output in the epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    /// Values pass unchanged.
+    #[default]
+    Identity,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+impl Activation {
+    #[inline(always)]
+    pub(crate) fn apply(self, v: f32) -> f32 {
+        match self {
+            Activation::Identity => v,
+            Activation::Relu => v.max(0.0),
+        }
+    }
+}
+
+/// A read-only NHWC feature map whose pixels lie `pixel_stride` elements
+/// apart and whose first `channels` channels are read: a contiguous map, or
+/// the leading channels of a wider one.
+///
+/// Element `(b, y, x, c)` is `data[((b h + y) w + x) pixel_stride + c]`.
+#[derive(Debug, Clone, Copy)]
+pub struct NhwcRef<'a> {
+    data: &'a [f32],
+    dims: [usize; 4],
+    pixel_stride: usize,
+}
+
+impl<'a> NhwcRef<'a> {
+    /// A contiguous `[n, h, w, c]` map.
+    pub fn new(data: &'a [f32], dims: [usize; 4]) -> Result<Self> {
+        Self::strided(data, dims, dims[3])
+    }
+
+    /// The first `dims[3]` channels of a map whose pixels are `pixel_stride`
+    /// elements apart (`pixel_stride >= dims[3]`).
+    pub fn strided(data: &'a [f32], dims: [usize; 4], pixel_stride: usize) -> Result<Self> {
+        let [n, h, w, c] = dims;
+        let pixels = n * h * w;
+        let needed = if pixels == 0 {
+            0
+        } else {
+            (pixels - 1) * pixel_stride + c
+        };
+        if pixel_stride < c || data.len() < needed {
+            return Err(shape_error(
+                "NHWC map",
+                format!("at least {needed} values for {dims:?} with pixel stride {pixel_stride}"),
+                data.len(),
+            ));
+        }
+        Ok(Self {
+            data,
+            dims,
+            pixel_stride,
+        })
+    }
+
+    /// `[n, h, w, c]`.
+    pub fn dims(&self) -> [usize; 4] {
+        self.dims
+    }
+
+    /// Elements between two pixels.
+    pub fn pixel_stride(&self) -> usize {
+        self.pixel_stride
+    }
+
+    /// The underlying values.
+    pub(crate) fn data_ptr_range(&self) -> &'a [f32] {
+        self.data
+    }
+
+    /// The channels of pixel `(b, y, x)`.
+    #[inline(always)]
+    pub(crate) fn pixel_at(&self, b: usize, y: usize, x: usize) -> &'a [f32] {
+        let [_, h, w, c] = self.dims;
+        let start = ((b * h + y) * w + x) * self.pixel_stride;
+        &self.data[start..start + c]
+    }
+}
+
+/// A writable NHWC map; see [`NhwcRef`] for the layout.
+#[derive(Debug)]
+pub struct NhwcMut<'a> {
+    data: &'a mut [f32],
+    dims: [usize; 4],
+    pixel_stride: usize,
+}
+
+impl<'a> NhwcMut<'a> {
+    /// A contiguous `[n, h, w, c]` map.
+    pub fn new(data: &'a mut [f32], dims: [usize; 4]) -> Result<Self> {
+        Self::strided(data, dims, dims[3])
+    }
+
+    /// The first `dims[3]` channels of a map whose pixels are `pixel_stride`
+    /// elements apart; the other channels are never written.
+    pub fn strided(data: &'a mut [f32], dims: [usize; 4], pixel_stride: usize) -> Result<Self> {
+        NhwcRef::strided(data, dims, pixel_stride)?;
+        Ok(Self {
+            data,
+            dims,
+            pixel_stride,
+        })
+    }
+
+    /// `[n, h, w, c]`.
+    pub fn dims(&self) -> [usize; 4] {
+        self.dims
+    }
+
+    /// Elements between two pixels.
+    pub fn pixel_stride(&self) -> usize {
+        self.pixel_stride
+    }
+
+    pub(crate) fn into_data(self) -> &'a mut [f32] {
+        self.data
+    }
+}
+
+/// Convolution weights packed for the micro-kernel: `[O/16][k][k][C][16]`
+/// (output channels padded with zeros to a multiple of 16), and the bias
+/// padded likewise.
+#[derive(Debug, Clone)]
+pub struct PackedConv2d {
+    geometry: ConvGeometry,
+    blocks: usize,
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl PackedConv2d {
+    /// Packs `weight(o, c, ky, kx)` and `bias(o)`.
+    pub fn from_fn(
+        geometry: ConvGeometry,
+        weight: impl Fn(usize, usize, usize, usize) -> f32,
+        bias: impl Fn(usize) -> f32,
+    ) -> Result<Self> {
+        geometry.check()?;
+        let ConvGeometry {
+            in_channels: c,
+            out_channels: o,
+            kernel: k,
+            ..
+        } = geometry;
+        let blocks = o.div_ceil(LANES);
+        let mut weights = vec![0f32; blocks * k * k * c * LANES];
+        for (i, v) in weights.iter_mut().enumerate() {
+            let lane = i % LANES;
+            let ci = (i / LANES) % c;
+            let kx = (i / (LANES * c)) % k;
+            let ky = (i / (LANES * c * k)) % k;
+            let oo = (i / (LANES * c * k * k)) * LANES + lane;
+            if oo < o {
+                *v = weight(oo, ci, ky, kx);
+            }
+        }
+        let mut b = vec![0f32; blocks * LANES];
+        for (oo, v) in b.iter_mut().enumerate().take(o) {
+            *v = bias(oo);
+        }
+        Ok(Self {
+            geometry,
+            blocks,
+            weights,
+            bias: b,
+        })
+    }
+
+    /// Packs PyTorch-layout weights `[O, C, k, k]` and an optional bias `[O]`.
+    pub fn from_oihw(geometry: ConvGeometry, weight: &[f32], bias: Option<&[f32]>) -> Result<Self> {
+        let ConvGeometry {
+            in_channels: c,
+            out_channels: o,
+            kernel: k,
+            ..
+        } = geometry;
+        if weight.len() != o * c * k * k {
+            return Err(shape_error(
+                "convolution weight",
+                format!("[{o}, {c}, {k}, {k}]"),
+                weight.len(),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.len() != o {
+                return Err(shape_error("convolution bias", format!("[{o}]"), b.len()));
+            }
+        }
+        Self::from_fn(
+            geometry,
+            |oo, ci, ky, kx| weight[((oo * c + ci) * k + ky) * k + kx],
+            |oo| bias.map_or(0.0, |b| b[oo]),
+        )
+    }
+
+    /// Packs a weight matrix in rows `(ky k + kx) C + c` by columns `o`, with
+    /// the bias as one more row (`[k k C + 1, O]`, the flows' layout).
+    pub fn from_rows(geometry: ConvGeometry, rows: &[f32]) -> Result<Self> {
+        let (c, o, k) = (geometry.in_channels, geometry.out_channels, geometry.kernel);
+        check_rows(rows, k, c, o)?;
+        Self::from_fn(
+            geometry,
+            |oo, ci, ky, kx| rows[((ky * k + kx) * c + ci) * o + oo],
+            |oo| rows[k * k * c * o + oo],
+        )
+    }
+
+    /// The convolution whose forward maps the output gradient of the
+    /// stride-1 convolution `geometry` (weights as in [`Self::from_rows`]) to
+    /// its input gradient: the kernel flipped, input and output channels
+    /// swapped, padding `k - 1 - p`, no bias.
+    pub fn input_gradient_from_rows(geometry: ConvGeometry, rows: &[f32]) -> Result<Self> {
+        let (c, o, k, p) = (
+            geometry.in_channels,
+            geometry.out_channels,
+            geometry.kernel,
+            geometry.padding,
+        );
+        if geometry.stride != 1 || p >= k {
+            return Err(shape_error(
+                "input-gradient convolution",
+                "stride 1 and padding < kernel",
+                format!("{geometry:?}"),
+            ));
+        }
+        check_rows(rows, k, c, o)?;
+        let transposed = ConvGeometry {
+            in_channels: o,
+            out_channels: c,
+            kernel: k,
+            stride: 1,
+            padding: k - 1 - p,
+        };
+        Self::from_fn(
+            transposed,
+            |ci, oo, ky, kx| rows[(((k - 1 - ky) * k + (k - 1 - kx)) * c + ci) * o + oo],
+            |_| 0.0,
+        )
+    }
+
+    /// The convolution's shape.
+    pub fn geometry(&self) -> ConvGeometry {
+        self.geometry
+    }
+}
+
+fn check_rows(rows: &[f32], k: usize, c: usize, o: usize) -> Result<()> {
+    if rows.len() != (k * k * c + 1) * o {
+        return Err(shape_error(
+            "convolution weight rows",
+            format!("[{} , {o}]", k * k * c + 1),
+            rows.len(),
+        ));
+    }
+    Ok(())
+}
+
+/// What the convolution does to each output value after the sum: add the
+/// bias, then `residual` (same shape as the output) if given, then the
+/// activation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// A map added to the output before the activation.
+    pub residual: Option<NhwcRef<'a>>,
+    /// Applied last.
+    pub activation: Activation,
+}
+
+/// `out = act(conv(in_act(input)) + bias + residual)` with the best
+/// instruction set of this CPU.
+///
+/// # Shapes
+/// `input`: `[n, h, w, C]` -> `out`: `[n, h', w', O]` with `(h', w')` =
+/// [`ConvGeometry::output_size`]; `residual`: `[n, h', w', O]`.
+pub fn conv2d(
+    conv: &PackedConv2d,
+    input: NhwcRef,
+    input_activation: Activation,
+    epilogue: Epilogue,
+    out: NhwcMut,
+) -> Result<()> {
+    conv2d_with(Isa::detect(), conv, input, input_activation, epilogue, out)
+}
+
+/// [`conv2d`] on an explicit instruction set (which must be
+/// [supported](Isa::is_supported); an unsupported one falls back to the
+/// portable kernels).
+pub fn conv2d_with(
+    isa: Isa,
+    conv: &PackedConv2d,
+    input: NhwcRef,
+    input_activation: Activation,
+    epilogue: Epilogue,
+    out: NhwcMut,
+) -> Result<()> {
+    let isa = if isa.is_supported() {
+        isa
+    } else {
+        Isa::Portable
+    };
+    let g = conv.geometry;
+    let [n, h, w, c] = input.dims;
+    if c != g.in_channels {
+        return Err(shape_error("convolution input channels", g.in_channels, c));
+    }
+    let (oh, ow) = g.output_size(h, w).ok_or_else(|| {
+        shape_error(
+            "convolution input",
+            format!("at least {0}x{0} after padding", g.kernel),
+            format!("{h}x{w}"),
+        )
+    })?;
+    let o = g.out_channels;
+    if out.dims != [n, oh, ow, o] {
+        return Err(shape_error(
+            "convolution output",
+            format!("{:?}", [n, oh, ow, o]),
+            format!("{:?}", out.dims),
+        ));
+    }
+    if let Some(r) = &epilogue.residual {
+        if r.dims != [n, oh, ow, o] {
+            return Err(shape_error(
+                "residual",
+                format!("{:?}", [n, oh, ow, o]),
+                format!("{:?}", r.dims),
+            ));
+        }
+    }
+    if n * oh * ow == 0 {
+        return Ok(());
+    }
+    let (k, s, p) = (g.kernel, g.stride, g.padding);
+    // The window is wide enough for the padded input and for the last
+    // output pixel's taps.
+    let wp = (w + 2 * p).max((ow - 1) * s + k);
+    let ob_max = max_blocks(isa);
+    let block_stride = k * k * c * LANES;
+    let out_ps = out.pixel_stride;
+    let row_len = ow * out_ps;
+    let rows = n * oh;
+    out.data
+        .par_chunks_mut(row_len)
+        .take(rows)
+        .enumerate()
+        .for_each_init(
+            || {
+                (
+                    Vec::new(),
+                    vec![0f32; max_pixels(isa, 1).max(max_pixels(isa, ob_max) * ob_max) * LANES],
+                )
+            },
+            |(window, tile), (row, orow)| {
+                let (b, oy) = (row / oh, row % oh);
+                gather_window(&input, input_activation, b, oy * s, k, p, wp, window);
+                let mut ob0 = 0;
+                while ob0 < conv.blocks {
+                    let left = (conv.blocks - ob0).min(ob_max);
+                    let obn = if left >= 4 {
+                        4
+                    } else if left >= 2 {
+                        2
+                    } else {
+                        1
+                    };
+                    let pmax = max_pixels(isa, obn);
+                    let mut ox0 = 0;
+                    while ox0 < ow {
+                        let pn = pmax.min(ow - ox0);
+                        let t = Tile {
+                            // SAFETY: ox0 s c < wp c <= window.len().
+                            src: unsafe { window.as_ptr().add(ox0 * s * c) },
+                            row_stride: wp * c,
+                            pix_stride: s * c,
+                            k,
+                            c,
+                            // SAFETY: ob0 < blocks, so the offset is inside the weights.
+                            weights: unsafe { conv.weights.as_ptr().add(ob0 * block_stride) },
+                            block_stride,
+                        };
+                        // SAFETY: the window holds k rows of wp pixels of c
+                        // channels and (ox0 + pn - 1) s + k <= wp, so every
+                        // tap of every pixel is inside it; blocks ob0..ob0 +
+                        // obn exist; `tile` holds pmax obn 16 values; `isa`
+                        // was checked above.
+                        unsafe { run_tile(isa, pn, obn, &t, tile) };
+                        store_tile(
+                            conv, tile, pn, obn, ob0, &epilogue, b, oy, ox0, orow, out_ps,
+                        );
+                        ox0 += pn;
+                    }
+                    ob0 += obn;
+                }
+            },
+        );
+    Ok(())
+}
+
+/// Copies input rows `y0 - p .. y0 - p + k` of image `b`, zero-padded to
+/// `wp` pixels (`p` zeros on the left), with the activation applied, into
+/// `window` (`[k][wp][C]`).
+#[allow(clippy::too_many_arguments)]
+fn gather_window(
+    input: &NhwcRef,
+    act: Activation,
+    b: usize,
+    y0: usize,
+    k: usize,
+    p: usize,
+    wp: usize,
+    window: &mut Vec<f32>,
+) {
+    let [_, h, w, c] = input.dims;
+    window.clear();
+    window.resize(k * wp * c, 0.0);
+    for ky in 0..k {
+        let Some(iy) = (y0 + ky).checked_sub(p).filter(|&v| v < h) else {
+            continue;
+        };
+        let dst_row = &mut window[ky * wp * c..(ky + 1) * wp * c];
+        for ix in 0..w.min(wp - p) {
+            let src = input.pixel_at(b, iy, ix);
+            let dst = &mut dst_row[(ix + p) * c..(ix + p + 1) * c];
+            match act {
+                Activation::Identity => dst.copy_from_slice(src),
+                Activation::Relu => {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v.max(0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bias, residual and activation on one tile, stored into the output row.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn store_tile(
+    conv: &PackedConv2d,
+    tile: &[f32],
+    pn: usize,
+    obn: usize,
+    ob0: usize,
+    epilogue: &Epilogue,
+    b: usize,
+    oy: usize,
+    ox0: usize,
+    orow: &mut [f32],
+    out_ps: usize,
+) {
+    let o = conv.geometry.out_channels;
+    for i in 0..pn {
+        let res = epilogue.residual.map(|r| r.pixel_at(b, oy, ox0 + i));
+        for j in 0..obn {
+            let o0 = (ob0 + j) * LANES;
+            let lanes = LANES.min(o - o0);
+            let acc = &tile[(i * obn + j) * LANES..][..lanes];
+            let bias = &conv.bias[o0..o0 + lanes];
+            let dst = &mut orow[(ox0 + i) * out_ps + o0..][..lanes];
+            match res {
+                Some(r) => {
+                    let r = &r[o0..o0 + lanes];
+                    for l in 0..lanes {
+                        dst[l] = epilogue.activation.apply(acc[l] + bias[l] + r[l]);
+                    }
+                }
+                None => {
+                    for l in 0..lanes {
+                        dst[l] = epilogue.activation.apply(acc[l] + bias[l]);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! CPU kernels shared by the backbone and the flows: NHWC convolutions with
+//! weights packed once and a fused epilogue, their input and weight gradients,
+//! and max-pooling.
+//!
+//! The API takes and returns plain `f32` slices with explicit shapes; it knows
+//! nothing about candle, images or models. This is the only crate of the
+//! workspace with `unsafe` code: the SIMD micro-kernels and the raw-pointer
+//! matrix products, each block with a `SAFETY` comment.
+//!
+//! Every kernel picks the best instruction set this CPU has at run time
+//! ([`Isa::detect`]): AVX-512, AVX2 with FMA, or portable Rust; the `_with`
+//! variants take one explicitly, so the tests compare every path the CPU
+//! supports with a naive implementation.
+
+#![allow(unsafe_code)]
+
+pub mod conv;
+mod error;
+mod isa;
+mod micro;
+pub mod pool;
+pub mod wgrad;
+
+pub use conv::{
+    conv2d, conv2d_with, Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedConv2d,
+};
+pub use error::{Error, Result};
+pub use isa::Isa;
+pub use pool::max_pool2d;
+pub use wgrad::conv2d_weight_grad;

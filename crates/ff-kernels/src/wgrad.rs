@@ -1,0 +1,212 @@
+//! The weight (and bias) gradient of an NHWC convolution, without the whole
+//! im2col matrix: each thread walks its own range of output pixels in tiles
+//! whose (transposed) column matrix fits in L2, multiplies each tile into a
+//! private accumulator with the convolution micro-kernel (one level of
+//! parallelism), and the accumulators are added once at the end.
+
+use rayon::prelude::*;
+
+use crate::conv::{Activation, ConvGeometry, NhwcRef};
+use crate::error::{shape_error, Result};
+use crate::isa::Isa;
+use crate::micro::{max_blocks, max_pixels, run_tile, Tile, LANES};
+
+/// Target size of one tile's column matrix, in `f32` values (512 KiB).
+const TILE_VALUES: usize = 128 * 1024;
+
+/// `out[(ky k + kx) C + c, o] = sum over output pixels of
+/// in_act(input)[window tap] * grad[pixel, o]`, and the last row
+/// `out[k k C, o]` = the bias gradient (the sum of `grad` over pixels).
+///
+/// # Shapes
+/// `input`: `[n, h, w, C]`, `grad_out`: `[n, h', w', O]` ->
+/// `out`: `[k k C + 1, O]` (overwritten).
+pub fn conv2d_weight_grad(
+    geometry: ConvGeometry,
+    input: NhwcRef,
+    input_activation: Activation,
+    grad_out: NhwcRef,
+    out: &mut [f32],
+) -> Result<()> {
+    let ConvGeometry {
+        in_channels: c,
+        out_channels: o,
+        kernel: k,
+        ..
+    } = geometry;
+    let [n, h, w, ic] = input.dims();
+    if ic != c {
+        return Err(shape_error("weight-gradient input channels", c, ic));
+    }
+    let (oh, ow) = geometry.output_size(h, w).ok_or_else(|| {
+        shape_error(
+            "weight-gradient input",
+            format!("at least {k}x{k} after padding"),
+            format!("{h}x{w}"),
+        )
+    })?;
+    if grad_out.dims() != [n, oh, ow, o] {
+        return Err(shape_error(
+            "output gradient",
+            format!("{:?}", [n, oh, ow, o]),
+            format!("{:?}", grad_out.dims()),
+        ));
+    }
+    let ncols = k * k * c + 1;
+    if out.len() != ncols * o {
+        return Err(shape_error(
+            "weight gradient",
+            format!("[{ncols}, {o}]"),
+            out.len(),
+        ));
+    }
+    let pixels = n * oh * ow;
+    out.fill(0.0);
+    if pixels == 0 {
+        return Ok(());
+    }
+    let isa = Isa::detect();
+    let tasks = rayon::current_num_threads().clamp(1, pixels);
+    let per_task = pixels.div_ceil(tasks);
+    let tile_px = (TILE_VALUES / ncols).clamp(16, 1024);
+    let gps = grad_out.pixel_stride();
+    let grad = grad_out.data_ptr_range();
+    let blocks = o.div_ceil(LANES);
+    let ob_max = max_blocks(isa);
+    let partials: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let mut acc = vec![0f32; ncols * o];
+            let mut cols_t = Vec::new();
+            let mut g_packed = Vec::new();
+            let mut tile =
+                vec![0f32; max_pixels(isa, ob_max).max(max_pixels(isa, 1)) * ob_max * LANES];
+            let end = ((t + 1) * per_task).min(pixels);
+            let mut p0 = t * per_task;
+            while p0 < end {
+                let tp = tile_px.min(end - p0);
+                gather_columns_t(
+                    &input,
+                    input_activation,
+                    geometry,
+                    oh,
+                    ow,
+                    p0,
+                    tp,
+                    &mut cols_t,
+                );
+                // The output gradient of these pixels in blocks of 16
+                // channels: [blocks][tp][16], zero-padded.
+                g_packed.clear();
+                g_packed.resize(blocks * tp * LANES, 0.0);
+                for (i, px) in (p0..p0 + tp).enumerate() {
+                    let src = &grad[px * gps..px * gps + o];
+                    for (blk, chunk) in src.chunks(LANES).enumerate() {
+                        g_packed[(blk * tp + i) * LANES..][..chunk.len()].copy_from_slice(chunk);
+                    }
+                }
+                // acc[r, o] += sum_t cols_t[r, t] g[t, o]: the micro-kernel
+                // with the rows r as its pixels and the tile's pixels t as
+                // its input channels (a 1x1 "convolution" over t).
+                let mut ob0 = 0;
+                while ob0 < blocks {
+                    let left = (blocks - ob0).min(ob_max);
+                    let obn = if left >= 4 {
+                        4
+                    } else if left >= 2 {
+                        2
+                    } else {
+                        1
+                    };
+                    let pmax = max_pixels(isa, obn);
+                    let mut r0 = 0;
+                    while r0 < ncols {
+                        let pn = pmax.min(ncols - r0);
+                        let tl = Tile {
+                            // SAFETY: r0 < ncols rows of tp values.
+                            src: unsafe { cols_t.as_ptr().add(r0 * tp) },
+                            row_stride: 0,
+                            pix_stride: tp,
+                            k: 1,
+                            c: tp,
+                            // SAFETY: ob0 < blocks blocks of tp 16 values.
+                            weights: unsafe { g_packed.as_ptr().add(ob0 * tp * LANES) },
+                            block_stride: tp * LANES,
+                        };
+                        // SAFETY: rows r0 .. r0 + pn of cols_t hold tp values
+                        // each; blocks ob0 .. ob0 + obn of g_packed hold tp 16
+                        // values each; `tile` holds pmax obn 16 values; `isa`
+                        // is the detected (supported) one.
+                        unsafe { run_tile(isa, pn, obn, &tl, &mut tile) };
+                        for i in 0..pn {
+                            for j in 0..obn {
+                                let o0 = (ob0 + j) * LANES;
+                                let lanes = LANES.min(o - o0);
+                                let dst = &mut acc[(r0 + i) * o + o0..][..lanes];
+                                for (d, v) in
+                                    dst.iter_mut().zip(&tile[(i * obn + j) * LANES..][..lanes])
+                                {
+                                    *d += v;
+                                }
+                            }
+                        }
+                        r0 += pn;
+                    }
+                    ob0 += obn;
+                }
+                p0 += tp;
+            }
+            acc
+        })
+        .collect();
+    out.par_chunks_mut(o).enumerate().for_each(|(r, dst)| {
+        for part in &partials {
+            for (d, v) in dst.iter_mut().zip(&part[r * o..(r + 1) * o]) {
+                *d += v;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The transposed column matrix `[k k C + 1, tp]` of output pixels
+/// `p0 .. p0 + tp` (linear over images, rows and columns): row
+/// `(ky k + kx) C + c` holds tap `(ky, kx)`, channel `c` of each pixel's
+/// zero-padded window, the last row 1s for the bias.
+#[allow(clippy::too_many_arguments)]
+fn gather_columns_t(
+    input: &NhwcRef,
+    act: Activation,
+    g: ConvGeometry,
+    oh: usize,
+    ow: usize,
+    p0: usize,
+    tp: usize,
+    cols_t: &mut Vec<f32>,
+) {
+    let [_, h, w, c] = input.dims();
+    let (k, s, p) = (g.kernel, g.stride, g.padding);
+    let ncols = k * k * c + 1;
+    cols_t.clear();
+    cols_t.resize(ncols * tp, 0.0);
+    for t in 0..tp {
+        let pix = p0 + t;
+        let (b, oy, ox) = (pix / (oh * ow), (pix / ow) % oh, pix % ow);
+        for ky in 0..k {
+            let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&v| v < h) else {
+                continue;
+            };
+            for kx in 0..k {
+                let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&v| v < w) else {
+                    continue;
+                };
+                let src = input.pixel_at(b, iy, ix);
+                let r0 = (ky * k + kx) * c;
+                for (ci, &v) in src.iter().enumerate() {
+                    cols_t[(r0 + ci) * tp + t] = act.apply(v);
+                }
+            }
+        }
+        cols_t[(ncols - 1) * tp + t] = 1.0;
+    }
+}

@@ -1,0 +1,338 @@
+//! Every kernel against a naive implementation, on every instruction set this
+//! CPU supports: odd channel counts (not multiples of 16), strides, padding,
+//! strided (wider) inputs, and every epilogue.
+
+use ff_kernels::{
+    conv2d_weight_grad, conv2d_with, max_pool2d, Activation, ConvGeometry, Epilogue, Isa, NhwcMut,
+    NhwcRef, PackedConv2d,
+};
+
+/// A deterministic pseudo-random sequence in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn act(a: Activation, v: f64) -> f64 {
+    match a {
+        Activation::Identity => v,
+        Activation::Relu => v.max(0.0),
+    }
+}
+
+/// Input `[n, h, w, ps]` of which the first `c` channels are read; weights
+/// `[O, C, k, k]`; f64 accumulation.
+#[allow(clippy::too_many_arguments)]
+fn naive_conv(
+    g: ConvGeometry,
+    x: &[f32],
+    dims: [usize; 4],
+    ps: usize,
+    wt: &[f32],
+    bias: &[f32],
+    in_act: Activation,
+    residual: Option<&[f32]>,
+    out_act: Activation,
+) -> (Vec<f32>, usize, usize) {
+    let [n, h, w, c] = dims;
+    let (oh, ow) = g.output_size(h, w).unwrap();
+    let (o, k, s, p) = (g.out_channels, g.kernel, g.stride, g.padding);
+    let mut out = vec![0f32; n * oh * ow * o];
+    for b in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for oo in 0..o {
+                    let mut acc = bias[oo] as f64;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * s + ky) as isize - p as isize;
+                            let ix = (ox * s + kx) as isize - p as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            for ci in 0..c {
+                                let xv = x[((b * h + iy as usize) * w + ix as usize) * ps + ci];
+                                acc += act(in_act, xv as f64)
+                                    * wt[((oo * c + ci) * k + ky) * k + kx] as f64;
+                            }
+                        }
+                    }
+                    let idx = ((b * oh + oy) * ow + ox) * o + oo;
+                    if let Some(r) = residual {
+                        acc += r[idx] as f64;
+                    }
+                    out[idx] = act(out_act, acc) as f32;
+                }
+            }
+        }
+    }
+    (out, oh, ow)
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * scale,
+            "{what}: element {i}: {a} vs {b} (scale {scale})"
+        );
+    }
+}
+
+const CASES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
+    // (c, o, k, stride, padding, h, w)
+    (3, 64, 7, 2, 3, 21, 19),
+    (16, 64, 3, 1, 1, 9, 14),
+    (32, 61, 3, 1, 1, 7, 13),
+    (64, 128, 1, 2, 0, 8, 8),
+    (5, 20, 3, 2, 1, 11, 9),
+    (12, 96, 3, 1, 1, 5, 30),
+    (7, 33, 1, 1, 0, 3, 17),
+    (8, 16, 3, 1, 1, 1, 1),
+];
+
+#[test]
+fn conv2d_matches_naive_on_every_isa() {
+    for isa in Isa::supported() {
+        for (case, &(c, o, k, s, p, h, w)) in CASES.iter().enumerate() {
+            let g = ConvGeometry {
+                in_channels: c,
+                out_channels: o,
+                kernel: k,
+                stride: s,
+                padding: p,
+            };
+            let n = 2;
+            let ps = c + 3; // a wider map: only the first c channels are read
+            let x = values(n * h * w * ps, case as u64);
+            let wt = values(o * c * k * k, 100 + case as u64);
+            let bias = values(o, 200 + case as u64);
+            let packed = PackedConv2d::from_oihw(g, &wt, Some(&bias)).unwrap();
+            let (oh, ow) = g.output_size(h, w).unwrap();
+            let res = values(n * oh * ow * o, 300 + case as u64);
+            for (in_act, residual, out_act) in [
+                (Activation::Identity, false, Activation::Identity),
+                (Activation::Relu, false, Activation::Identity),
+                (Activation::Identity, true, Activation::Relu),
+                (Activation::Relu, true, Activation::Relu),
+            ] {
+                let input = NhwcRef::strided(&x, [n, h, w, c], ps).unwrap();
+                let r = residual.then(|| NhwcRef::new(&res, [n, oh, ow, o]).unwrap());
+                let (want, _, _) = naive_conv(
+                    g,
+                    &x,
+                    [n, h, w, c],
+                    ps,
+                    &wt,
+                    &bias,
+                    in_act,
+                    residual.then_some(res.as_slice()),
+                    out_act,
+                );
+                // A wider output: the extra channels must stay untouched.
+                let ops = o + 2;
+                let mut out = vec![f32::NAN; n * oh * ow * ops];
+                let epilogue = Epilogue {
+                    residual: r,
+                    activation: out_act,
+                };
+                let dst = NhwcMut::strided(&mut out, [n, oh, ow, o], ops).unwrap();
+                conv2d_with(isa, &packed, input, in_act, epilogue, dst).unwrap();
+                let got: Vec<f32> = out
+                    .chunks_exact(ops)
+                    .flat_map(|px| px[..o].to_vec())
+                    .collect();
+                let what =
+                    format!("{isa:?} case {case} {in_act:?} residual {residual} {out_act:?}");
+                assert_close(&what, &got, &want, 1e-5);
+                assert!(
+                    out.chunks_exact(ops)
+                        .all(|px| px[o..].iter().all(|v| v.is_nan())),
+                    "{what}: wrote past the channels"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gradients_match_naive_on_every_isa() {
+    // Stride-1 "same" convolutions, as in the flows, from the rows layout.
+    for isa in Isa::supported() {
+        for (case, &(c, o, k, h, w)) in [
+            (16usize, 32usize, 3usize, 6usize, 9usize),
+            (32, 61, 3, 5, 5),
+            (7, 20, 1, 4, 6),
+            (61, 16, 3, 3, 4),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let p = k / 2;
+            let g = ConvGeometry {
+                in_channels: c,
+                out_channels: o,
+                kernel: k,
+                stride: 1,
+                padding: p,
+            };
+            let n = 2;
+            let x = values(n * h * w * c, 10 + case as u64);
+            let rows = values((k * k * c + 1) * o, 20 + case as u64);
+            let gy = values(n * h * w * o, 30 + case as u64);
+            // Naive input gradient: dx[b,y,x,c] = sum_{o,ky,kx} gy[b, y+p-ky, x+p-kx, o] W[o,c,ky,kx].
+            let mut want_dx = vec![0f32; n * h * w * c];
+            for b in 0..n {
+                for y in 0..h {
+                    for xx in 0..w {
+                        for ci in 0..c {
+                            let mut acc = 0f64;
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let oy = (y + p) as isize - ky as isize;
+                                    let ox = (xx + p) as isize - kx as isize;
+                                    if oy < 0 || ox < 0 || oy >= h as isize || ox >= w as isize {
+                                        continue;
+                                    }
+                                    for oo in 0..o {
+                                        acc += gy
+                                            [((b * h + oy as usize) * w + ox as usize) * o + oo]
+                                            as f64
+                                            * rows[((ky * k + kx) * c + ci) * o + oo] as f64;
+                                    }
+                                }
+                            }
+                            want_dx[((b * h + y) * w + xx) * c + ci] = acc as f32;
+                        }
+                    }
+                }
+            }
+            let packed = PackedConv2d::input_gradient_from_rows(g, &rows).unwrap();
+            let mut dx = vec![0f32; n * h * w * c];
+            conv2d_with(
+                isa,
+                &packed,
+                NhwcRef::new(&gy, [n, h, w, o]).unwrap(),
+                Activation::Identity,
+                Epilogue::default(),
+                NhwcMut::new(&mut dx, [n, h, w, c]).unwrap(),
+            )
+            .unwrap();
+            assert_close(
+                &format!("{isa:?} input gradient {case}"),
+                &dx,
+                &want_dx,
+                1e-5,
+            );
+
+            // Naive weight gradient, input ReLU folded in.
+            let ncols = k * k * c + 1;
+            let mut want_dw = vec![0f64; ncols * o];
+            for b in 0..n {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let g_px = &gy[((b * h + y) * w + xx) * o..][..o];
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (y + ky) as isize - p as isize;
+                                let ix = (xx + kx) as isize - p as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                for ci in 0..c {
+                                    let xv = x[((b * h + iy as usize) * w + ix as usize) * c + ci]
+                                        .max(0.0)
+                                        as f64;
+                                    for oo in 0..o {
+                                        want_dw[((ky * k + kx) * c + ci) * o + oo] +=
+                                            xv * g_px[oo] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        for oo in 0..o {
+                            want_dw[k * k * c * o + oo] += g_px[oo] as f64;
+                        }
+                    }
+                }
+            }
+            let want_dw: Vec<f32> = want_dw.iter().map(|&v| v as f32).collect();
+            let mut dw = vec![f32::NAN; ncols * o];
+            conv2d_weight_grad(
+                g,
+                NhwcRef::new(&x, [n, h, w, c]).unwrap(),
+                Activation::Relu,
+                NhwcRef::new(&gy, [n, h, w, o]).unwrap(),
+                &mut dw,
+            )
+            .unwrap();
+            assert_close(&format!("weight gradient {case}"), &dw, &want_dw, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn max_pool_matches_naive_with_negative_values() {
+    let (n, h, w, c) = (2, 9, 8, 5);
+    let x = values(n * h * w * c, 7);
+    let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
+    let mut out = vec![0f32; n * oh * ow * c];
+    max_pool2d(
+        NhwcRef::new(&x, [n, h, w, c]).unwrap(),
+        3,
+        2,
+        1,
+        NhwcMut::new(&mut out, [n, oh, ow, c]).unwrap(),
+    )
+    .unwrap();
+    for b in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ci in 0..c {
+                    let mut m = f32::NEG_INFINITY;
+                    for iy in (oy * 2).saturating_sub(1)..(oy * 2 + 2).min(h) {
+                        for ix in (ox * 2).saturating_sub(1)..(ox * 2 + 2).min(w) {
+                            m = m.max(x[((b * h + iy) * w + ix) * c + ci]);
+                        }
+                    }
+                    assert_eq!(out[((b * oh + oy) * ow + ox) * c + ci], m);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn shape_errors_name_the_argument() {
+    let g = ConvGeometry {
+        in_channels: 4,
+        out_channels: 8,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let err = PackedConv2d::from_oihw(g, &[0.0; 10], None).unwrap_err();
+    assert!(err.to_string().contains("convolution weight"), "{err}");
+    let packed = PackedConv2d::from_oihw(g, &[0.0; 8 * 4 * 9], None).unwrap();
+    let x = vec![0f32; 3 * 3 * 5];
+    let mut out = vec![0f32; 9 * 8];
+    let err = conv2d_with(
+        Isa::Portable,
+        &packed,
+        NhwcRef::new(&x, [1, 3, 3, 5]).unwrap(),
+        Activation::Identity,
+        Epilogue::default(),
+        NhwcMut::new(&mut out, [1, 3, 3, 8]).unwrap(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("input channels"), "{err}");
+    assert!(NhwcRef::new(&x, [1, 3, 3, 6]).is_err());
+}
