@@ -57,6 +57,10 @@ pub enum Error {
     #[error("backbone input has shape {found:?}: {message}")]
     InputShape { found: Vec<usize>, message: String },
 
+    /// A CPU kernel refused its arguments.
+    #[error(transparent)]
+    Kernel(#[from] ff_kernels::Error),
+
     /// Any other tensor operation failure.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

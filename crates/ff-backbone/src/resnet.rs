@@ -10,9 +10,16 @@
 //! `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`.
 //! That is exact up to float rounding and saves a full pass over every
 //! activation.
+//!
+//! On the CPU in f32 the whole network runs channels-last on ff-kernels:
+//! weights packed once at load, bias + ReLU and the residual add fused into
+//! each convolution's epilogue, the 1x1 stride-2 downsample on the same
+//! kernel. Other devices and dtypes, and `FASTFLOW_KERNELS=generic`, take
+//! candle's operations.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use ff_kernels::{Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedConv2d, Route};
 
 use crate::backbone::BackboneKind;
 use crate::error::{Error, Result};
@@ -44,6 +51,8 @@ impl ResNetFeatures {
 #[derive(Debug, Clone)]
 struct ConvBn {
     conv: Conv2d,
+    /// The same folded weights packed for ff-kernels (CPU, f32 only).
+    packed: Option<PackedConv2d>,
 }
 
 /// The geometry of one convolution.
@@ -90,9 +99,61 @@ impl ConvBn {
             stride: spec.stride,
             ..Default::default()
         };
+        let packed = if folded_w.device().is_cpu() && dtype == DType::F32 {
+            let geometry = ConvGeometry {
+                in_channels: spec.in_channels,
+                out_channels: c,
+                kernel: spec.kernel,
+                stride: spec.stride,
+                padding: spec.padding,
+            };
+            let w = folded_w.flatten_all()?.to_vec1::<f32>()?;
+            let b = folded_b.to_vec1::<f32>()?;
+            Some(PackedConv2d::from_oihw(geometry, &w, Some(&b))?)
+        } else {
+            None
+        };
         Ok(Self {
             conv: Conv2d::new(folded_w, Some(folded_b), cfg),
+            packed,
         })
+    }
+
+    /// The channels-last forward on ff-kernels: `act(conv(x) + residual)`.
+    ///
+    /// # Shapes
+    /// `x`: `[b, h, w, in]` -> `[b, h', w', out]`; `residual`: `[b, h', w', out]`.
+    fn forward_nhwc(&self, x: &Map, residual: Option<&Map>, activation: Activation) -> Result<Map> {
+        let packed = self.packed.as_ref().ok_or_else(|| {
+            Error::Candle(candle_core::Error::Msg(
+                "the channels-last ResNet needs CPU f32 weights".to_string(),
+            ))
+        })?;
+        let g = packed.geometry();
+        let [b, h, w, _] = x.dims;
+        let (oh, ow) = g.output_size(h, w).ok_or_else(|| Error::InputShape {
+            found: x.dims.to_vec(),
+            message: format!(
+                "a {h}x{w} map is too small for a {0}x{0} convolution",
+                g.kernel
+            ),
+        })?;
+        let dims = [b, oh, ow, g.out_channels];
+        let mut out = Map::zeros(dims);
+        let residual = residual
+            .map(|r| NhwcRef::new(&r.data, r.dims))
+            .transpose()?;
+        ff_kernels::conv2d(
+            packed,
+            NhwcRef::new(&x.data, x.dims)?,
+            Activation::Identity,
+            Epilogue {
+                residual,
+                activation,
+            },
+            NhwcMut::new(&mut out.data, dims)?,
+        )?;
+        Ok(out)
     }
 
     /// # Shapes
@@ -127,6 +188,55 @@ enum Block {
 }
 
 impl Block {
+    /// [`Block::forward`] channels-last on ff-kernels, the final ReLU and the
+    /// residual add fused into the last convolution.
+    ///
+    /// # Shapes
+    /// `[b, h, w, in]` -> `[b, h / stride, w / stride, planes * expansion]`.
+    fn forward_nhwc(&self, x: &Map) -> Result<Map> {
+        let (last_input, last, downsample) = match self {
+            Block::Basic(b) => (
+                b.conv_bn1.forward_nhwc(x, None, Activation::Relu)?,
+                &b.conv_bn2,
+                &b.downsample,
+            ),
+            Block::Bottleneck(b) => {
+                let out = b.conv_bn1.forward_nhwc(x, None, Activation::Relu)?;
+                (
+                    b.conv_bn2.forward_nhwc(&out, None, Activation::Relu)?,
+                    &b.conv_bn3,
+                    &b.downsample,
+                )
+            }
+        };
+        match downsample {
+            Some(d) => {
+                let shortcut = d.forward_nhwc(x, None, Activation::Identity)?;
+                last.forward_nhwc(&last_input, Some(&shortcut), Activation::Relu)
+            }
+            None => last.forward_nhwc(&last_input, Some(x), Activation::Relu),
+        }
+    }
+
+    fn is_packed(&self) -> bool {
+        let convs: Vec<&ConvBn> = match self {
+            Block::Basic(b) => [Some(&b.conv_bn1), Some(&b.conv_bn2), b.downsample.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Block::Bottleneck(b) => [
+                Some(&b.conv_bn1),
+                Some(&b.conv_bn2),
+                Some(&b.conv_bn3),
+                b.downsample.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        };
+        convs.iter().all(|c| c.packed.is_some())
+    }
+
     /// # Shapes
     /// `[b, in, h, w]` -> `[b, planes * expansion, h / stride, w / stride]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -271,6 +381,14 @@ impl ResNet {
                 message: "images must be at least 32x32 pixels".to_string(),
             });
         }
+        let kernels = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && Route::current() == Route::Kernels
+            && self.stem.packed.is_some()
+            && self.layers.iter().flatten().all(Block::is_packed);
+        if kernels {
+            return self.features_nhwc(x);
+        }
         let x = self.stem.forward(x)?.relu()?; // [b, 64, h/2, w/2]
         let x = max_pool_3x3_s2_p1(&x)?; // [b, 64, h/4, w/4]
         let mut outs = Vec::with_capacity(3);
@@ -293,6 +411,73 @@ impl ResNet {
                 "ResNet produced fewer than three feature maps".to_string(),
             ))),
         }
+    }
+}
+
+impl ResNet {
+    /// [`ResNet::features`] channels-last on ff-kernels (CPU, f32).
+    fn features_nhwc(&self, x: &Tensor) -> Result<ResNetFeatures> {
+        let (b, c, h, w) = x.dims4()?;
+        let input = Map {
+            data: x.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?,
+            dims: [b, h, w, c],
+        };
+        let x = self.stem.forward_nhwc(&input, None, Activation::Relu)?; // [b, h/2, w/2, 64]
+        let [_, sh, sw, sc] = x.dims;
+        let pooled_dims = [b, (sh - 1) / 2 + 1, (sw - 1) / 2 + 1, sc];
+        let mut x = {
+            let mut out = Map::zeros(pooled_dims);
+            ff_kernels::max_pool2d(
+                NhwcRef::new(&x.data, x.dims)?,
+                3,
+                2,
+                1,
+                NhwcMut::new(&mut out.data, pooled_dims)?,
+            )?;
+            out
+        };
+        let mut outs = Vec::with_capacity(3);
+        for layer in &self.layers {
+            for block in layer {
+                x = block.forward_nhwc(&x)?;
+            }
+            outs.push(x.to_nchw_tensor(&Device::Cpu)?);
+        }
+        let mut outs = outs.into_iter();
+        match (outs.next(), outs.next(), outs.next()) {
+            (Some(layer1), Some(layer2), Some(layer3)) => Ok(ResNetFeatures {
+                layer1,
+                layer2,
+                layer3,
+            }),
+            // Three layers are always built, so this arm cannot be reached.
+            _ => Err(Error::Candle(candle_core::Error::Msg(
+                "ResNet produced fewer than three feature maps".to_string(),
+            ))),
+        }
+    }
+}
+
+/// A channels-last feature map on the CPU: `data` is `[b, h, w, c]`.
+struct Map {
+    data: Vec<f32>,
+    dims: [usize; 4],
+}
+
+impl Map {
+    fn zeros(dims: [usize; 4]) -> Self {
+        Self {
+            data: vec![0f32; dims.iter().product()],
+            dims,
+        }
+    }
+
+    /// The map as a contiguous `[b, c, h, w]` tensor.
+    fn to_nchw_tensor(&self, device: &Device) -> Result<Tensor> {
+        let [b, h, w, c] = self.dims;
+        Ok(Tensor::from_slice(&self.data, (b, h, w, c), device)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
     }
 }
 

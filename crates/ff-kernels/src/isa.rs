@@ -61,3 +61,26 @@ impl Isa {
         }
     }
 }
+
+/// Which implementation the models run on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// This crate's kernels (the default).
+    Kernels,
+    /// candle's own device-generic operations, as on other devices; chosen
+    /// with `FASTFLOW_KERNELS=generic`, so that the route every other device
+    /// takes can be checked against the reference on the CPU too.
+    Generic,
+}
+
+impl Route {
+    /// The route in force: `FASTFLOW_KERNELS=generic` selects
+    /// [`Route::Generic`], anything else (or nothing) [`Route::Kernels`].
+    /// Read on every call, so a test can switch it.
+    pub fn current() -> Route {
+        match std::env::var("FASTFLOW_KERNELS").as_deref() {
+            Ok("generic") => Route::Generic,
+            _ => Route::Kernels,
+        }
+    }
+}

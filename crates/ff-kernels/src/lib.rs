@@ -15,6 +15,7 @@
 #![allow(unsafe_code)]
 
 pub mod conv;
+mod elementwise;
 mod error;
 mod isa;
 mod micro;
@@ -24,7 +25,8 @@ pub mod wgrad;
 pub use conv::{
     conv2d, conv2d_with, Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedConv2d,
 };
+pub use elementwise::relu_backward;
 pub use error::{Error, Result};
-pub use isa::Isa;
+pub use isa::{Isa, Route};
 pub use pool::max_pool2d;
 pub use wgrad::conv2d_weight_grad;
