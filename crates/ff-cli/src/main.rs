@@ -27,6 +27,8 @@ mod train;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Steps reuse their large buffers instead of faulting them in anew.
+    ff_kernels::alloc::retain_freed_memory();
     let cli = cli::Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,8 @@
 
 #![allow(unsafe_code)]
 
+#[cfg(feature = "mimalloc")]
+pub mod alloc;
 pub mod conv;
 mod elementwise;
 mod error;
