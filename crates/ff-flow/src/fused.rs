@@ -1,6 +1,6 @@
-//! A fused CPU kernel for the elementwise part of one coupling step (clamped
-//! affine coupling, global affine, permutation, log-det per pixel), with its
-//! hand-written backward.
+//! The elementwise part of one coupling step (clamped affine coupling, global
+//! affine, permutation, log-det per pixel) as one candle op on the CPU, whose
+//! forward and hand-written backward are ff-kernels' coupling kernels.
 //!
 //! Written with candle's elementwise ops, this part costs about twenty full
 //! passes over the feature map forward and as many backward, each allocating
@@ -10,7 +10,7 @@
 //! version for other devices and dtypes, and the tests check both agree.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
+use ff_kernels::NhwcRef;
 
 use crate::coupling::AFFINE_CLAMPING;
 
@@ -54,12 +54,17 @@ fn f32_slice<'a>(s: &'a CpuStorage, op: &str) -> candle_core::Result<&'a [f32]> 
     }
 }
 
-/// `s` and `exp(s)`, the clamped log-scale of the coupling, from the raw subnet output.
-#[inline]
-fn log_scale(a_s: f32) -> (f32, f32) {
-    let th = (SUBNET_SCALE * a_s).tanh();
-    let s = AFFINE_CLAMPING as f32 * th;
-    (s, th)
+impl CouplingOp {
+    /// The kernel's view of this step with the given global affine.
+    fn coupling<'a>(&'a self, scale: &'a [f32], offset: &'a [f32]) -> ff_kernels::Coupling<'a> {
+        ff_kernels::Coupling {
+            perm: &self.perm,
+            scale,
+            offset,
+            clamp: AFFINE_CLAMPING as f32,
+            subnet_scale: SUBNET_SCALE,
+        }
+    }
 }
 
 impl CustomOp3 for CouplingOp {
@@ -87,7 +92,7 @@ impl CustomOp3 for CouplingOp {
         if x_c != c && x_c != c + 1 {
             candle_core::bail!("{name}: {x_c} input channels for a {c}-channel step")
         }
-        let (c1, c2) = (c - c / 2, c / 2);
+        let c2 = c / 2;
         let n = b * h * w;
         let Some((x_off, x_rs)) = row_view(l1) else {
             candle_core::bail!("{name}: x must have contiguous channels")
@@ -105,29 +110,11 @@ impl CustomOp3 for CouplingOp {
         }
         let (scale, offset) = affine.split_at(c);
         let oc = c + 1;
+        let xv = NhwcRef::strided(&x[x_off..], [b, h, w, x_c], x_rs)
+            .map_err(candle_core::Error::wrap)?;
         let mut out = vec![0f32; n * oc];
-        out.par_chunks_mut(oc * 64)
-            .enumerate()
-            .for_each(|(chunk, dst)| {
-                let mut pre = vec![0f32; c];
-                for (r, o) in dst.chunks_mut(oc).enumerate() {
-                    let row = chunk * 64 + r;
-                    let xr = &x[x_off + row * x_rs..x_off + row * x_rs + x_c];
-                    let ar = &a[row * 2 * c2..(row + 1) * 2 * c2];
-                    pre[..c1].copy_from_slice(&xr[..c1]);
-                    let mut log_det = if x_c > c { xr[c] } else { 0.0 };
-                    for i in 0..c2 {
-                        let (s, _) = log_scale(ar[i]);
-                        log_det += s;
-                        pre[c1 + i] = xr[c1 + i] * s.exp() + SUBNET_SCALE * ar[c2 + i];
-                    }
-                    for (j, &p) in self.perm.iter().enumerate() {
-                        let p = p as usize;
-                        o[j] = pre[p] * scale[p] + offset[p];
-                    }
-                    o[c] = log_det;
-                }
-            });
+        ff_kernels::coupling_forward(&self.coupling(scale, offset), xv, a, &mut out)
+            .map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(out), Shape::from((b, h, w, oc))))
     }
 
@@ -171,9 +158,6 @@ struct CouplingBackward {
     scale: Vec<f32>,
 }
 
-/// Rows per parallel task.
-const ROWS_PER_TASK: usize = 64;
-
 impl CustomOp3 for CouplingBackward {
     fn name(&self) -> &'static str {
         "ff-affine-coupling-backward"
@@ -196,7 +180,7 @@ impl CustomOp3 for CouplingBackward {
         );
         let (b, h, w, x_c) = l1.shape().dims4()?;
         let c = self.perm.len();
-        let (c1, c2) = (c - c / 2, c / 2);
+        let c2 = c / 2;
         let n = b * h * w;
         let Some((x_off, x_rs)) = row_view(l1) else {
             candle_core::bail!("{name}: x must have contiguous channels")
@@ -210,68 +194,21 @@ impl CustomOp3 for CouplingBackward {
         if a.len() != n * 2 * c2 || g.len() != n * oc || self.perm.len() != c {
             candle_core::bail!("{name}: inconsistent shapes")
         }
-        let scale = &self.scale;
+        let xv = NhwcRef::strided(&x[x_off..], [b, h, w, x_c], x_rs)
+            .map_err(candle_core::Error::wrap)?;
         let mut gx = vec![0f32; n * x_c];
         let mut ga = vec![0f32; n * 2 * c2];
-        // Each task returns its partial sums for the global scale and offset
-        // gradients (f64, so the sum over all pixels loses nothing).
-        let partials: Vec<Vec<f64>> = gx
-            .par_chunks_mut(x_c * ROWS_PER_TASK)
-            .zip(ga.par_chunks_mut(2 * c2 * ROWS_PER_TASK))
-            .enumerate()
-            .map(|(chunk, (gx_c, ga_c))| {
-                let mut acc = vec![0f64; 2 * c];
-                let mut gpre = vec![0f32; c];
-                let mut pre = vec![0f32; c];
-                // tanh and exp of each log-scale, computed once per pixel.
-                let mut th = vec![0f32; c2];
-                let mut e = vec![0f32; c2];
-                for (r, (gxr, gar)) in gx_c
-                    .chunks_mut(x_c)
-                    .zip(ga_c.chunks_mut(2 * c2))
-                    .enumerate()
-                {
-                    let row = chunk * ROWS_PER_TASK + r;
-                    let xr = &x[x_off + row * x_rs..x_off + row * x_rs + c];
-                    let ar = &a[row * 2 * c2..(row + 1) * 2 * c2];
-                    let gr = &g[row * oc..(row + 1) * oc];
-                    let gl = gr[c];
-                    if x_c > c {
-                        // The accumulated log-det passes straight through.
-                        gxr[c] = gl;
-                    }
-                    pre[..c1].copy_from_slice(&xr[..c1]);
-                    for i in 0..c2 {
-                        let (s, t) = log_scale(ar[i]);
-                        th[i] = t;
-                        e[i] = s.exp();
-                        pre[c1 + i] = xr[c1 + i] * e[i] + SUBNET_SCALE * ar[c2 + i];
-                    }
-                    for (j, &p) in self.perm.iter().enumerate() {
-                        let p = p as usize;
-                        let go = gr[j];
-                        gpre[p] = go * scale[p];
-                        acc[p] += f64::from(go) * f64::from(pre[p]);
-                        acc[c + p] += f64::from(go);
-                    }
-                    gxr[..c1].copy_from_slice(&gpre[..c1]);
-                    for i in 0..c2 {
-                        let gp = gpre[c1 + i];
-                        gxr[c1 + i] = gp * e[i];
-                        let ds = gp * xr[c1 + i] * e[i] + gl;
-                        gar[i] = ds * AFFINE_CLAMPING as f32 * SUBNET_SCALE * (1.0 - th[i] * th[i]);
-                        gar[c2 + i] = SUBNET_SCALE * gp;
-                    }
-                }
-                acc
-            })
-            .collect();
-        let mut g_affine = vec![0f64; 2 * c];
-        for p in &partials {
-            for (t, v) in g_affine.iter_mut().zip(p) {
-                *t += v;
-            }
-        }
+        // The offset is not needed backward; the kernel checks its length.
+        let unused_offset = vec![0f32; c];
+        let cp = ff_kernels::Coupling {
+            perm: &self.perm,
+            scale: &self.scale,
+            offset: &unused_offset,
+            clamp: AFFINE_CLAMPING as f32,
+            subnet_scale: SUBNET_SCALE,
+        };
+        let g_affine = ff_kernels::coupling_backward(&cp, xv, a, g, &mut gx, &mut ga)
+            .map_err(candle_core::Error::wrap)?;
         let mut out = gx;
         out.append(&mut ga);
         out.extend(g_affine.iter().map(|&v| v as f32));

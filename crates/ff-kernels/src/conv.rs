@@ -208,14 +208,17 @@ impl PackedConv2d {
         } = geometry;
         let blocks = o.div_ceil(LANES);
         let mut weights = vec![0f32; blocks * k * k * c * LANES];
-        for (i, v) in weights.iter_mut().enumerate() {
-            let lane = i % LANES;
-            let ci = (i / LANES) % c;
-            let kx = (i / (LANES * c)) % k;
-            let ky = (i / (LANES * c * k)) % k;
-            let oo = (i / (LANES * c * k * k)) * LANES + lane;
-            if oo < o {
-                *v = weight(oo, ci, ky, kx);
+        for blk in 0..blocks {
+            let lanes = LANES.min(o - blk * LANES);
+            for ky in 0..k {
+                for kx in 0..k {
+                    for ci in 0..c {
+                        let at = (((blk * k + ky) * k + kx) * c + ci) * LANES;
+                        for (l, v) in weights[at..at + lanes].iter_mut().enumerate() {
+                            *v = weight(blk * LANES + l, ci, ky, kx);
+                        }
+                    }
+                }
             }
         }
         let mut b = vec![0f32; blocks * LANES];

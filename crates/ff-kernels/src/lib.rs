@@ -1,6 +1,6 @@
 //! CPU kernels shared by the backbone and the flows: NHWC convolutions with
 //! weights packed once and a fused epilogue, their input and weight gradients,
-//! and max-pooling.
+//! max-pooling, and the elementwise coupling of a flow step.
 //!
 //! The API takes and returns plain `f32` slices with explicit shapes; it knows
 //! nothing about candle, images or models. This is the only crate of the
@@ -17,6 +17,7 @@
 #[cfg(feature = "mimalloc")]
 pub mod alloc;
 pub mod conv;
+pub mod coupling;
 mod elementwise;
 mod error;
 mod isa;
@@ -27,6 +28,7 @@ pub mod wgrad;
 pub use conv::{
     conv2d, conv2d_with, Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedConv2d,
 };
+pub use coupling::{coupling_backward, coupling_forward, Coupling};
 pub use elementwise::relu_backward;
 pub use error::{Error, Result};
 pub use isa::{Isa, Route};
