@@ -263,7 +263,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let er = p * r * r + r + 1.0;
     // 2^n from the integer in t's low mantissa bits.
     let ni = t.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
@@ -279,10 +279,10 @@ pub fn tanh(x: f32) -> f32 {
     let ax = x.abs();
     let z = x * x;
     let mut p = -5.704_988_7e-3;
-    p = p * z + 2.063_908_9e-2;
+    p = p * z + 2.063_909e-2;
     p = p * z - 5.373_971_6e-2;
     p = p * z + 1.333_144_2e-1;
-    p = p * z - 3.333_328_2e-1;
+    p = p * z - 3.333_328e-1;
     let small = p * z * x + x;
     let large = 1.0 - 2.0 / (exp(2.0 * ax.min(20.0)) + 1.0);
     let large = large.copysign(x);
