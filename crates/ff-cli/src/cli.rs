@@ -208,6 +208,10 @@ pub struct BenchArgs {
     /// Untimed iterations before measuring.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
+    /// Measure inference only (no training step), e.g. for the large
+    /// transformer backbones.
+    #[arg(long)]
+    pub inference_only: bool,
     /// Override the config's input size (pixels) for quick comparisons.
     #[arg(long)]
     pub input_size: Option<usize>,

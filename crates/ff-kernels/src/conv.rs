@@ -467,6 +467,7 @@ pub fn conv2d_with(
 /// `wp` pixels (`p` zeros on the left), with the activation applied, into
 /// `window` (`[k][wp][C]`).
 #[allow(clippy::too_many_arguments)]
+#[inline(never)]
 fn gather_window(
     input: &NhwcRef,
     act: Activation,
@@ -502,7 +503,7 @@ fn gather_window(
 
 /// Bias, residual and activation on one tile, stored into the output row.
 #[allow(clippy::too_many_arguments)]
-#[inline]
+#[inline(never)]
 fn store_tile(
     conv: &PackedConv2d,
     tile: &[f32],
