@@ -1,22 +1,24 @@
 """Time the PyTorch reference FastFlow (training step and inference) on the CPU,
-next to ``cargo run -p ff-flow --release --example bench_train``.
+next to ``fastflow bench`` (``data-scripts/bench_side_by_side.sh`` runs both).
 
 Run from the repository root (no network; a few minutes on 2 cores):
 
-    /work/venv/ff/bin/python data-scripts/bench_reference.py [config] [size] [batch] [iters]
+    python data-scripts/bench_reference.py [config] [size] [batch] [iters] [out.json]
 
 ``config`` is ``resnet18`` (default) or ``wide_resnet50_2`` with the reference
 YAML settings (resnet18: 8 flow steps, hidden ratio 1.0, 3x3 kernels only).
 The model is the reference's, as ``make_flow_fixtures.py`` builds it, with
 timm's random init (``torch.manual_seed(0)``) and random inputs. PyTorch runs
 with 2 threads (``torch.set_num_threads(2)``), the machine's cores. Reports the
-best of ``iters`` timings of: backbone forward, the whole training step
-(forward, backward, ``torch.optim.Adam(lr=1e-3, weight_decay=1e-5)`` step) and
+best and the median of ``iters`` timings of the whole training step (forward,
+backward, ``torch.optim.Adam(lr=1e-3, weight_decay=1e-5)`` step), the best of
 its parts, and inference (forward + anomaly map under ``torch.no_grad()``) at
-batch ``batch`` and 1. Writes nothing.
+batch ``batch`` and 1; writes them as JSON to ``out.json`` if given.
 """
 
+import json
 import os
+import statistics
 import sys
 import time
 
@@ -33,13 +35,32 @@ CONFIGS = {
 }
 
 
-def best_of(iters, f):
-    best = float("inf")
+def timings(iters, f):
+    """Seconds of each of ``iters`` calls of ``f``, sorted."""
+    out = []
     for _ in range(iters):
         t0 = time.perf_counter()
         f()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        out.append(time.perf_counter() - t0)
+    return sorted(out)
+
+
+def best_of(iters, f):
+    return timings(iters, f)[0]
+
+
+def throughput(batch, secs):
+    """Best and median images per second of sorted timings."""
+    return {"batch_size": batch, "best_img_per_s": batch / secs[0],
+            "median_img_per_s": batch / statistics.median(secs)}
+
+
+def peak_rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return None
 
 
 def main():
@@ -48,6 +69,7 @@ def main():
     size = int(args[1]) if len(args) > 1 else 256
     batch = int(args[2]) if len(args) > 2 else 8
     iters = int(args[3]) if len(args) > 3 else 3
+    json_out = args[4] if len(args) > 4 else None
     cfg = CONFIGS[name]
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -56,8 +78,9 @@ def main():
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5
     )
     x = torch.randn(batch, 3, size, size)
-    print(f"torch {torch.__version__}, {name} @ {size} px, batch {batch}, best of {iters}, "
+    print(f"torch {torch.__version__}, {name} @ {size} px, batch {batch}, {iters} timed runs, "
           f"{torch.get_num_threads()} threads")
+    result = {"config": name, "input_size": size, "threads": torch.get_num_threads()}
 
     model.train()
 
@@ -68,7 +91,9 @@ def main():
         opt.step()
 
     step()  # warm-up
-    t_step = best_of(iters, step)
+    secs = timings(iters, step)
+    result["train"] = throughput(batch, secs)
+    result["train"]["peak_rss_mib"] = peak_rss_mib()
 
     def backbone():
         with torch.no_grad():
@@ -87,14 +112,16 @@ def main():
         opt.step()
         t3 = time.perf_counter()
         t_fwd, t_bwd, t_opt = min(t_fwd, t1 - t0), min(t_bwd, t2 - t1), min(t_opt, t3 - t2)
-    print(f"train step: {t_step * 1e3:8.1f} ms  ({batch / t_step:.2f} img/s)")
+    t = result["train"]
+    print(f"train step batch {batch}: best {t['best_img_per_s']:.2f} img/s | median "
+          f"{t['median_img_per_s']:.2f} img/s | peak RSS {t['peak_rss_mib']:.0f} MiB")
     print(f"  backbone: {t_backbone * 1e3:8.1f} ms")
     print(f"  forward:  {t_fwd * 1e3:8.1f} ms (backbone included)")
     print(f"  backward: {t_bwd * 1e3:8.1f} ms")
     print(f"  adam:     {t_opt * 1e3:8.1f} ms")
 
     model.eval()
-    for b in (batch, 1):
+    for b, key in ((batch, "inference"), (1, "inference_batch1")):
         xb = x[:b].contiguous()
 
         def infer():
@@ -102,8 +129,13 @@ def main():
                 return model(xb)["anomaly_map"]
 
         infer()
-        t = best_of(iters, infer)
-        print(f"inference batch {b}: {t * 1e3:8.1f} ms  ({b / t:.2f} img/s)")
+        result[key] = throughput(b, timings(iters, infer))
+        t = result[key]
+        print(f"inference batch {b}: best {t['best_img_per_s']:.2f} img/s | median "
+              f"{t['median_img_per_s']:.2f} img/s")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

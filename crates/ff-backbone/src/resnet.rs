@@ -109,7 +109,7 @@ impl ConvBn {
             };
             let w = folded_w.flatten_all()?.to_vec1::<f32>()?;
             let b = folded_b.to_vec1::<f32>()?;
-            Some(PackedConv2d::from_oihw(geometry, &w, Some(&b))?)
+            Some(PackedConv2d::from_oihw(geometry, None, &w, Some(&b))?)
         } else {
             None
         };

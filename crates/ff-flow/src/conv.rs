@@ -1,15 +1,18 @@
 //! The flow subnets' "same"-padded, stride-1 convolutions on channels-last
 //! (`[b, h, w, C]`) feature maps.
 //!
-//! On the CPU in f32 each convolution is one custom op on ff-kernels: the
-//! forward is the packed direct convolution, the input gradient is the same
+//! On the CPU in f32 each convolution is one custom op on ff-kernels
+//! (inputs: the map, the `[O, C, k, k]` weight, the bias): the forward is the
+//! packed convolution (Winograd for 3x3), the input gradient is the same
 //! kernel on flipped, transposed weights (no col2im), and the weight gradient
 //! is accumulated per thread over L2-sized column tiles; no im2col matrix of
-//! the whole batch ever exists. The weights travel as one `[k k C + 1, O]`
-//! matrix (rows `(ky k + kx) C + c`, the bias last), so autograd sees a
-//! single op with two inputs. Other devices and dtypes, and
+//! the whole batch ever exists. Each convolution keeps its packed weights in
+//! a [`PackCache`] keyed by a fingerprint of the weights, so inference packs
+//! once and training once per step. Other devices and dtypes, and
 //! `FASTFLOW_KERNELS=generic`, take an im2col route built from candle's
 //! differentiable ops.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use ff_kernels::{Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedConv2d, Route};
@@ -17,29 +20,57 @@ use ff_kernels::{Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedCon
 use crate::error::{Error, Result};
 use crate::fused::row_view;
 
+/// One convolution's weights as last packed for ff-kernels, with the
+/// fingerprint of the weights they came from.
+#[derive(Debug, Default)]
+pub(crate) struct PackCache {
+    slot: Mutex<Option<(u64, Arc<PackedConv2d>)>>,
+}
+
+impl PackCache {
+    /// The packing of `weight` and `bias`, reused while they are unchanged.
+    fn get(
+        &self,
+        g: ConvGeometry,
+        weight: &[f32],
+        bias: &[f32],
+    ) -> candle_core::Result<Arc<PackedConv2d>> {
+        let key = ff_kernels::fingerprint(weight) ^ ff_kernels::fingerprint(bias).rotate_left(17);
+        // A poisoned lock only means another thread panicked mid-packing;
+        // the slot is then repacked.
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, packed)) = slot.as_ref() {
+            if *k == key {
+                return Ok(Arc::clone(packed));
+            }
+        }
+        let packed = Arc::new(
+            PackedConv2d::from_oihw(g, None, weight, Some(bias))
+                .map_err(candle_core::Error::wrap)?,
+        );
+        *slot = Some((key, Arc::clone(&packed)));
+        Ok(packed)
+    }
+}
+
 /// A "same"-padded, stride-1 convolution with bias on a channels-last map,
-/// numerically the reference's `nn.Conv2d(C, O, k, padding=k // 2)`.
+/// numerically the reference's `nn.Conv2d(C, O, k, padding=k // 2)`, of the
+/// input itself ([`Activation::Identity`]) or of its ReLU, folded into the
+/// kernel's gather (and the ReLU's gradient mask into the input gradient).
 ///
 /// # Shapes
 /// `x`: `[b, h, w, C']` with `C' >= C` (any layout; only the first `C`
 /// channels are read, so a step can pass its whole input for the first
 /// half), `weight`: `[O, C, k, k]` (PyTorch's), `bias`: `[O]` -> `[b, h, w, O]`
 /// (contiguous).
-pub fn conv2d_same_nhwc(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv2d_same_nhwc_impl(x, weight, bias, false)
-}
-
-/// [`conv2d_same_nhwc`] of `relu(x)`, with the ReLU folded into the im2col
-/// gather (and its gradient mask into the scatter), so that the activation
-/// costs no pass of its own either way.
-///
-/// # Shapes
-/// As [`conv2d_same_nhwc`].
-pub fn relu_conv2d_same_nhwc(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv2d_same_nhwc_impl(x, weight, bias, true)
-}
-
-fn conv2d_same_nhwc_impl(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool) -> Result<Tensor> {
+pub(crate) fn conv2d_same_nhwc(
+    x: &Tensor,
+    input: Activation,
+    weight: &Tensor,
+    bias: &Tensor,
+    cache: &Arc<PackCache>,
+) -> Result<Tensor> {
+    let relu = input == Activation::Relu;
     let (b, h, w, x_c) = x.dims4()?;
     let (o, c, k, k2) = weight.dims4()?;
     if x_c < c || k != k2 || k % 2 == 0 || bias.dims() != [o] {
@@ -54,10 +85,6 @@ fn conv2d_same_nhwc_impl(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool)
             ),
         });
     }
-    // Row (ky k + kx) C + c of the matrix holds weight[:, c, ky, kx], the
-    // order in which im2col lays out each pixel's neighbourhood.
-    let wmat = weight.permute((2, 3, 1, 0))?.reshape((k * k * c, o))?; // [k k C, O]
-    let wmat = Tensor::cat(&[&wmat, &bias.reshape((1, o))?], 0)?; // [k k C + 1, O]
     if x.device().is_cpu() && x.dtype() == DType::F32 && Route::current() == Route::Kernels {
         // One op, so that autograd sees the convolution whole.
         let x = if row_view(x.layout()).is_some() {
@@ -65,8 +92,19 @@ fn conv2d_same_nhwc_impl(x: &Tensor, weight: &Tensor, bias: &Tensor, relu: bool)
         } else {
             x.contiguous()?
         };
-        return Ok(x.apply_op2(&wmat.contiguous()?, ConvSame { k, c, o, relu })?);
+        let op = ConvSame {
+            k,
+            c,
+            o,
+            relu,
+            cache: Arc::clone(cache),
+        };
+        return Ok(x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?);
     }
+    // Row (ky k + kx) C + c of the matrix holds weight[:, c, ky, kx], the
+    // order in which im2col lays out each pixel's neighbourhood.
+    let wmat = weight.permute((2, 3, 1, 0))?.reshape((k * k * c, o))?; // [k k C, O]
+    let wmat = Tensor::cat(&[&wmat, &bias.reshape((1, o))?], 0)?; // [k k C + 1, O]
     let x1 = x.narrow(3, 0, c)?;
     let x1 = if relu { x1.relu()? } else { x1 };
     let cols = im2col_generic(&x1, k)?; // [b h w, k k C + 1]
@@ -137,8 +175,20 @@ fn input_activation(relu: bool) -> Activation {
     }
 }
 
+/// The contiguous values of an op input.
+fn contiguous<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what}: the weights must be contiguous")
+    };
+    Ok(&f32_data(storage, what)?[start..end])
+}
+
 /// The whole convolution on ff-kernels; inputs `x` `[b, h, w, C']` (the
-/// first `c` channels read) and the weight matrix `[k k c + 1, o]`.
+/// first `c` channels read), the weight `[o, c, k, k]` and the bias `[o]`.
 struct ConvSame {
     k: usize,
     /// Input channels read (the first `c` of the map).
@@ -146,9 +196,10 @@ struct ConvSame {
     o: usize,
     /// Whether the ReLU is applied to the input as it is read.
     relu: bool,
+    cache: Arc<PackCache>,
 }
 
-impl CustomOp2 for ConvSame {
+impl CustomOp3 for ConvSame {
     fn name(&self) -> &'static str {
         "ff-conv-same-nhwc"
     }
@@ -157,17 +208,18 @@ impl CustomOp2 for ConvSame {
         &self,
         x: &CpuStorage,
         x_l: &Layout,
-        wmat: &CpuStorage,
-        wmat_l: &Layout,
+        weight: &CpuStorage,
+        weight_l: &Layout,
+        bias: &CpuStorage,
+        bias_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, _) = x_l.shape().dims4()?;
         let input = nhwc_view(f32_data(x, self.name())?, x_l, self.c, self.name())?;
-        let Some((start, end)) = wmat_l.contiguous_offsets() else {
-            candle_core::bail!("{}: the weight matrix must be contiguous", self.name())
-        };
-        let rows = &f32_data(wmat, self.name())?[start..end];
-        let g = geometry(self.k, self.c, self.o);
-        let packed = PackedConv2d::from_rows(g, rows).map_err(candle_core::Error::wrap)?;
+        let weight = contiguous(weight, weight_l, self.name())?;
+        let bias = contiguous(bias, bias_l, self.name())?;
+        let packed = self
+            .cache
+            .get(geometry(self.k, self.c, self.o), weight, bias)?;
         let mut out = vec![0f32; b * h * w * self.o];
         ff_kernels::conv2d(
             &packed,
@@ -183,15 +235,16 @@ impl CustomOp2 for ConvSame {
     fn bwd(
         &self,
         x: &Tensor,
-        wmat: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Nothing here needs a graph of its own.
-        let (x, wmat) = (x.detach(), wmat.detach());
+        let (x, weight) = (x.detach(), weight.detach());
         let grad = grad_res.detach().contiguous()?;
         let grad_x = grad.apply_op3_no_bwd(
-            &wmat,
+            &weight,
             &x,
             &ConvInputGrad {
                 k: self.k,
@@ -200,7 +253,8 @@ impl CustomOp2 for ConvSame {
                 relu: self.relu,
             },
         )?;
-        let grad_wmat = x.apply_op2_no_bwd(
+        // [O C k k | O]: the weight's gradient, then the bias's.
+        let grads = x.apply_op2_no_bwd(
             &grad,
             &ConvWeightGrad {
                 k: self.k,
@@ -209,15 +263,20 @@ impl CustomOp2 for ConvSame {
                 relu: self.relu,
             },
         )?;
-        Ok((Some(grad_x), Some(grad_wmat)))
+        let n_w = self.o * self.c * self.k * self.k;
+        let grad_w = grads
+            .narrow(0, 0, n_w)?
+            .reshape((self.o, self.c, self.k, self.k))?;
+        let grad_b = grads.narrow(0, n_w, self.o)?;
+        Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
     }
 }
 
 /// The input gradient of [`ConvSame`]: the forward kernel on the flipped,
 /// transposed weights, masked where the ReLU clipped the input. Inputs: the
-/// output gradient `[b, h, w, o]`, the weight matrix, the forward input `x`
-/// `[b, h, w, C']`; output `[b, h, w, C']` (0 past the first `c` channels,
-/// which the forward did not read).
+/// output gradient `[b, h, w, o]`, the weight `[o, c, k, k]`, the forward
+/// input `x` `[b, h, w, C']`; output `[b, h, w, C']` (0 past the first `c`
+/// channels, which the forward did not read).
 struct ConvInputGrad {
     k: usize,
     c: usize,
@@ -234,20 +293,17 @@ impl CustomOp3 for ConvInputGrad {
         &self,
         grad: &CpuStorage,
         grad_l: &Layout,
-        wmat: &CpuStorage,
-        wmat_l: &Layout,
+        weight: &CpuStorage,
+        weight_l: &Layout,
         x: &CpuStorage,
         x_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, x_c) = x_l.shape().dims4()?;
         let gy = nhwc_view(f32_data(grad, self.name())?, grad_l, self.o, self.name())?;
-        let Some((start, end)) = wmat_l.contiguous_offsets() else {
-            candle_core::bail!("{}: the weight matrix must be contiguous", self.name())
-        };
-        let rows = &f32_data(wmat, self.name())?[start..end];
+        let weight = contiguous(weight, weight_l, self.name())?;
         let g = geometry(self.k, self.c, self.o);
-        let packed =
-            PackedConv2d::input_gradient_from_rows(g, rows).map_err(candle_core::Error::wrap)?;
+        let packed = PackedConv2d::input_gradient_from_oihw(g, None, weight)
+            .map_err(candle_core::Error::wrap)?;
         let mut out = vec![0f32; b * h * w * x_c];
         ff_kernels::conv2d(
             &packed,
@@ -270,8 +326,9 @@ impl CustomOp3 for ConvInputGrad {
     }
 }
 
-/// The weight-matrix gradient of [`ConvSame`]: inputs `x` `[b, h, w, C']`
-/// and the output gradient `[b, h, w, o]`; output `[k k c + 1, o]`.
+/// The weight and bias gradients of [`ConvSame`]: inputs `x` `[b, h, w, C']`
+/// and the output gradient `[b, h, w, o]`; output the flat
+/// `[o c k k | o]` (weight in PyTorch's layout, then bias).
 struct ConvWeightGrad {
     k: usize,
     c: usize,
@@ -293,17 +350,28 @@ impl CustomOp2 for ConvWeightGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let input = nhwc_view(f32_data(x, self.name())?, x_l, self.c, self.name())?;
         let gy = nhwc_view(f32_data(grad, self.name())?, grad_l, self.o, self.name())?;
-        let rows = self.k * self.k * self.c + 1;
-        let mut out = vec![0f32; rows * self.o];
+        let (k, c, o) = (self.k, self.c, self.o);
+        let mut rows = vec![0f32; (k * k * c + 1) * o];
         ff_kernels::conv2d_weight_grad(
-            geometry(self.k, self.c, self.o),
+            geometry(k, c, o),
             input,
             input_activation(self.relu),
             gy,
-            &mut out,
+            &mut rows,
         )
         .map_err(candle_core::Error::wrap)?;
-        Ok((CpuStorage::F32(out), Shape::from((rows, self.o))))
+        // Rows (ky k + kx) C + c by columns o -> [o][c][ky][kx], bias last.
+        let mut out = vec![0f32; o * c * k * k + o];
+        for (oo, dst) in out[..o * c * k * k].chunks_exact_mut(c * k * k).enumerate() {
+            for ci in 0..c {
+                for t in 0..k * k {
+                    dst[ci * k * k + t] = rows[(t * c + ci) * o + oo];
+                }
+            }
+        }
+        out[o * c * k * k..].copy_from_slice(&rows[k * k * c * o..]);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 
@@ -329,6 +397,50 @@ mod tests {
             .unwrap()
     }
 
+    /// The packed weights are reused while the weights stay the same and
+    /// repacked as soon as either the weight or the bias changes.
+    #[test]
+    fn pack_cache_follows_weight_changes() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 5, 6, 8), &dev).unwrap();
+        let weight =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (16, 8, 3, 3), &dev).unwrap()).unwrap();
+        let bias = Var::from_tensor(&Tensor::zeros(16, DType::F32, &dev).unwrap()).unwrap();
+        let cache = Arc::new(PackCache::default());
+        let conv = |w: &Tensor, b: &Tensor| {
+            conv2d_same_nhwc(&x, Activation::Identity, w, b, &cache).unwrap()
+        };
+        let first = conv(&weight, &bias);
+        assert_eq!(max_abs_diff(&first, &conv(&weight, &bias)), 0.0);
+        let packed = cache
+            .slot
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(_, p)| Arc::clone(p))
+            .unwrap();
+        conv(&weight, &bias);
+        let again = cache
+            .slot
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(_, p)| Arc::clone(p))
+            .unwrap();
+        assert!(
+            Arc::ptr_eq(&packed, &again),
+            "unchanged weights were repacked"
+        );
+
+        weight.set(&(weight.as_tensor() * 2.0).unwrap()).unwrap();
+        let doubled = conv(&weight, &bias);
+        assert!(max_abs_diff(&doubled, &(&first * 2.0).unwrap()) < 1e-4);
+        bias.set(&Tensor::ones(16, DType::F32, &dev).unwrap())
+            .unwrap();
+        let shifted = conv(&weight, &bias);
+        assert!(max_abs_diff(&shifted, &(&doubled + 1.0).unwrap()) < 1e-5);
+    }
+
     /// The custom op, the generic route and candle's conv2d agree, forward
     /// and backward, on a narrowed (strided) input, for k = 3 and k = 1, with
     /// and without the folded ReLU.
@@ -345,11 +457,13 @@ mod tests {
             let x = full.narrow(3, 1, c).unwrap(); // strided channels
                                                    // Only the first c of these are read: the rest get no gradient.
             let wide = full.narrow(3, 1, c + 1).unwrap();
-            let ours = if relu {
-                relu_conv2d_same_nhwc(&wide, &weight, &bias).unwrap()
+            let act = if relu {
+                Activation::Relu
             } else {
-                conv2d_same_nhwc(&wide, &weight, &bias).unwrap()
+                Activation::Identity
             };
+            let cache = Arc::new(PackCache::default());
+            let ours = conv2d_same_nhwc(&wide, act, &weight, &bias, &cache).unwrap();
             let x_act = if relu { x.relu().unwrap() } else { x.clone() };
             let x_nchw = x_act.permute((0, 3, 1, 2)).unwrap().contiguous().unwrap();
             let theirs_nchw = x_nchw

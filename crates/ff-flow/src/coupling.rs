@@ -2,11 +2,14 @@
 //! `AllInOneBlock` as the reference configures it (affine clamping 2.0,
 //! SOFTPLUS global affine initialised to 1.0, hard permutation).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use ff_kernels::Activation;
 use rand_chacha::ChaCha8Rng;
 
-use crate::conv::{conv2d_same_nhwc, relu_conv2d_same_nhwc};
+use crate::conv::{conv2d_same_nhwc, PackCache};
 use crate::error::{Error, Result};
 use crate::fused::{row_view, CouplingOp};
 use crate::param::{trainable, Param, ParamInit};
@@ -185,6 +188,9 @@ pub struct AllInOneBlock {
     conv1_bias: Param,
     conv2_weight: Param,
     conv2_bias: Param,
+    /// The two convolutions' weights as packed for the CPU kernels.
+    conv1_packed: Arc<PackCache>,
+    conv2_packed: Arc<PackCache>,
     permutation: Permutation,
     key_prefix: String,
 }
@@ -255,6 +261,8 @@ impl AllInOneBlock {
             conv1_bias,
             conv2_weight,
             conv2_bias,
+            conv1_packed: Arc::default(),
+            conv2_packed: Arc::default(),
             permutation,
             key_prefix: vb.prefix(),
         })
@@ -435,8 +443,20 @@ impl AllInOneBlock {
     /// `x1`: `[b, h, w, C']` with `C' >= C - C/2` (only the first `C - C/2`
     /// channels are read) -> `[b, h, w, 2 (C/2)]`.
     fn subnet_raw(&self, x1: &Tensor) -> Result<Tensor> {
-        let hdn = conv2d_same_nhwc(x1, &self.conv1_weight.tensor, &self.conv1_bias.tensor)?;
-        relu_conv2d_same_nhwc(&hdn, &self.conv2_weight.tensor, &self.conv2_bias.tensor)
+        let hdn = conv2d_same_nhwc(
+            x1,
+            Activation::Identity,
+            &self.conv1_weight.tensor,
+            &self.conv1_bias.tensor,
+            &self.conv1_packed,
+        )?;
+        conv2d_same_nhwc(
+            &hdn,
+            Activation::Relu,
+            &self.conv2_weight.tensor,
+            &self.conv2_bias.tensor,
+            &self.conv2_packed,
+        )
     }
 }
 

@@ -4,13 +4,35 @@
 use std::time::Instant;
 
 use ff_kernels::{
-    conv2d, conv2d_weight_grad, Activation, ConvGeometry, Epilogue, Isa, NhwcMut, NhwcRef,
-    PackedConv2d,
+    conv2d, conv2d_weight_grad, Activation, Algorithm, ConvGeometry, Epilogue, Isa, NhwcMut,
+    NhwcRef, PackedConv2d,
 };
 
 fn main() {
     let n = 8;
     println!("isa: {}", Isa::detect().name());
+    // Packing cost per call, as the flows pay it (weights change every step).
+    for (c, o) in [(32usize, 64usize), (128, 256)] {
+        let g = ConvGeometry {
+            in_channels: c,
+            out_channels: o,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        let rows = vec![0.01f32; (9 * c + 1) * o];
+        for algorithm in [Algorithm::Direct, Algorithm::Winograd] {
+            let t = Instant::now();
+            for _ in 0..10 {
+                let p = PackedConv2d::from_rows(g, Some(algorithm), &rows).unwrap();
+                std::hint::black_box(&p);
+            }
+            println!(
+                "pack {c}->{o} {algorithm:?}: {:.3} ms",
+                t.elapsed().as_secs_f64() * 100.0
+            );
+        }
+    }
     // (name, c, o, k, stride, h)
     let layers = [
         ("stem 7x7/2", 3, 64, 7, 2, 256),
@@ -34,7 +56,7 @@ fn main() {
         };
         let x = vec![0.5f32; n * h * h * c];
         let wt = vec![0.01f32; o * c * k * k];
-        let packed = PackedConv2d::from_oihw(g, &wt, None).unwrap();
+        let packed = PackedConv2d::from_oihw(g, Some(Algorithm::Direct), &wt, None).unwrap();
         let (oh, ow) = g.output_size(h, h).unwrap();
         let mut out = vec![0f32; n * oh * ow * o];
         let flop = 2.0 * (n * oh * ow * o * c * k * k) as f64;
@@ -50,6 +72,22 @@ fn main() {
             )
             .unwrap();
             best = best.min(t.elapsed().as_secs_f64());
+        }
+        let mut wino = f64::NAN;
+        if let Ok(wpacked) = PackedConv2d::from_oihw(g, Some(Algorithm::Winograd), &wt, None) {
+            wino = f64::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                conv2d(
+                    &wpacked,
+                    NhwcRef::new(&x, [n, h, h, c]).unwrap(),
+                    Activation::Identity,
+                    Epilogue::default(),
+                    NhwcMut::new(&mut out, [n, oh, ow, o]).unwrap(),
+                )
+                .unwrap();
+                wino = wino.min(t.elapsed().as_secs_f64());
+            }
         }
         let mut wbest = f64::MAX;
         if s == 1 {
@@ -68,9 +106,11 @@ fn main() {
             }
         }
         println!(
-            "{name:22} fwd {:7.2} ms {:6.1} GFLOP/s | wgrad {:7.2} ms {:6.1} GFLOP/s",
+            "{name:22} direct {:6.2} ms {:6.1} GFLOP/s | winograd {:6.2} ms ({:4.2}x) | wgrad {:6.2} ms {:6.1} GFLOP/s",
             best * 1e3,
             flop / best / 1e9,
+            wino * 1e3,
+            best / wino,
             wbest * 1e3,
             flop / wbest / 1e9
         );

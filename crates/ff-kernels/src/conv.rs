@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use crate::error::{shape_error, Result};
 use crate::isa::Isa;
 use crate::micro::{max_blocks, max_pixels, run_tile, Tile, LANES};
+use crate::winograd;
 
 /// The shape of one convolution (square kernel, equal stride and zero padding
 /// on both axes, no dilation, no groups).
@@ -181,25 +182,61 @@ impl<'a> NhwcMut<'a> {
     }
 }
 
+/// How a convolution is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// The register-blocked direct convolution (any geometry).
+    Direct,
+    /// Winograd F(2x2, 3x3) (3x3, stride 1, padding 1 only).
+    Winograd,
+}
+
 /// Convolution weights packed for the micro-kernel: `[O/16][k][k][C][16]`
-/// (output channels padded with zeros to a multiple of 16), and the bias
-/// padded likewise.
+/// (output channels padded with zeros to a multiple of 16), the bias padded
+/// likewise, and for Winograd the transformed weights.
 #[derive(Debug, Clone)]
 pub struct PackedConv2d {
     geometry: ConvGeometry,
     blocks: usize,
     weights: Vec<f32>,
     bias: Vec<f32>,
+    /// `U = G g G^T` as `[16][O/16][C][16]`, when Winograd is chosen.
+    winograd: Option<Vec<f32>>,
+}
+
+/// Whether Winograd is the default where it applies: yes, unless
+/// `FASTFLOW_WINOGRAD=off`.
+fn winograd_by_default() -> bool {
+    !matches!(
+        std::env::var("FASTFLOW_WINOGRAD").as_deref(),
+        Ok("off" | "0")
+    )
 }
 
 impl PackedConv2d {
-    /// Packs `weight(o, c, ky, kx)` and `bias(o)`.
+    /// Packs `weight(o, c, ky, kx)` and `bias(o)` for `algorithm`; `None`
+    /// picks Winograd where it applies (3x3, stride 1, padding 1) unless
+    /// `FASTFLOW_WINOGRAD=off`, else the direct convolution. Asking for
+    /// Winograd where it does not apply is an error.
     pub fn from_fn(
         geometry: ConvGeometry,
+        algorithm: Option<Algorithm>,
         weight: impl Fn(usize, usize, usize, usize) -> f32,
         bias: impl Fn(usize) -> f32,
     ) -> Result<Self> {
         geometry.check()?;
+        let algorithm = match algorithm {
+            Some(Algorithm::Winograd) if !winograd::applies(&geometry) => {
+                return Err(shape_error(
+                    "Winograd convolution",
+                    "kernel 3, stride 1, padding 1",
+                    format!("{geometry:?}"),
+                ))
+            }
+            Some(a) => a,
+            None if winograd::applies(&geometry) && winograd_by_default() => Algorithm::Winograd,
+            None => Algorithm::Direct,
+        };
         let ConvGeometry {
             in_channels: c,
             out_channels: o,
@@ -207,8 +244,13 @@ impl PackedConv2d {
             ..
         } = geometry;
         let blocks = o.div_ceil(LANES);
-        let mut weights = vec![0f32; blocks * k * k * c * LANES];
-        for blk in 0..blocks {
+        let direct_len = if algorithm == Algorithm::Direct {
+            blocks * k * k * c * LANES
+        } else {
+            0
+        };
+        let mut weights = vec![0f32; direct_len];
+        for blk in (0..blocks).filter(|_| direct_len > 0) {
             let lanes = LANES.min(o - blk * LANES);
             for ky in 0..k {
                 for kx in 0..k {
@@ -225,16 +267,34 @@ impl PackedConv2d {
         for (oo, v) in b.iter_mut().enumerate().take(o) {
             *v = bias(oo);
         }
+        let winograd =
+            (algorithm == Algorithm::Winograd).then(|| winograd::pack(&geometry, &weight));
         Ok(Self {
             geometry,
             blocks,
             weights,
             bias: b,
+            winograd,
         })
     }
 
-    /// Packs PyTorch-layout weights `[O, C, k, k]` and an optional bias `[O]`.
-    pub fn from_oihw(geometry: ConvGeometry, weight: &[f32], bias: Option<&[f32]>) -> Result<Self> {
+    /// The algorithm [`conv2d`] will use.
+    pub fn algorithm(&self) -> Algorithm {
+        if self.winograd.is_some() {
+            Algorithm::Winograd
+        } else {
+            Algorithm::Direct
+        }
+    }
+
+    /// Packs PyTorch-layout weights `[O, C, k, k]` and an optional bias `[O]`
+    /// (`algorithm` as in [`Self::from_fn`]).
+    pub fn from_oihw(
+        geometry: ConvGeometry,
+        algorithm: Option<Algorithm>,
+        weight: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
         let ConvGeometry {
             in_channels: c,
             out_channels: o,
@@ -255,6 +315,7 @@ impl PackedConv2d {
         }
         Self::from_fn(
             geometry,
+            algorithm,
             |oo, ci, ky, kx| weight[((oo * c + ci) * k + ky) * k + kx],
             |oo| bias.map_or(0.0, |b| b[oo]),
         )
@@ -262,11 +323,16 @@ impl PackedConv2d {
 
     /// Packs a weight matrix in rows `(ky k + kx) C + c` by columns `o`, with
     /// the bias as one more row (`[k k C + 1, O]`, the flows' layout).
-    pub fn from_rows(geometry: ConvGeometry, rows: &[f32]) -> Result<Self> {
+    pub fn from_rows(
+        geometry: ConvGeometry,
+        algorithm: Option<Algorithm>,
+        rows: &[f32],
+    ) -> Result<Self> {
         let (c, o, k) = (geometry.in_channels, geometry.out_channels, geometry.kernel);
         check_rows(rows, k, c, o)?;
         Self::from_fn(
             geometry,
+            algorithm,
             |oo, ci, ky, kx| rows[((ky * k + kx) * c + ci) * o + oo],
             |oo| rows[k * k * c * o + oo],
         )
@@ -276,7 +342,11 @@ impl PackedConv2d {
     /// stride-1 convolution `geometry` (weights as in [`Self::from_rows`]) to
     /// its input gradient: the kernel flipped, input and output channels
     /// swapped, padding `k - 1 - p`, no bias.
-    pub fn input_gradient_from_rows(geometry: ConvGeometry, rows: &[f32]) -> Result<Self> {
+    pub fn input_gradient_from_rows(
+        geometry: ConvGeometry,
+        algorithm: Option<Algorithm>,
+        rows: &[f32],
+    ) -> Result<Self> {
         let (c, o, k, p) = (
             geometry.in_channels,
             geometry.out_channels,
@@ -300,7 +370,50 @@ impl PackedConv2d {
         };
         Self::from_fn(
             transposed,
+            algorithm,
             |ci, oo, ky, kx| rows[(((k - 1 - ky) * k + (k - 1 - kx)) * c + ci) * o + oo],
+            |_| 0.0,
+        )
+    }
+
+    /// [`Self::input_gradient_from_rows`] for PyTorch-layout weights
+    /// `[O, C, k, k]`.
+    pub fn input_gradient_from_oihw(
+        geometry: ConvGeometry,
+        algorithm: Option<Algorithm>,
+        weight: &[f32],
+    ) -> Result<Self> {
+        let (c, o, k, p) = (
+            geometry.in_channels,
+            geometry.out_channels,
+            geometry.kernel,
+            geometry.padding,
+        );
+        if geometry.stride != 1 || p >= k {
+            return Err(shape_error(
+                "input-gradient convolution",
+                "stride 1 and padding < kernel",
+                format!("{geometry:?}"),
+            ));
+        }
+        if weight.len() != o * c * k * k {
+            return Err(shape_error(
+                "convolution weight",
+                format!("[{o}, {c}, {k}, {k}]"),
+                weight.len(),
+            ));
+        }
+        let transposed = ConvGeometry {
+            in_channels: o,
+            out_channels: c,
+            kernel: k,
+            stride: 1,
+            padding: k - 1 - p,
+        };
+        Self::from_fn(
+            transposed,
+            algorithm,
+            |ci, oo, ky, kx| weight[((oo * c + ci) * k + (k - 1 - ky)) * k + (k - 1 - kx)],
             |_| 0.0,
         )
     }
@@ -397,6 +510,19 @@ pub fn conv2d_with(
     if n * oh * ow == 0 {
         return Ok(());
     }
+    if let Some(u) = &conv.winograd {
+        winograd::conv2d(
+            isa,
+            &g,
+            u,
+            &conv.bias,
+            &input,
+            input_activation,
+            &epilogue,
+            out,
+        );
+        return Ok(());
+    }
     let (k, s, p) = (g.kernel, g.stride, g.padding);
     // The window is wide enough for the padded input and for the last
     // output pixel's taps.
@@ -444,6 +570,7 @@ pub fn conv2d_with(
                             // SAFETY: ob0 < blocks, so the offset is inside the weights.
                             weights: unsafe { conv.weights.as_ptr().add(ob0 * block_stride) },
                             block_stride,
+                            out_stride: obn * LANES,
                         };
                         // SAFETY: the window holds k rows of wp pixels of c
                         // channels and (ox0 + pn - 1) s + k <= wp, so every
@@ -468,7 +595,7 @@ pub fn conv2d_with(
 /// `window` (`[k][wp][C]`).
 #[allow(clippy::too_many_arguments)]
 #[inline(never)]
-fn gather_window(
+pub(crate) fn gather_window(
     input: &NhwcRef,
     act: Activation,
     b: usize,

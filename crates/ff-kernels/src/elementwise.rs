@@ -36,3 +36,25 @@ pub fn relu_backward(input: NhwcRef, grad: NhwcMut) -> Result<()> {
         });
     Ok(())
 }
+
+/// A 64-bit fingerprint of `data`'s bits, to tell whether weights changed
+/// since they were last packed: eight independent multiply-xor lanes (so it
+/// runs at memory speed), folded at the end.
+pub fn fingerprint(data: &[f32]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut lanes = [0xcbf2_9ce4_8422_2325u64; 8];
+    let mut chunks = data.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (h, v) in lanes.iter_mut().zip(chunk) {
+            *h = (*h ^ u64::from(v.to_bits())).wrapping_mul(PRIME);
+        }
+    }
+    for (h, v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *h = (*h ^ u64::from(v.to_bits())).wrapping_mul(PRIME);
+    }
+    let mut out = data.len() as u64;
+    for h in lanes {
+        out = (out ^ h).wrapping_mul(PRIME).rotate_left(29);
+    }
+    out
+}

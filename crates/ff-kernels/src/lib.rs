@@ -24,12 +24,14 @@ mod isa;
 mod micro;
 pub mod pool;
 pub mod wgrad;
+mod winograd;
 
 pub use conv::{
-    conv2d, conv2d_with, Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedConv2d,
+    conv2d, conv2d_with, Activation, Algorithm, ConvGeometry, Epilogue, NhwcMut, NhwcRef,
+    PackedConv2d,
 };
 pub use coupling::{coupling_backward, coupling_forward, Coupling};
-pub use elementwise::relu_backward;
+pub use elementwise::{fingerprint, relu_backward};
 pub use error::{Error, Result};
 pub use isa::{Isa, Route};
 pub use pool::max_pool2d;

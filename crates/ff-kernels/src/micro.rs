@@ -26,6 +26,9 @@ pub(crate) struct Tile {
     pub weights: *const f32,
     /// Distance between two blocks' packed weights (`k k C 16`).
     pub block_stride: usize,
+    /// Distance between two pixels' results in the output (`ob 16` for a
+    /// compact `[p][ob][16]` tile).
+    pub out_stride: usize,
 }
 
 /// The largest pixel count of a tile with `ob` blocks on `isa`, chosen so the
@@ -47,16 +50,17 @@ pub(crate) fn max_blocks(isa: Isa) -> usize {
     }
 }
 
-/// Accumulates one tile of `p` pixels x `ob` blocks into `out`
-/// (`[p][ob][16]`, overwritten).
+/// Accumulates one tile of `p` pixels x `ob` blocks into `out`: pixel `i`,
+/// block `j` at `out[i out_stride + j 16 ..][..16]` (overwritten).
 ///
 /// # Safety
 /// `t` must describe readable memory: for every pixel `i < p`, tap `(ky, kx)`
 /// and channel `ci < t.c`, `t.src + i pix_stride + ky row_stride + kx c + ci`,
 /// and for every block `j < ob`, `t.weights + j block_stride + [0, k k C 16)`.
-/// `out` must hold at least `p ob 16` values, and `isa` must be supported.
+/// `out` must hold at least `(p - 1) out_stride + ob 16` values, with
+/// `out_stride >= ob 16`, and `isa` must be supported.
 pub(crate) unsafe fn run_tile(isa: Isa, p: usize, ob: usize, t: &Tile, out: &mut [f32]) {
-    debug_assert!(out.len() >= p * ob * LANES);
+    debug_assert!(t.out_stride >= ob * LANES && out.len() >= (p - 1) * t.out_stride + ob * LANES);
     let out = out.as_mut_ptr();
     macro_rules! pick {
         ($f:ident; $($ob:literal => [$($p:literal)*]),*) => {
@@ -109,8 +113,8 @@ unsafe fn tile_avx512<const P: usize, const OB: usize>(t: &Tile, out: *mut f32) 
     }
     for (i, row) in acc.iter().enumerate() {
         for (j, a) in row.iter().enumerate() {
-            // SAFETY: `out` holds `P OB 16` values.
-            unsafe { _mm512_storeu_ps(out.add((i * OB + j) * LANES), *a) };
+            // SAFETY: the caller vouched for the output's extent.
+            unsafe { _mm512_storeu_ps(out.add(i * t.out_stride + j * LANES), *a) };
         }
     }
 }
@@ -144,9 +148,9 @@ unsafe fn tile_avx2<const P: usize, const OB: usize>(t: &Tile, out: *mut f32) {
     }
     for (i, row) in acc.iter().enumerate() {
         for (j, a) in row.iter().enumerate() {
-            // SAFETY: `out` holds `P OB 16` values.
+            // SAFETY: the caller vouched for the output's extent.
             unsafe {
-                let o = out.add((i * OB + j) * LANES);
+                let o = out.add(i * t.out_stride + j * LANES);
                 _mm256_storeu_ps(o, a[0]);
                 _mm256_storeu_ps(o.add(8), a[1]);
             }
@@ -180,18 +184,24 @@ unsafe fn tile_portable<const P: usize, const OB: usize>(t: &Tile, out: *mut f32
             }
         }
     }
-    // SAFETY: `out` holds `P OB 16` values.
-    let out = unsafe { std::slice::from_raw_parts_mut(out, P * OB * LANES) };
-    for (dst, src) in out.chunks_exact_mut(LANES).zip(acc.iter().flatten()) {
-        dst.copy_from_slice(src);
+    for (i, row) in acc.iter().enumerate() {
+        for (j, a) in row.iter().enumerate() {
+            // SAFETY: the caller vouched for the output's extent.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(out.add(i * t.out_stride + j * LANES), LANES)
+            };
+            dst.copy_from_slice(a);
+        }
     }
 }
 
 /// Any tile shape, for shapes no specialised kernel covers.
 unsafe fn tile_dyn(p: usize, ob: usize, t: &Tile, out: *mut f32) {
-    // SAFETY: `out` holds `p ob 16` values.
-    let out = unsafe { std::slice::from_raw_parts_mut(out, p * ob * LANES) };
-    out.fill(0.0);
+    // SAFETY: the caller vouched for the output's extent.
+    let out = unsafe { std::slice::from_raw_parts_mut(out, (p - 1) * t.out_stride + ob * LANES) };
+    for i in 0..p {
+        out[i * t.out_stride..i * t.out_stride + ob * LANES].fill(0.0);
+    }
     for ky in 0..t.k {
         for kx in 0..t.k {
             for ci in 0..t.c {
@@ -205,7 +215,8 @@ unsafe fn tile_dyn(p: usize, ob: usize, t: &Tile, out: *mut f32) {
                         let wo = j * t.block_stride + ((ky * t.k + kx) * t.c + ci) * LANES;
                         for l in 0..LANES {
                             // SAFETY: within the weights the caller vouched for.
-                            out[(i * ob + j) * LANES + l] += xv * unsafe { *t.weights.add(wo + l) };
+                            out[i * t.out_stride + j * LANES + l] +=
+                                xv * unsafe { *t.weights.add(wo + l) };
                         }
                     }
                 }

@@ -132,6 +132,7 @@ pub fn conv2d_weight_grad(
                             // SAFETY: ob0 < blocks blocks of tp 16 values.
                             weights: unsafe { g_packed.as_ptr().add(ob0 * tp * LANES) },
                             block_stride: tp * LANES,
+                            out_stride: obn * LANES,
                         };
                         // SAFETY: rows r0 .. r0 + pn of cols_t hold tp values
                         // each; blocks ob0 .. ob0 + obn of g_packed hold tp 16
@@ -190,38 +191,24 @@ fn gather_columns_t(
     let ncols = k * k * c + 1;
     cols_t.clear();
     cols_t.resize(ncols * tp, 0.0);
-    // Windows of 16 pixels at a time are copied row-major into a small block
-    // (contiguous reads), then transposed into `cols_t` 16 values at a time
-    // (contiguous writes).
-    const B: usize = 16;
-    let mut block = vec![0f32; B * ncols];
-    for t0 in (0..tp).step_by(B) {
-        let tn = B.min(tp - t0);
-        block.fill(0.0);
-        for (tt, row) in block.chunks_exact_mut(ncols).take(tn).enumerate() {
-            let pix = p0 + t0 + tt;
-            let (b, oy, ox) = (pix / (oh * ow), (pix / ow) % oh, pix % ow);
-            for ky in 0..k {
-                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&v| v < h) else {
+    for t in 0..tp {
+        let pix = p0 + t;
+        let (b, oy, ox) = (pix / (oh * ow), (pix / ow) % oh, pix % ow);
+        for ky in 0..k {
+            let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&v| v < h) else {
+                continue;
+            };
+            for kx in 0..k {
+                let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&v| v < w) else {
                     continue;
                 };
-                for kx in 0..k {
-                    let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&v| v < w) else {
-                        continue;
-                    };
-                    let src = input.pixel_at(b, iy, ix);
-                    let dst = &mut row[(ky * k + kx) * c..(ky * k + kx + 1) * c];
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = act.apply(v);
-                    }
+                let src = input.pixel_at(b, iy, ix);
+                let r0 = (ky * k + kx) * c;
+                for (ci, &v) in src.iter().enumerate() {
+                    cols_t[(r0 + ci) * tp + t] = act.apply(v);
                 }
             }
-            row[ncols - 1] = 1.0;
         }
-        for (r, dst_row) in cols_t.chunks_exact_mut(tp).enumerate() {
-            for (tt, d) in dst_row[t0..t0 + tn].iter_mut().enumerate() {
-                *d = block[tt * ncols + r];
-            }
-        }
+        cols_t[(ncols - 1) * tp + t] = 1.0;
     }
 }

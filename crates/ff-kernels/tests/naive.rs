@@ -3,9 +3,18 @@
 //! strided (wider) inputs, and every epilogue.
 
 use ff_kernels::{
-    conv2d_weight_grad, conv2d_with, max_pool2d, Activation, ConvGeometry, Epilogue, Isa, NhwcMut,
-    NhwcRef, PackedConv2d,
+    conv2d_weight_grad, conv2d_with, max_pool2d, Activation, Algorithm, ConvGeometry, Epilogue,
+    Isa, NhwcMut, NhwcRef, PackedConv2d,
 };
+
+/// The algorithms that apply to `g`.
+fn algorithms(g: ConvGeometry) -> Vec<Algorithm> {
+    if g.kernel == 3 && g.stride == 1 && g.padding == 1 {
+        vec![Algorithm::Direct, Algorithm::Winograd]
+    } else {
+        vec![Algorithm::Direct]
+    }
+}
 
 /// A deterministic pseudo-random sequence in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -115,49 +124,53 @@ fn conv2d_matches_naive_on_every_isa() {
             let x = values(n * h * w * ps, case as u64);
             let wt = values(o * c * k * k, 100 + case as u64);
             let bias = values(o, 200 + case as u64);
-            let packed = PackedConv2d::from_oihw(g, &wt, Some(&bias)).unwrap();
             let (oh, ow) = g.output_size(h, w).unwrap();
             let res = values(n * oh * ow * o, 300 + case as u64);
-            for (in_act, residual, out_act) in [
-                (Activation::Identity, false, Activation::Identity),
-                (Activation::Relu, false, Activation::Identity),
-                (Activation::Identity, true, Activation::Relu),
-                (Activation::Relu, true, Activation::Relu),
-            ] {
-                let input = NhwcRef::strided(&x, [n, h, w, c], ps).unwrap();
-                let r = residual.then(|| NhwcRef::new(&res, [n, oh, ow, o]).unwrap());
-                let (want, _, _) = naive_conv(
-                    g,
-                    &x,
-                    [n, h, w, c],
-                    ps,
-                    &wt,
-                    &bias,
-                    in_act,
-                    residual.then_some(res.as_slice()),
-                    out_act,
+            for algorithm in algorithms(g) {
+                let packed = PackedConv2d::from_oihw(g, Some(algorithm), &wt, Some(&bias)).unwrap();
+                assert_eq!(packed.algorithm(), algorithm);
+                for (in_act, residual, out_act) in [
+                    (Activation::Identity, false, Activation::Identity),
+                    (Activation::Relu, false, Activation::Identity),
+                    (Activation::Identity, true, Activation::Relu),
+                    (Activation::Relu, true, Activation::Relu),
+                ] {
+                    let input = NhwcRef::strided(&x, [n, h, w, c], ps).unwrap();
+                    let r = residual.then(|| NhwcRef::new(&res, [n, oh, ow, o]).unwrap());
+                    let (want, _, _) = naive_conv(
+                        g,
+                        &x,
+                        [n, h, w, c],
+                        ps,
+                        &wt,
+                        &bias,
+                        in_act,
+                        residual.then_some(res.as_slice()),
+                        out_act,
+                    );
+                    // A wider output: the extra channels must stay untouched.
+                    let ops = o + 2;
+                    let mut out = vec![f32::NAN; n * oh * ow * ops];
+                    let epilogue = Epilogue {
+                        residual: r,
+                        activation: out_act,
+                    };
+                    let dst = NhwcMut::strided(&mut out, [n, oh, ow, o], ops).unwrap();
+                    conv2d_with(isa, &packed, input, in_act, epilogue, dst).unwrap();
+                    let got: Vec<f32> = out
+                        .chunks_exact(ops)
+                        .flat_map(|px| px[..o].to_vec())
+                        .collect();
+                    let what = format!(
+                    "{isa:?} {algorithm:?} case {case} {in_act:?} residual {residual} {out_act:?}"
                 );
-                // A wider output: the extra channels must stay untouched.
-                let ops = o + 2;
-                let mut out = vec![f32::NAN; n * oh * ow * ops];
-                let epilogue = Epilogue {
-                    residual: r,
-                    activation: out_act,
-                };
-                let dst = NhwcMut::strided(&mut out, [n, oh, ow, o], ops).unwrap();
-                conv2d_with(isa, &packed, input, in_act, epilogue, dst).unwrap();
-                let got: Vec<f32> = out
-                    .chunks_exact(ops)
-                    .flat_map(|px| px[..o].to_vec())
-                    .collect();
-                let what =
-                    format!("{isa:?} case {case} {in_act:?} residual {residual} {out_act:?}");
-                assert_close(&what, &got, &want, 1e-5);
-                assert!(
-                    out.chunks_exact(ops)
-                        .all(|px| px[o..].iter().all(|v| v.is_nan())),
-                    "{what}: wrote past the channels"
-                );
+                    assert_close(&what, &got, &want, 1e-5);
+                    assert!(
+                        out.chunks_exact(ops)
+                            .all(|px| px[o..].iter().all(|v| v.is_nan())),
+                        "{what}: wrote past the channels"
+                    );
+                }
             }
         }
     }
@@ -215,23 +228,26 @@ fn gradients_match_naive_on_every_isa() {
                     }
                 }
             }
-            let packed = PackedConv2d::input_gradient_from_rows(g, &rows).unwrap();
-            let mut dx = vec![0f32; n * h * w * c];
-            conv2d_with(
-                isa,
-                &packed,
-                NhwcRef::new(&gy, [n, h, w, o]).unwrap(),
-                Activation::Identity,
-                Epilogue::default(),
-                NhwcMut::new(&mut dx, [n, h, w, c]).unwrap(),
-            )
-            .unwrap();
-            assert_close(
-                &format!("{isa:?} input gradient {case}"),
-                &dx,
-                &want_dx,
-                1e-5,
-            );
+            for algorithm in algorithms(g) {
+                let packed =
+                    PackedConv2d::input_gradient_from_rows(g, Some(algorithm), &rows).unwrap();
+                let mut dx = vec![0f32; n * h * w * c];
+                conv2d_with(
+                    isa,
+                    &packed,
+                    NhwcRef::new(&gy, [n, h, w, o]).unwrap(),
+                    Activation::Identity,
+                    Epilogue::default(),
+                    NhwcMut::new(&mut dx, [n, h, w, c]).unwrap(),
+                )
+                .unwrap();
+                assert_close(
+                    &format!("{isa:?} {algorithm:?} input gradient {case}"),
+                    &dx,
+                    &want_dx,
+                    1e-5,
+                );
+            }
 
             // Naive weight gradient, input ReLU folded in.
             let ncols = k * k * c + 1;
@@ -319,9 +335,17 @@ fn shape_errors_name_the_argument() {
         stride: 1,
         padding: 1,
     };
-    let err = PackedConv2d::from_oihw(g, &[0.0; 10], None).unwrap_err();
+    let err = PackedConv2d::from_oihw(g, None, &[0.0; 10], None).unwrap_err();
     assert!(err.to_string().contains("convolution weight"), "{err}");
-    let packed = PackedConv2d::from_oihw(g, &[0.0; 8 * 4 * 9], None).unwrap();
+    let one = ConvGeometry {
+        kernel: 1,
+        padding: 0,
+        ..g
+    };
+    let err =
+        PackedConv2d::from_oihw(one, Some(Algorithm::Winograd), &[0.0; 32], None).unwrap_err();
+    assert!(err.to_string().contains("Winograd"), "{err}");
+    let packed = PackedConv2d::from_oihw(g, None, &[0.0; 8 * 4 * 9], None).unwrap();
     let x = vec![0f32; 3 * 3 * 5];
     let mut out = vec![0f32; 9 * 8];
     let err = conv2d_with(
