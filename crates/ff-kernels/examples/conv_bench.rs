@@ -61,7 +61,7 @@ fn main() {
         let mut out = vec![0f32; n * oh * ow * o];
         let flop = 2.0 * (n * oh * ow * o * c * k * k) as f64;
         let mut best = f64::MAX;
-        for _ in 0..5 {
+        for _ in 0..15 {
             let t = Instant::now();
             conv2d(
                 &packed,
@@ -76,7 +76,7 @@ fn main() {
         let mut wino = f64::NAN;
         if let Ok(wpacked) = PackedConv2d::from_oihw(g, Some(Algorithm::Winograd), &wt, None) {
             wino = f64::MAX;
-            for _ in 0..5 {
+            for _ in 0..15 {
                 let t = Instant::now();
                 conv2d(
                     &wpacked,

@@ -215,8 +215,9 @@ fn winograd_by_default() -> bool {
 
 impl PackedConv2d {
     /// Packs `weight(o, c, ky, kx)` and `bias(o)` for `algorithm`; `None`
-    /// picks Winograd where it applies (3x3, stride 1, padding 1) unless
-    /// `FASTFLOW_WINOGRAD=off`, else the direct convolution. Asking for
+    /// picks Winograd where it applies (3x3, stride 1, padding 1) and pays
+    /// off (at least 64 input channels) unless `FASTFLOW_WINOGRAD=off`, else
+    /// the direct convolution. Asking for
     /// Winograd where it does not apply is an error.
     pub fn from_fn(
         geometry: ConvGeometry,
@@ -234,7 +235,7 @@ impl PackedConv2d {
                 ))
             }
             Some(a) => a,
-            None if winograd::applies(&geometry) && winograd_by_default() => Algorithm::Winograd,
+            None if winograd::pays_off(&geometry) && winograd_by_default() => Algorithm::Winograd,
             None => Algorithm::Direct,
         };
         let ConvGeometry {

@@ -23,6 +23,14 @@ pub(crate) fn applies(g: &ConvGeometry) -> bool {
     g.kernel == 3 && g.stride == 1 && g.padding == 1
 }
 
+/// Whether Winograd is the faster choice for `g`: with fewer than 64 input
+/// channels the transforms cost more than the multiplications saved
+/// (conv_bench, batch 8 on a Zen 4/5 core pair: 32 -> 32 channels 0.9x,
+/// 32 -> 64 1.0x, 64 -> 64 1.2x, 128 -> 256 1.3-1.5x, 256 -> 256 1.5x).
+pub(crate) fn pays_off(g: &ConvGeometry) -> bool {
+    applies(g) && g.in_channels >= 64
+}
+
 /// The transformed weights `U = G g G^T`, packed `[16][O/16][C][16]`.
 pub(crate) fn pack(
     g: &ConvGeometry,
@@ -122,7 +130,7 @@ pub(crate) fn conv2d(
                 wp,
                 &mut buf.window,
             );
-            input_transform(isa, &buf.window, wp, c, tiles, &mut buf.v);
+            input_transform(&buf.window, wp, c, tiles, &mut buf.v);
             for xi in 0..16 {
                 let v = &buf.v[xi * tiles * c..(xi + 1) * tiles * c];
                 let uxi = &u[xi * blocks * c * LANES..(xi + 1) * blocks * c * LANES];
@@ -167,9 +175,20 @@ pub(crate) fn conv2d(
                     ob0 += obn;
                 }
             }
-            output_transform(
-                &buf.m, tiles, blocks, o, bias, epilogue, b, ty, oh, ow, rows, out_ps,
-            );
+            let ot = OutputTile {
+                m: &buf.m,
+                tiles,
+                blocks,
+                o,
+                bias,
+                epilogue,
+                b,
+                ty,
+                oh,
+                ow,
+                out_ps,
+            };
+            output_transform(&ot, rows);
         },
     );
 }
@@ -182,32 +201,9 @@ struct Buffers {
 
 /// `V[xi][t][c] = (B^T d B)[xi]` for the 4x4 input tile `d` of every output
 /// tile `t` in the window (`[4][wp][C]`).
-fn input_transform(isa: Isa, window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f32]) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is supported, so the CPU has AVX-512F.
-        Isa::Avx512 => unsafe { input_transform_avx512(window, wp, c, tiles, v) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is supported, so the CPU has AVX2 and FMA.
-        Isa::Avx2Fma => unsafe { input_transform_avx2(window, wp, c, tiles, v) },
-        _ => input_transform_body(window, wp, c, tiles, v),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn input_transform_avx512(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f32]) {
-    input_transform_body(window, wp, c, tiles, v)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn input_transform_avx2(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f32]) {
-    input_transform_body(window, wp, c, tiles, v)
-}
-
-#[inline(always)]
-fn input_transform_body(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f32]) {
+///
+/// Left to the compiler for the base target, as the output transform.
+fn input_transform(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f32]) {
     let plane = tiles * c;
     for t in 0..tiles {
         let mut ch = 0;
@@ -255,24 +251,43 @@ fn input_transform_body(window: &[f32], wp: usize, c: usize, tiles: usize, v: &m
     }
 }
 
-/// `Y = A^T M A` for every tile and output channel, then bias, residual and
-/// activation, stored into the (up to) two output rows of tile row `ty`.
-#[allow(clippy::too_many_arguments)]
-#[inline(never)]
-fn output_transform(
-    m: &[f32],
+/// What the output transform of one row of tiles needs.
+struct OutputTile<'a> {
+    /// `[16][tiles][blocks][16]`.
+    m: &'a [f32],
     tiles: usize,
     blocks: usize,
     o: usize,
-    bias: &[f32],
-    epilogue: &Epilogue,
+    /// Padded to `blocks 16`.
+    bias: &'a [f32],
+    epilogue: &'a Epilogue<'a>,
     b: usize,
     ty: usize,
     oh: usize,
     ow: usize,
-    rows: &mut [f32],
     out_ps: usize,
-) {
+}
+
+/// `Y = A^T M A` for every tile and output channel, then bias, residual and
+/// activation, stored into the (up to) two output rows of tile row `ty`.
+///
+/// Left to the compiler for the base target: an AVX-512 build of the same
+/// loops measured slower (conv_bench, best of 15).
+#[inline(never)]
+fn output_transform(ot: &OutputTile, rows: &mut [f32]) {
+    let &OutputTile {
+        m,
+        tiles,
+        blocks,
+        o,
+        bias,
+        epilogue,
+        b,
+        ty,
+        oh,
+        ow,
+        out_ps,
+    } = ot;
     let plane = tiles * blocks * LANES;
     for t in 0..tiles {
         for blk in 0..blocks {
@@ -303,7 +318,8 @@ fn output_transform(
             }
             let o0 = blk * LANES;
             let lanes = LANES.min(o - o0);
-            let bias = &bias[o0..o0 + lanes];
+            let mut bias16 = [0f32; LANES];
+            bias16.copy_from_slice(&bias[o0..o0 + LANES]);
             for dy in 0..2 {
                 let oy = 2 * ty + dy;
                 if oy >= oh {
@@ -314,22 +330,26 @@ fn output_transform(
                     if ox >= ow {
                         break;
                     }
-                    let yk = &y[dy * 2 + dx][..lanes];
-                    let dst = &mut rows[(dy * ow + ox) * out_ps + o0..][..lanes];
-                    match epilogue
-                        .residual
-                        .map(|r| &r.pixel_at(b, oy, ox)[o0..o0 + lanes])
-                    {
-                        Some(r) => {
-                            for l in 0..lanes {
-                                dst[l] = epilogue.activation.apply(yk[l] + bias[l] + r[l]);
-                            }
+                    let mut v = y[dy * 2 + dx];
+                    for (x, bv) in v.iter_mut().zip(&bias16) {
+                        *x += bv;
+                    }
+                    if let Some(r) = epilogue.residual {
+                        let r = &r.pixel_at(b, oy, ox)[o0..o0 + lanes];
+                        for (x, rv) in v.iter_mut().zip(r) {
+                            *x += rv;
                         }
-                        None => {
-                            for l in 0..lanes {
-                                dst[l] = epilogue.activation.apply(yk[l] + bias[l]);
-                            }
+                    }
+                    if epilogue.activation == Activation::Relu {
+                        for x in v.iter_mut() {
+                            *x = x.max(0.0);
                         }
+                    }
+                    let dst = &mut rows[(dy * ow + ox) * out_ps + o0..];
+                    if lanes == LANES {
+                        dst[..LANES].copy_from_slice(&v);
+                    } else {
+                        dst[..lanes].copy_from_slice(&v[..lanes]);
                     }
                 }
             }
