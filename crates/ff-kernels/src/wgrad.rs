@@ -65,6 +65,10 @@ pub fn conv2d_weight_grad(
     if pixels == 0 {
         return Ok(());
     }
+    if geometry.stride == 1 {
+        weight_grad_stride1(geometry, &input, input_activation, &grad_out, out);
+        return Ok(());
+    }
     let isa = Isa::detect();
     let tasks = rayon::current_num_threads().clamp(1, pixels);
     let per_task = pixels.div_ceil(tasks);
@@ -210,5 +214,175 @@ fn gather_columns_t(
             }
         }
         cols_t[(ncols - 1) * tp + t] = 1.0;
+    }
+}
+
+/// The stride-1 weight gradient without any column matrix.
+///
+/// With the input stored channel-major and zero-padded (`plane[c][y' Wp +
+/// x']`, `Wp = w + 2p`) and the output gradient laid out over the same padded
+/// width (zero in the `2p` extra columns of each row), tap `(ky, kx)` of every
+/// output pixel `q = y Wp + x` reads `plane[c][q + ky Wp + kx]`: each tap is a
+/// plain shifted view. So `dW[tap][c][o] = sum_q plane[c][q + shift(tap)]
+/// g[q][o]` is, for each tap, one product over a contiguous reduction, run on
+/// the convolution micro-kernel with the channels as its pixels.
+fn weight_grad_stride1(
+    g: ConvGeometry,
+    input: &NhwcRef,
+    act: Activation,
+    grad_out: &NhwcRef,
+    out: &mut [f32],
+) {
+    let ConvGeometry {
+        in_channels: c,
+        out_channels: o,
+        kernel: k,
+        padding: p,
+        ..
+    } = g;
+    let [n, h, w, _] = input.dims();
+    let (oh, ow) = (h + 2 * p + 1 - k, w + 2 * p + 1 - k);
+    let wp = w + 2 * p;
+    // Rows of the padded plane, plus room for the last tap's overrun.
+    let plane_len = (h + 2 * p) * wp + k;
+    let q_len = oh * wp;
+    let blocks = o.div_ceil(LANES);
+    let isa = Isa::detect();
+    let ob_max = max_blocks(isa);
+
+    // The planes [n][c][plane_len] and the packed gradient [n][blocks][q_len][16].
+    let mut planes = vec![0f32; n * c * plane_len];
+    // 16 channels per task: each pixel's 16 values are one cache line read,
+    // written to 16 planes.
+    let groups = c.div_ceil(LANES);
+    let group_tasks: Vec<(usize, usize, &mut [f32])> = planes
+        .chunks_mut(c * plane_len)
+        .enumerate()
+        .flat_map(|(b, image)| {
+            image
+                .chunks_mut(LANES * plane_len)
+                .enumerate()
+                .map(move |(gi, chunk)| (b, gi, chunk))
+        })
+        .collect();
+    debug_assert_eq!(group_tasks.len(), n * groups);
+    group_tasks.into_par_iter().for_each(|(b, gi, chunk)| {
+        let c0 = gi * LANES;
+        let cn = LANES.min(c - c0);
+        for y in 0..h {
+            let row0 = (y + p) * wp + p;
+            for x in 0..w {
+                let px = &input.pixel_at(b, y, x)[c0..c0 + cn];
+                for (j, &v) in px.iter().enumerate() {
+                    chunk[j * plane_len + row0 + x] = act.apply(v);
+                }
+            }
+        }
+    });
+    let gps = grad_out.pixel_stride();
+    let grad = grad_out.data_ptr_range();
+    let mut g_packed = vec![0f32; n * blocks * q_len * LANES];
+    g_packed
+        .par_chunks_mut(q_len * LANES)
+        .enumerate()
+        .for_each(|(bb, dst)| {
+            let (b, blk) = (bb / blocks, bb % blocks);
+            let lanes = LANES.min(o - blk * LANES);
+            for y in 0..oh {
+                for x in 0..ow {
+                    let px = (b * oh + y) * ow + x;
+                    let src = &grad[px * gps + blk * LANES..px * gps + blk * LANES + lanes];
+                    dst[(y * wp + x) * LANES..(y * wp + x) * LANES + lanes].copy_from_slice(src);
+                }
+            }
+        });
+
+    // Tasks: (image, chunk of the reduction), each accumulating privately.
+    const CHUNK: usize = 1024;
+    let chunks = q_len.div_ceil(CHUNK);
+    let tile_len = max_pixels(isa, 1).max(max_pixels(isa, ob_max)) * ob_max * LANES;
+    let acc = (0..n * chunks)
+        .into_par_iter()
+        .fold(
+            || (vec![0f32; k * k * c * o], vec![0f32; tile_len]),
+            |(mut acc, mut tile), task| {
+                let (b, q0) = (task / chunks, (task % chunks) * CHUNK);
+                let ql = CHUNK.min(q_len - q0);
+                let plane = &planes[b * c * plane_len..(b + 1) * c * plane_len];
+                let gb = &g_packed[b * blocks * q_len * LANES..(b + 1) * blocks * q_len * LANES];
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let shift = ky * wp + kx;
+                        let r_base = (ky * k + kx) * c;
+                        let mut ob0 = 0;
+                        while ob0 < blocks {
+                            let left = (blocks - ob0).min(ob_max);
+                            let obn = if left >= 4 {
+                                4
+                            } else if left >= 2 {
+                                2
+                            } else {
+                                1
+                            };
+                            let pmax = max_pixels(isa, obn);
+                            let mut c0 = 0;
+                            while c0 < c {
+                                let pn = pmax.min(c - c0);
+                                let t = Tile {
+                                    // SAFETY: c0 < c planes; shift + q0 < plane_len.
+                                    src: unsafe { plane.as_ptr().add(c0 * plane_len + shift + q0) },
+                                    row_stride: 0,
+                                    pix_stride: plane_len,
+                                    k: 1,
+                                    c: ql,
+                                    // SAFETY: ob0 < blocks and q0 < q_len.
+                                    weights: unsafe { gb.as_ptr().add((ob0 * q_len + q0) * LANES) },
+                                    block_stride: q_len * LANES,
+                                    out_stride: obn * LANES,
+                                };
+                                // SAFETY: planes c0 .. c0 + pn hold plane_len
+                                // values and shift + q0 + ql <= (k - 1) (wp +
+                                // 1) + q_len < plane_len; blocks ob0 .. ob0 +
+                                // obn of the packed gradient hold q_len 16
+                                // values; `tile` holds pmax obn 16 values;
+                                // `isa` is the detected one.
+                                unsafe { run_tile(isa, pn, obn, &t, &mut tile) };
+                                for i in 0..pn {
+                                    for j in 0..obn {
+                                        let o0 = (ob0 + j) * LANES;
+                                        let lanes = LANES.min(o - o0);
+                                        let dst = &mut acc[(r_base + c0 + i) * o + o0..][..lanes];
+                                        let src = &tile[(i * obn + j) * LANES..][..lanes];
+                                        for (d, v) in dst.iter_mut().zip(src) {
+                                            *d += v;
+                                        }
+                                    }
+                                }
+                                c0 += pn;
+                            }
+                            ob0 += obn;
+                        }
+                    }
+                }
+                (acc, tile)
+            },
+        )
+        .map(|(acc, _)| acc)
+        .reduce(
+            || vec![0f32; k * k * c * o],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+                a
+            },
+        );
+    out[..k * k * c * o].copy_from_slice(&acc);
+    // The bias gradient: the output gradient summed over pixels.
+    let bias = &mut out[k * k * c * o..];
+    for px in 0..n * oh * ow {
+        for (d, v) in bias.iter_mut().zip(&grad[px * gps..px * gps + o]) {
+            *d += v;
+        }
     }
 }
