@@ -425,7 +425,7 @@ impl ResNet {
         let x = self.stem.forward_nhwc(&input, None, Activation::Relu)?; // [b, h/2, w/2, 64]
         let [_, sh, sw, sc] = x.dims;
         let pooled_dims = [b, (sh - 1) / 2 + 1, (sw - 1) / 2 + 1, sc];
-        let mut x = {
+        let pooled = {
             let mut out = Map::zeros(pooled_dims);
             ff_kernels::max_pool2d(
                 NhwcRef::new(&x.data, x.dims)?,
@@ -436,22 +436,29 @@ impl ResNet {
             )?;
             out
         };
-        let mut outs = Vec::with_capacity(3);
+        // Each layer's output is kept (it is a feature map) and read in
+        // place by the next layer.
+        let mut maps: Vec<Map> = Vec::with_capacity(3);
         for layer in &self.layers {
+            let mut x: Option<Map> = None;
             for block in layer {
-                x = block.forward_nhwc(&x)?;
+                let input = match (&x, maps.last()) {
+                    (Some(m), _) => m,
+                    (None, Some(prev)) => prev,
+                    (None, None) => &pooled,
+                };
+                x = Some(block.forward_nhwc(input)?);
             }
-            outs.push(x.to_nchw_tensor(&Device::Cpu)?);
+            maps.extend(x);
         }
-        let mut outs = outs.into_iter();
+        let mut outs = maps.into_iter().map(|m| m.into_nchw_view(&Device::Cpu));
         match (outs.next(), outs.next(), outs.next()) {
             (Some(layer1), Some(layer2), Some(layer3)) => Ok(ResNetFeatures {
-                layer1,
-                layer2,
-                layer3,
+                layer1: layer1?,
+                layer2: layer2?,
+                layer3: layer3?,
             }),
-            // Three layers are always built, so this arm cannot be reached.
-            _ => Err(Error::Candle(candle_core::Error::Msg(
+            (_, _, _) => Err(Error::Candle(candle_core::Error::Msg(
                 "ResNet produced fewer than three feature maps".to_string(),
             ))),
         }
@@ -472,12 +479,11 @@ impl Map {
         }
     }
 
-    /// The map as a contiguous `[b, c, h, w]` tensor.
-    fn to_nchw_tensor(&self, device: &Device) -> Result<Tensor> {
+    /// The map as a `[b, c, h, w]` tensor over its channels-last storage
+    /// (a permuted view: no copy; the flows' LayerNorm reads it as it is).
+    fn into_nchw_view(self, device: &Device) -> Result<Tensor> {
         let [b, h, w, c] = self.dims;
-        Ok(Tensor::from_slice(&self.data, (b, h, w, c), device)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?)
+        Ok(Tensor::from_vec(self.data, (b, h, w, c), device)?.permute((0, 3, 1, 2))?)
     }
 }
 

@@ -1,9 +1,12 @@
 //! The trainable LayerNorm over `[C, H, W]` that the reference applies to each
-//! CNN feature map, written from elementary ops so that autograd reaches its
-//! weight and bias (candle_nn's fused LayerNorm gives them no gradient).
+//! CNN feature map: on the CPU in f32 one custom op on ff-kernels' NHWC layer
+//! norm (forward and backward), elsewhere elementary candle ops; either way
+//! autograd reaches its weight and bias (candle_nn's fused LayerNorm gives
+//! them no gradient).
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use candle_nn::VarBuilder;
+use ff_kernels::Route;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
@@ -55,6 +58,15 @@ impl LayerNorm {
                 found: format!("{:?}", x.dims()),
             });
         }
+        if x.device().is_cpu() && x.dtype() == DType::F32 && Route::current() == Route::Kernels {
+            // Channels-last inside: free for the backbone's channels-last
+            // maps, and the flows take the output as it is.
+            let xh = x.permute((0, 2, 3, 1))?.contiguous()?; // [b, H, W, C]
+            let wh = self.weight.tensor.permute((1, 2, 0))?.contiguous()?; // [H, W, C]
+            let bh = self.bias.tensor.permute((1, 2, 0))?.contiguous()?;
+            let yh = xh.apply_op3(&wh, &bh, LayerNormOp)?;
+            return Ok(yh.permute((0, 3, 1, 2))?);
+        }
         // Flattening makes the reductions run over the trailing dimension,
         // which candle's CPU backend parallelises.
         let xf = x.reshape((b, c * h * w))?;
@@ -66,5 +78,100 @@ impl LayerNorm {
             .reshape((b, c, h, w))?
             .broadcast_mul(&self.weight.tensor)?
             .broadcast_add(&self.bias.tensor)?)
+    }
+}
+
+/// The layer norm of contiguous `[b, H, W, C]` maps with `[H, W, C]` weight
+/// and bias, on ff-kernels.
+struct LayerNormOp;
+
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("{what}: f32 contiguous operands only, found {layout:?}")
+    };
+    Ok(&data[start..end])
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "ff-layer-norm-nhwc"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+        b: &CpuStorage,
+        b_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x, x_l, self.name())?;
+        let w = contiguous_f32(w, w_l, self.name())?;
+        let b = contiguous_f32(b, b_l, self.name())?;
+        let n = x_l.dims()[0];
+        let mut y = vec![0f32; x.len()];
+        ff_kernels::layer_norm_forward(x, n, w, b, LAYER_NORM_EPS, &mut y)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((CpuStorage::F32(y), x_l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grads = x.detach().apply_op3_no_bwd(
+            &w.detach(),
+            &grad_res.detach().contiguous()?,
+            &LayerNormBackward,
+        )?;
+        // [gx (x's size) | gw | gb].
+        let (nx, nw) = (x.elem_count(), w.elem_count());
+        let gx = grads.narrow(0, 0, nx)?.reshape(x.shape())?;
+        let gw = grads.narrow(0, nx, nw)?.reshape(w.shape())?;
+        let gb = grads.narrow(0, nx + nw, nw)?.reshape(w.shape())?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// The backward of [`LayerNormOp`]: inputs `x`, the weight and the output
+/// gradient; output the flat `[gx | gw | gb]`.
+struct LayerNormBackward;
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "ff-layer-norm-nhwc-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x, x_l, self.name())?;
+        let w = contiguous_f32(w, w_l, self.name())?;
+        let g = contiguous_f32(g, g_l, self.name())?;
+        let n = x_l.dims()[0];
+        let s = w.len();
+        let stats = ff_kernels::layer_norm_statistics(x, n, s, LAYER_NORM_EPS);
+        let mut out = vec![0f32; x.len() + 2 * s];
+        let (gx, rest) = out.split_at_mut(x.len());
+        let (gw, gb) = rest.split_at_mut(s);
+        ff_kernels::layer_norm_backward(x, n, w, &stats, g, gx, gw, gb)
+            .map_err(candle_core::Error::wrap)?;
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }

@@ -1,6 +1,7 @@
 //! CPU kernels shared by the backbone and the flows: NHWC convolutions with
 //! weights packed once and a fused epilogue, their input and weight gradients,
-//! max-pooling, and the elementwise coupling of a flow step.
+//! max-pooling, layer normalisation, and the elementwise coupling of a flow
+//! step.
 //!
 //! The API takes and returns plain `f32` slices with explicit shapes; it knows
 //! nothing about candle, images or models. This is the only crate of the
@@ -22,6 +23,7 @@ mod elementwise;
 mod error;
 mod isa;
 mod micro;
+pub mod norm;
 pub mod pool;
 pub mod wgrad;
 mod winograd;
@@ -34,5 +36,6 @@ pub use coupling::{coupling_backward, coupling_forward, Coupling};
 pub use elementwise::{fingerprint, relu_backward};
 pub use error::{Error, Result};
 pub use isa::{Isa, Route};
+pub use norm::{layer_norm_backward, layer_norm_forward, layer_norm_statistics};
 pub use pool::max_pool2d;
 pub use wgrad::conv2d_weight_grad;

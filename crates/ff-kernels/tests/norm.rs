@@ -1,0 +1,72 @@
+//! The layer norm kernels against an f64 reference, with image sizes that are
+//! not multiples of the kernels' chunk size.
+
+use ff_kernels::{layer_norm_backward, layer_norm_forward};
+
+fn values(n: usize, seed: u64, amp: f32, shift: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * amp + shift
+        })
+        .collect()
+}
+
+#[test]
+fn layer_norm_matches_f64_reference_with_gradients() {
+    for (n, s) in [(3usize, 40_000usize), (2, 7), (1, 16 * 1024)] {
+        let x = values(n * s, 1, 3.0, 0.7);
+        let w = values(s, 2, 1.0, 1.0);
+        let bias = values(s, 3, 0.5, 0.0);
+        let gy = values(n * s, 4, 1.0, 0.1);
+        let eps = 1e-5;
+        let mut y = vec![0f32; n * s];
+        let stats = layer_norm_forward(&x, n, &w, &bias, eps, &mut y).unwrap();
+        let mut gx = vec![0f32; n * s];
+        let mut gw = vec![f32::NAN; s];
+        let mut gb = vec![f32::NAN; s];
+        layer_norm_backward(&x, n, &w, &stats, &gy, &mut gx, &mut gw, &mut gb).unwrap();
+
+        let mut want_gw = vec![0f64; s];
+        let mut want_gb = vec![0f64; s];
+        for b in 0..n {
+            let xi: Vec<f64> = x[b * s..(b + 1) * s]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let mean = xi.iter().sum::<f64>() / s as f64;
+            let var = xi.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / s as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let xhat: Vec<f64> = xi.iter().map(|v| (v - mean) * rstd).collect();
+            let g: Vec<f64> = (0..s)
+                .map(|i| f64::from(gy[b * s + i]) * f64::from(w[i]))
+                .collect();
+            let m_g = g.iter().sum::<f64>() / s as f64;
+            let m_gx = g.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / s as f64;
+            for i in 0..s {
+                let want_y = xhat[i] * f64::from(w[i]) + f64::from(bias[i]);
+                assert!(
+                    (f64::from(y[b * s + i]) - want_y).abs() < 1e-5,
+                    "y at {b},{i}"
+                );
+                let want_gx = rstd * (g[i] - m_g - xhat[i] * m_gx);
+                assert!(
+                    (f64::from(gx[b * s + i]) - want_gx).abs() < 1e-4 * want_gx.abs().max(1.0),
+                    "gx at {b},{i}"
+                );
+                want_gw[i] += f64::from(gy[b * s + i]) * xhat[i];
+                want_gb[i] += f64::from(gy[b * s + i]);
+            }
+        }
+        for i in 0..s {
+            assert!((f64::from(gw[i]) - want_gw[i]).abs() < 1e-4, "gw at {i}");
+            assert!((f64::from(gb[i]) - want_gb[i]).abs() < 1e-4, "gb at {i}");
+        }
+    }
+    let err =
+        layer_norm_forward(&[0.0; 10], 3, &[1.0; 3], &[0.0; 3], 1e-5, &mut [0.0; 10]).unwrap_err();
+    assert!(err.to_string().contains("layer norm"), "{err}");
+}
