@@ -11,7 +11,7 @@ use crate::error::{shape_error, Result};
 const CHUNK: usize = 16 * 1024;
 
 fn check(x: &[f32], n: usize, weight: &[f32], bias: &[f32], what: &'static str) -> Result<usize> {
-    if n == 0 || x.len() % n != 0 || weight.len() * n != x.len() || bias.len() != weight.len() {
+    if n == 0 || weight.len() * n != x.len() || bias.len() != weight.len() {
         return Err(shape_error(
             what,
             format!(
