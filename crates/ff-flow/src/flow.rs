@@ -92,7 +92,9 @@ impl Flow {
     /// Maps features to the flow's latent, summing the steps' log-determinants.
     ///
     /// # Shapes
-    /// `x`: `[b, C, h, w]` -> (`z`: `[b, C, h, w]`, log-det `[b]`).
+    /// `x`: `[b, C, h, w]` -> (`z`: `[b, C, h, w]`, log-det `[b]`). On the
+    /// CPU kernels' route `z` is a view of channels-last storage (not
+    /// contiguous); call `.contiguous()` where a contiguous tensor is needed.
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         // The steps run channels-last (see `AllInOneBlock::forward_nhwc`);
         // the layout changes once per flow, not once per step.
@@ -133,8 +135,10 @@ impl Flow {
         }
         let scale_log_det = scale_log_det.ok_or_else(no_steps)?;
         let (z, coupling_log_det) = split_log_det_column(&z)?;
+        // `z` stays channels-last underneath: the anomaly map and the loss
+        // read it as it is, and a copy to channels-first would cost a pass.
         Ok((
-            to_nchw(&z)?,
+            z.permute((0, 3, 1, 2))?,
             coupling_log_det.broadcast_add(&scale_log_det)?,
         ))
     }

@@ -4,6 +4,8 @@
 //! autograd reaches its weight and bias (candle_nn's fused LayerNorm gives
 //! them no gradient).
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use candle_nn::VarBuilder;
 use ff_kernels::Route;
@@ -21,6 +23,8 @@ pub struct LayerNorm {
     shape: [usize; 3],
     weight: Param,
     bias: Param,
+    /// The weight and bias in channels-last order for the CPU kernel.
+    affine_hwc: Arc<AffineCache>,
 }
 
 impl LayerNorm {
@@ -33,6 +37,7 @@ impl LayerNorm {
             shape,
             weight,
             bias,
+            affine_hwc: Arc::default(),
         })
     }
 
@@ -62,9 +67,10 @@ impl LayerNorm {
             // Channels-last inside: free for the backbone's channels-last
             // maps, and the flows take the output as it is.
             let xh = x.permute((0, 2, 3, 1))?.contiguous()?; // [b, H, W, C]
-            let wh = self.weight.tensor.permute((1, 2, 0))?.contiguous()?; // [H, W, C]
-            let bh = self.bias.tensor.permute((1, 2, 0))?.contiguous()?;
-            let yh = xh.apply_op3(&wh, &bh, LayerNormOp)?;
+            let op = LayerNormOp {
+                affine: Arc::clone(&self.affine_hwc),
+            };
+            let yh = xh.apply_op3(&self.weight.tensor, &self.bias.tensor, op)?;
             return Ok(yh.permute((0, 3, 1, 2))?);
         }
         // Flattening makes the reductions run over the trailing dimension,
@@ -81,9 +87,44 @@ impl LayerNorm {
     }
 }
 
-/// The layer norm of contiguous `[b, H, W, C]` maps with `[H, W, C]` weight
-/// and bias, on ff-kernels.
-struct LayerNormOp;
+/// The weight and bias `[C, H, W]` transposed to `[H, W, C]`, kept while
+/// they are unchanged (a fingerprint of both is the key).
+#[derive(Debug, Default)]
+struct AffineCache {
+    slot: Mutex<Option<(u64, Arc<(Vec<f32>, Vec<f32>)>)>>,
+}
+
+impl AffineCache {
+    fn get(
+        &self,
+        c: usize,
+        w: &[f32],
+        b: &[f32],
+    ) -> candle_core::Result<Arc<(Vec<f32>, Vec<f32>)>> {
+        let key = ff_kernels::fingerprint(w) ^ ff_kernels::fingerprint(b).rotate_left(17);
+        // A poisoned lock only means a panic elsewhere mid-update: recompute.
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, v)) = slot.as_ref() {
+            if *k == key {
+                return Ok(Arc::clone(v));
+            }
+        }
+        let hw = w.len() / c.max(1);
+        let mut wt = vec![0f32; w.len()];
+        let mut bt = vec![0f32; b.len()];
+        ff_kernels::transpose(w, c, hw, &mut wt).map_err(candle_core::Error::wrap)?;
+        ff_kernels::transpose(b, c, hw, &mut bt).map_err(candle_core::Error::wrap)?;
+        let v = Arc::new((wt, bt));
+        *slot = Some((key, Arc::clone(&v)));
+        Ok(v)
+    }
+}
+
+/// The layer norm of contiguous `[b, H, W, C]` maps with the `[C, H, W]`
+/// weight and bias, on ff-kernels.
+struct LayerNormOp {
+    affine: Arc<AffineCache>,
+}
 
 fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
@@ -113,9 +154,10 @@ impl CustomOp3 for LayerNormOp {
         let x = contiguous_f32(x, x_l, self.name())?;
         let w = contiguous_f32(w, w_l, self.name())?;
         let b = contiguous_f32(b, b_l, self.name())?;
-        let n = x_l.dims()[0];
+        let (n, c) = (x_l.dims()[0], x_l.dims()[3]);
+        let affine = self.affine.get(c, w, b)?;
         let mut y = vec![0f32; x.len()];
-        ff_kernels::layer_norm_forward(x, n, w, b, LAYER_NORM_EPS, &mut y)
+        ff_kernels::layer_norm_forward(x, n, &affine.0, &affine.1, LAYER_NORM_EPS, &mut y)
             .map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(y), x_l.shape().clone()))
     }
@@ -133,7 +175,7 @@ impl CustomOp3 for LayerNormOp {
             &grad_res.detach().contiguous()?,
             &LayerNormBackward,
         )?;
-        // [gx (x's size) | gw | gb].
+        // [gx (x's size) | gw | gb], the last two as [C, H, W].
         let (nx, nw) = (x.elem_count(), w.elem_count());
         let gx = grads.narrow(0, 0, nx)?.reshape(x.shape())?;
         let gw = grads.narrow(0, nx, nw)?.reshape(w.shape())?;
@@ -142,8 +184,9 @@ impl CustomOp3 for LayerNormOp {
     }
 }
 
-/// The backward of [`LayerNormOp`]: inputs `x`, the weight and the output
-/// gradient; output the flat `[gx | gw | gb]`.
+/// The backward of [`LayerNormOp`]: inputs `x` `[b, H, W, C]`, the weight
+/// `[C, H, W]` and the output gradient; output the flat `[gx | gw | gb]`
+/// (weight and bias gradients as `[C, H, W]`).
 struct LayerNormBackward;
 
 impl CustomOp3 for LayerNormBackward {
@@ -160,17 +203,25 @@ impl CustomOp3 for LayerNormBackward {
         g: &CpuStorage,
         g_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let wrap = candle_core::Error::wrap;
         let x = contiguous_f32(x, x_l, self.name())?;
         let w = contiguous_f32(w, w_l, self.name())?;
         let g = contiguous_f32(g, g_l, self.name())?;
-        let n = x_l.dims()[0];
+        let (n, c) = (x_l.dims()[0], x_l.dims()[3]);
         let s = w.len();
+        let hw = s / c.max(1);
+        let mut w_hwc = vec![0f32; s];
+        ff_kernels::transpose(w, c, hw, &mut w_hwc).map_err(wrap)?;
         let stats = ff_kernels::layer_norm_statistics(x, n, s, LAYER_NORM_EPS);
+        let mut gw_hwc = vec![0f32; s];
+        let mut gb_hwc = vec![0f32; s];
         let mut out = vec![0f32; x.len() + 2 * s];
         let (gx, rest) = out.split_at_mut(x.len());
+        ff_kernels::layer_norm_backward(x, n, &w_hwc, &stats, g, gx, &mut gw_hwc, &mut gb_hwc)
+            .map_err(wrap)?;
         let (gw, gb) = rest.split_at_mut(s);
-        ff_kernels::layer_norm_backward(x, n, w, &stats, g, gx, gw, gb)
-            .map_err(candle_core::Error::wrap)?;
+        ff_kernels::transpose(&gw_hwc, hw, c, gw).map_err(wrap)?;
+        ff_kernels::transpose(&gb_hwc, hw, c, gb).map_err(wrap)?;
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }

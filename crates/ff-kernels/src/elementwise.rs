@@ -58,3 +58,39 @@ pub fn fingerprint(data: &[f32]) -> u64 {
     }
     out
 }
+
+/// `dst[j][i] = src[i][j]` for a row-major `rows x cols` matrix, in 16 x 16
+/// blocks (both sides stay in cache lines), parallel over bands of rows of
+/// `dst`.
+///
+/// # Shapes
+/// `src`: `[rows, cols]` -> `dst`: `[cols, rows]`.
+pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) -> Result<()> {
+    if src.len() != rows * cols || dst.len() != rows * cols {
+        return Err(shape_error(
+            "transpose",
+            format!("{rows} x {cols} values on both sides"),
+            format!("{} and {}", src.len(), dst.len()),
+        ));
+    }
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    const B: usize = 16;
+    dst.par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(jb, band)| {
+            let j0 = jb * B;
+            let jn = B.min(cols - j0);
+            for i0 in (0..rows).step_by(B) {
+                let i_n = B.min(rows - i0);
+                for j in 0..jn {
+                    let d = &mut band[j * rows + i0..j * rows + i0 + i_n];
+                    for (i, v) in d.iter_mut().enumerate() {
+                        *v = src[(i0 + i) * cols + j0 + j];
+                    }
+                }
+            }
+        });
+    Ok(())
+}

@@ -1,7 +1,7 @@
 //! The layer norm kernels against an f64 reference, with image sizes that are
 //! not multiples of the kernels' chunk size.
 
-use ff_kernels::{layer_norm_backward, layer_norm_forward};
+use ff_kernels::{layer_norm_backward, layer_norm_forward, transpose};
 
 fn values(n: usize, seed: u64, amp: f32, shift: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
@@ -69,4 +69,19 @@ fn layer_norm_matches_f64_reference_with_gradients() {
     let err =
         layer_norm_forward(&[0.0; 10], 3, &[1.0; 3], &[0.0; 3], 1e-5, &mut [0.0; 10]).unwrap_err();
     assert!(err.to_string().contains("layer norm"), "{err}");
+}
+
+#[test]
+fn transpose_matches_index_swap() {
+    for (r, c) in [(1usize, 1usize), (17, 33), (64, 16), (3, 100)] {
+        let src: Vec<f32> = (0..r * c).map(|v| v as f32).collect();
+        let mut dst = vec![0f32; r * c];
+        transpose(&src, r, c, &mut dst).unwrap();
+        for i in 0..r {
+            for j in 0..c {
+                assert_eq!(dst[j * r + i], src[i * c + j]);
+            }
+        }
+    }
+    assert!(transpose(&[0.0; 5], 2, 3, &mut [0.0; 6]).is_err());
 }
