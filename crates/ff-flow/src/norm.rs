@@ -91,8 +91,11 @@ impl LayerNorm {
 /// they are unchanged (a fingerprint of both is the key).
 #[derive(Debug, Default)]
 struct AffineCache {
-    slot: Mutex<Option<(u64, Arc<(Vec<f32>, Vec<f32>)>)>>,
+    slot: Mutex<Option<(u64, Arc<AffineHwc>)>>,
 }
+
+/// Weight and bias in `[H, W, C]` order.
+type AffineHwc = (Vec<f32>, Vec<f32>);
 
 impl AffineCache {
     fn get(
