@@ -5,8 +5,10 @@ Run from the repository root (no network; a few minutes on 2 cores):
 
     python data-scripts/bench_reference.py [config] [size] [batch] [iters] [out.json]
 
-``config`` is ``resnet18`` (default) or ``wide_resnet50_2`` with the reference
-YAML settings (resnet18: 8 flow steps, hidden ratio 1.0, 3x3 kernels only).
+``config`` is ``resnet18`` (default), ``wide_resnet50_2``, ``deit`` or ``cait``
+with the reference YAML settings (resnet18: 8 flow steps, hidden ratio 1.0,
+3x3 kernels only; the transformers are timed for inference only, and their
+``size`` defaults to 384 / 448).
 The model is the reference's, as ``make_flow_fixtures.py`` builds it, with
 timm's random init (``torch.manual_seed(0)``) and random inputs. PyTorch runs
 with 2 threads (``torch.set_num_threads(2)``), the machine's cores. Reports the
@@ -32,7 +34,26 @@ CONFIGS = {
     "wide_resnet50_2": dict(
         backbone_name="wide_resnet50_2", flow_step=8, hidden_ratio=1.0, conv3x3_only=False
     ),
+    # The transformers: inference only (their training steps take minutes here).
+    "deit": dict(backbone_name="deit_base_distilled_patch16_384", flow_step=20, hidden_ratio=0.16,
+                 conv3x3_only=False, vit_blocks=8, size=384),
+    "cait": dict(backbone_name="cait_m48_448", flow_step=20, hidden_ratio=0.16,
+                 conv3x3_only=False, vit_blocks=41, size=448),
 }
+
+
+def build_model(name, size):
+    """The reference FastFlow of config ``name`` with timm's random init."""
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    if "vit_blocks" in cfg:
+        from make_vit_fixtures import cait_features, deit_features
+        from make_vit_pt_fixtures import FastFlowTransformer
+
+        features = deit_features if name == "deit" else cait_features
+        return FastFlowTransformer(cfg["backbone_name"], cfg["vit_blocks"], features, cfg["flow_step"],
+                                   size, cfg["conv3x3_only"], cfg["hidden_ratio"])
+    return FastFlow(cfg["backbone_name"], cfg["flow_step"], size, cfg["conv3x3_only"], cfg["hidden_ratio"])
 
 
 def timings(iters, f):
@@ -66,14 +87,33 @@ def peak_rss_mib():
 def main():
     args = sys.argv[1:]
     name = args[0] if len(args) > 0 else "resnet18"
-    size = int(args[1]) if len(args) > 1 else 256
+    cfg = CONFIGS[name]
+    size = int(args[1]) if len(args) > 1 else cfg.get("size", 256)
     batch = int(args[2]) if len(args) > 2 else 8
     iters = int(args[3]) if len(args) > 3 else 3
     json_out = args[4] if len(args) > 4 else None
-    cfg = CONFIGS[name]
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = FastFlow(cfg["backbone_name"], cfg["flow_step"], size, cfg["conv3x3_only"], cfg["hidden_ratio"])
+    model = build_model(name, size)
+    if "vit_blocks" in cfg:
+        model.eval()
+        result = {"config": name, "input_size": size, "threads": torch.get_num_threads()}
+        print(f"torch {torch.__version__}, {name} @ {size} px, {iters} timed runs, 2 threads, inference only")
+        for b, key in ((batch, "inference"), (1, "inference_batch1")):
+            xb = torch.randn(b, 3, size, size)
+
+            def infer():
+                with torch.no_grad():
+                    return model(xb)["anomaly_map"]
+
+            infer()
+            result[key] = throughput(b, timings(iters, infer))
+            t = result[key]
+            print(f"inference batch {b}: best {t['best_img_per_s']:.3f} img/s | median "
+                  f"{t['median_img_per_s']:.3f} img/s")
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     opt = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5
     )
