@@ -473,8 +473,11 @@ pub(crate) fn split_log_det_column(out: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 /// Whether a map takes the fused CPU path ([`AllInOneBlock::forward_nhwc`]).
+/// Off with `FASTFLOW_KERNELS=generic`, which forces candle's op-by-op route.
 pub(crate) fn fused_path(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && ff_kernels::Route::current() == ff_kernels::Route::Kernels
 }
 
 /// `[b, C, h, w]` -> contiguous `[b, h, w, C]`.
