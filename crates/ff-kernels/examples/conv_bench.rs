@@ -8,8 +8,81 @@ use ff_kernels::{
     NhwcRef, PackedConv2d,
 };
 
+/// Max |got - f64 reference| / max |reference| of one image through `packed`
+/// (random inputs and weights in [-1, 1)), for the error of each algorithm.
+fn relative_error(g: ConvGeometry, algorithm: Algorithm, h: usize) -> f64 {
+    let (c, o, k, p) = (g.in_channels, g.out_channels, g.kernel, g.padding);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let x: Vec<f32> = (0..h * h * c).map(|_| next()).collect();
+    let wt: Vec<f32> = (0..o * c * k * k)
+        .map(|_| next() / (c * k * k) as f32)
+        .collect();
+    let packed = PackedConv2d::from_oihw(g, Some(algorithm), &wt, None).unwrap();
+    let mut out = vec![0f32; h * h * o];
+    conv2d(
+        &packed,
+        NhwcRef::new(&x, [1, h, h, c]).unwrap(),
+        Activation::Identity,
+        Epilogue::default(),
+        NhwcMut::new(&mut out, [1, h, h, o]).unwrap(),
+    )
+    .unwrap();
+    let (mut max_err, mut max_ref) = (0f64, 0f64);
+    for y in 0..h {
+        for xx in 0..h {
+            for oo in 0..o {
+                let mut acc = 0f64;
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let (iy, ix) = (
+                            (y + ky) as isize - p as isize,
+                            (xx + kx) as isize - p as isize,
+                        );
+                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= h as isize {
+                            continue;
+                        }
+                        for ci in 0..c {
+                            acc += f64::from(x[((iy as usize) * h + ix as usize) * c + ci])
+                                * f64::from(wt[((oo * c + ci) * k + ky) * k + kx]);
+                        }
+                    }
+                }
+                max_ref = max_ref.max(acc.abs());
+                max_err = max_err.max((f64::from(out[(y * h + xx) * o + oo]) - acc).abs());
+            }
+        }
+    }
+    max_err / max_ref
+}
+
 fn main() {
     let n = 8;
+    // The error of both algorithms against f64, one image per layer shape.
+    for (name, c, o, h) in [
+        ("32->64 @64", 32usize, 64usize, 64usize),
+        ("64->64 @64", 64, 64, 64),
+        ("128->256 @16", 128, 256, 16),
+        ("256->256 @16", 256, 256, 16),
+    ] {
+        let g = ConvGeometry {
+            in_channels: c,
+            out_channels: o,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        println!(
+            "error vs f64, {name}: direct {:.2e}, winograd {:.2e} (max abs error / max abs output)",
+            relative_error(g, Algorithm::Direct, h),
+            relative_error(g, Algorithm::Winograd, h)
+        );
+    }
     println!("isa: {}", Isa::detect().name());
     // Packing cost per call, as the flows pay it (weights change every step).
     for (c, o) in [(32usize, 64usize), (128, 256)] {
