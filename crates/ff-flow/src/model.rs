@@ -41,7 +41,10 @@ pub fn loss(out: &FlowOutput) -> Result<Tensor> {
     }
     let mut total: Option<Tensor> = None;
     for (z, log_det) in out.z.iter().zip(&out.log_det) {
-        let half_sq = (z.sqr()?.flatten_from(1)?.sum(1)? * 0.5)?; // [b]
+        // Channels-last order first: on the CPU route `z` is a view of
+        // channels-last storage, which candle then walks in contiguous
+        // channel runs rather than element by element.
+        let half_sq = (z.permute((0, 2, 3, 1))?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)?; // [b]
         let per_scale = (half_sq - log_det)?.mean(0)?;
         total = Some(match total {
             None => per_scale,
