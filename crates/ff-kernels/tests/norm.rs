@@ -1,7 +1,7 @@
 //! The layer norm kernels against an f64 reference, with image sizes that are
 //! not multiples of the kernels' chunk size.
 
-use ff_kernels::{layer_norm_backward, layer_norm_forward, transpose};
+use ff_kernels::{fingerprint, layer_norm_backward, layer_norm_forward, transpose};
 
 fn values(n: usize, seed: u64, amp: f32, shift: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
@@ -84,4 +84,21 @@ fn transpose_matches_index_swap() {
         }
     }
     assert!(transpose(&[0.0; 5], 2, 3, &mut [0.0; 6]).is_err());
+}
+
+#[test]
+fn fingerprints_change_with_any_value_and_with_order() {
+    let base = values(1000, 9, 1.0, 0.0);
+    let f = fingerprint(&base);
+    assert_eq!(f, fingerprint(&base.clone()));
+    for i in [0usize, 15, 16, 500, 999] {
+        let mut changed = base.clone();
+        changed[i] = f32::from_bits(changed[i].to_bits() ^ 1);
+        assert_ne!(fingerprint(&changed), f, "one bit of value {i}");
+    }
+    let mut swapped = base.clone();
+    swapped.swap(3, 4);
+    assert_ne!(fingerprint(&swapped), f, "two values swapped");
+    assert_ne!(fingerprint(&base[..999]), f, "one value fewer");
+    assert_ne!(fingerprint(&[0.0; 16]), fingerprint(&[0.0; 17]));
 }
