@@ -75,7 +75,9 @@ fn fingerprint_body(data: &[f32]) -> u64 {
     }
     let mut out = (data.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     for h in lanes {
-        out = (out ^ u64::from(h)).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+        out = (out ^ u64::from(h))
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(29);
     }
     out
 }
