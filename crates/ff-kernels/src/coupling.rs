@@ -79,7 +79,6 @@ impl Coupling<'_> {
 pub fn coupling_forward(cp: &Coupling, x: NhwcRef, a: &[f32], out: &mut [f32]) -> Result<()> {
     let (pixels, x_c) = cp.check(&x, a)?;
     let c = cp.channels();
-    let (c1, c2) = (c - c / 2, c / 2);
     let oc = c + 1;
     if out.len() != pixels * oc {
         return Err(shape_error(
@@ -89,33 +88,84 @@ pub fn coupling_forward(cp: &Coupling, x: NhwcRef, a: &[f32], out: &mut [f32]) -
         ));
     }
     let isa = Isa::detect();
-    let xd = x.data_ptr_range();
-    let xs = x.pixel_stride();
+    let rows = Rows {
+        cp,
+        x: x.data_ptr_range(),
+        xs: x.pixel_stride(),
+        x_c,
+        a,
+        // The affine gathered through the permutation once per call.
+        scale_p: cp.perm.iter().map(|&p| cp.scale[p as usize]).collect(),
+        offset_p: cp.perm.iter().map(|&p| cp.offset[p as usize]).collect(),
+    };
     out.par_chunks_mut(oc * ROWS_PER_TASK)
         .enumerate()
-        .for_each(|(chunk, dst)| {
-            let mut pre = vec![0f32; c];
-            let mut th = vec![0f32; c2];
-            let mut e = vec![0f32; c2];
-            for (r, o) in dst.chunks_mut(oc).enumerate() {
-                let row = chunk * ROWS_PER_TASK + r;
-                let xr = &xd[row * xs..row * xs + x_c];
-                let ar = &a[row * 2 * c2..(row + 1) * 2 * c2];
-                log_scales(isa, cp, &ar[..c2], &mut th, &mut e);
-                let carried = if x_c > c { xr[c] } else { 0.0 };
-                let log_det = carried + cp.clamp * th.iter().sum::<f32>();
-                pre[..c1].copy_from_slice(&xr[..c1]);
-                for i in 0..c2 {
-                    pre[c1 + i] = xr[c1 + i] * e[i] + cp.subnet_scale * ar[c2 + i];
-                }
-                for (j, &p) in cp.perm.iter().enumerate() {
-                    let p = p as usize;
-                    o[j] = pre[p] * cp.scale[p] + cp.offset[p];
-                }
-                o[c] = log_det;
-            }
+        .for_each(|(chunk, dst)| match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is the detected one, so the CPU has AVX-512F.
+            Isa::Avx512 => unsafe { forward_rows_avx512(&rows, chunk * ROWS_PER_TASK, dst) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is the detected one, so the CPU has AVX2 and FMA.
+            Isa::Avx2Fma => unsafe { forward_rows_avx2(&rows, chunk * ROWS_PER_TASK, dst) },
+            _ => forward_rows(&rows, chunk * ROWS_PER_TASK, dst),
         });
     Ok(())
+}
+
+/// What [`forward_rows`] reads.
+struct Rows<'a> {
+    cp: &'a Coupling<'a>,
+    x: &'a [f32],
+    xs: usize,
+    x_c: usize,
+    a: &'a [f32],
+    scale_p: Vec<f32>,
+    offset_p: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+unsafe fn forward_rows_avx512(r: &Rows, row0: usize, dst: &mut [f32]) {
+    forward_rows(r, row0, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_rows_avx2(r: &Rows, row0: usize, dst: &mut [f32]) {
+    forward_rows(r, row0, dst)
+}
+
+/// [`coupling_forward`] for the pixels `row0 ..` whose outputs `dst` holds.
+#[inline(always)]
+fn forward_rows(r: &Rows, row0: usize, dst: &mut [f32]) {
+    let cp = r.cp;
+    let c = cp.channels();
+    let (c1, c2) = (c - c / 2, c / 2);
+    let oc = c + 1;
+    let mut pre = vec![0f32; c];
+    let mut th = vec![0f32; c2];
+    let mut e = vec![0f32; c2];
+    for (i, o) in dst.chunks_mut(oc).enumerate() {
+        let row = row0 + i;
+        let xr = &r.x[row * r.xs..row * r.xs + r.x_c];
+        let ar = &r.a[row * 2 * c2..(row + 1) * 2 * c2];
+        log_scales_body(cp.subnet_scale, cp.clamp, &ar[..c2], &mut th, &mut e);
+        let carried = if r.x_c > c { xr[c] } else { 0.0 };
+        let log_det = carried + cp.clamp * th.iter().sum::<f32>();
+        pre[..c1].copy_from_slice(&xr[..c1]);
+        for (((p, &xv), &ev), &tv) in pre[c1..].iter_mut().zip(&xr[c1..c]).zip(&e).zip(&ar[c2..]) {
+            *p = xv * ev + cp.subnet_scale * tv;
+        }
+        for (((ov, &p), &sv), &fv) in o[..c]
+            .iter_mut()
+            .zip(cp.perm)
+            .zip(&r.scale_p)
+            .zip(&r.offset_p)
+        {
+            *ov = pre[p as usize] * sv + fv;
+        }
+        o[c] = log_det;
+    }
 }
 
 /// The backward of [`coupling_forward`]: from the output gradient `grad`,
@@ -137,7 +187,7 @@ pub fn coupling_backward(
 ) -> Result<Vec<f64>> {
     let (pixels, x_c) = cp.check(&x, a)?;
     let c = cp.channels();
-    let (c1, c2) = (c - c / 2, c / 2);
+    let c2 = c / 2;
     let oc = c + 1;
     if grad.len() != pixels * oc || gx.len() != pixels * x_c || ga.len() != a.len() {
         return Err(shape_error(
@@ -150,55 +200,29 @@ pub fn coupling_backward(
         ));
     }
     let isa = Isa::detect();
-    let xd = x.data_ptr_range();
-    let xs = x.pixel_stride();
+    let rows = BackRows {
+        cp,
+        x: x.data_ptr_range(),
+        xs: x.pixel_stride(),
+        x_c,
+        a,
+        grad,
+    };
     let partials: Vec<Vec<f64>> = gx
         .par_chunks_mut(x_c * ROWS_PER_TASK)
         .zip(ga.par_chunks_mut(2 * c2 * ROWS_PER_TASK))
         .enumerate()
         .map(|(chunk, (gx_c, ga_c))| {
-            let mut acc = vec![0f64; 2 * c];
-            let mut gpre = vec![0f32; c];
-            let mut pre = vec![0f32; c];
-            let mut th = vec![0f32; c2];
-            let mut e = vec![0f32; c2];
-            for (r, (gxr, gar)) in gx_c
-                .chunks_mut(x_c)
-                .zip(ga_c.chunks_mut(2 * c2))
-                .enumerate()
-            {
-                let row = chunk * ROWS_PER_TASK + r;
-                let xr = &xd[row * xs..row * xs + c];
-                let ar = &a[row * 2 * c2..(row + 1) * 2 * c2];
-                let gr = &grad[row * oc..(row + 1) * oc];
-                let gl = gr[c];
-                if x_c > c {
-                    // The accumulated log-det passes straight through.
-                    gxr[c] = gl;
-                }
-                log_scales(isa, cp, &ar[..c2], &mut th, &mut e);
-                pre[..c1].copy_from_slice(&xr[..c1]);
-                for i in 0..c2 {
-                    pre[c1 + i] = xr[c1 + i] * e[i] + cp.subnet_scale * ar[c2 + i];
-                }
-                for (j, &p) in cp.perm.iter().enumerate() {
-                    let p = p as usize;
-                    let go = gr[j];
-                    gpre[p] = go * cp.scale[p];
-                    acc[p] += f64::from(go) * f64::from(pre[p]);
-                    acc[c + p] += f64::from(go);
-                }
-                gxr[..c1].copy_from_slice(&gpre[..c1]);
-                let ds_factor = cp.clamp * cp.subnet_scale;
-                for i in 0..c2 {
-                    let gp = gpre[c1 + i];
-                    gxr[c1 + i] = gp * e[i];
-                    let ds = gp * xr[c1 + i] * e[i] + gl;
-                    gar[i] = ds * ds_factor * (1.0 - th[i] * th[i]);
-                    gar[c2 + i] = cp.subnet_scale * gp;
-                }
+            let row0 = chunk * ROWS_PER_TASK;
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is the detected one, so the CPU has AVX-512F.
+                Isa::Avx512 => unsafe { backward_rows_avx512(&rows, row0, gx_c, ga_c) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is the detected one, so the CPU has AVX2 and FMA.
+                Isa::Avx2Fma => unsafe { backward_rows_avx2(&rows, row0, gx_c, ga_c) },
+                _ => backward_rows(&rows, row0, gx_c, ga_c),
             }
-            acc
         })
         .collect();
     let mut g_affine = vec![0f64; 2 * c];
@@ -210,31 +234,88 @@ pub fn coupling_backward(
     Ok(g_affine)
 }
 
-/// `th = tanh(subnet_scale a_s)` and `e = exp(clamp th)`, vectorised.
-fn log_scales(isa: Isa, cp: &Coupling, a_s: &[f32], th: &mut [f32], e: &mut [f32]) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is the detected one, so the CPU has AVX-512F.
-        Isa::Avx512 => unsafe { log_scales_avx512(cp.subnet_scale, cp.clamp, a_s, th, e) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa` is the detected one, so the CPU has AVX2 and FMA.
-        Isa::Avx2Fma => unsafe { log_scales_avx2(cp.subnet_scale, cp.clamp, a_s, th, e) },
-        _ => log_scales_body(cp.subnet_scale, cp.clamp, a_s, th, e),
-    }
+/// What [`backward_rows`] reads.
+struct BackRows<'a> {
+    cp: &'a Coupling<'a>,
+    x: &'a [f32],
+    xs: usize,
+    x_c: usize,
+    a: &'a [f32],
+    grad: &'a [f32],
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
-unsafe fn log_scales_avx512(k: f32, clamp: f32, a_s: &[f32], th: &mut [f32], e: &mut [f32]) {
-    log_scales_body(k, clamp, a_s, th, e)
+unsafe fn backward_rows_avx512(
+    r: &BackRows,
+    row0: usize,
+    gx: &mut [f32],
+    ga: &mut [f32],
+) -> Vec<f64> {
+    backward_rows(r, row0, gx, ga)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn log_scales_avx2(k: f32, clamp: f32, a_s: &[f32], th: &mut [f32], e: &mut [f32]) {
-    log_scales_body(k, clamp, a_s, th, e)
+unsafe fn backward_rows_avx2(
+    r: &BackRows,
+    row0: usize,
+    gx: &mut [f32],
+    ga: &mut [f32],
+) -> Vec<f64> {
+    backward_rows(r, row0, gx, ga)
 }
 
+/// [`coupling_backward`] for the pixels `row0 ..` whose gradients `gx` and
+/// `ga` hold; returns their share of the global affine's gradients. Those are
+/// summed in f32 over the (at most 64) pixels of the chunk, then in f64.
+#[inline(always)]
+fn backward_rows(r: &BackRows, row0: usize, gx: &mut [f32], ga: &mut [f32]) -> Vec<f64> {
+    let cp = r.cp;
+    let c = cp.channels();
+    let (c1, c2) = (c - c / 2, c / 2);
+    let (oc, x_c) = (c + 1, r.x_c);
+    let mut acc = vec![0f32; 2 * c];
+    let mut gpre = vec![0f32; c];
+    let mut pre = vec![0f32; c];
+    let mut th = vec![0f32; c2];
+    let mut e = vec![0f32; c2];
+    let ds_factor = cp.clamp * cp.subnet_scale;
+    for (i, (gxr, gar)) in gx.chunks_mut(x_c).zip(ga.chunks_mut(2 * c2)).enumerate() {
+        let row = row0 + i;
+        let xr = &r.x[row * r.xs..row * r.xs + c];
+        let ar = &r.a[row * 2 * c2..(row + 1) * 2 * c2];
+        let gr = &r.grad[row * oc..(row + 1) * oc];
+        let gl = gr[c];
+        if x_c > c {
+            // The accumulated log-det passes straight through.
+            gxr[c] = gl;
+        }
+        log_scales_body(cp.subnet_scale, cp.clamp, &ar[..c2], &mut th, &mut e);
+        pre[..c1].copy_from_slice(&xr[..c1]);
+        for (((p, &xv), &ev), &tv) in pre[c1..].iter_mut().zip(&xr[c1..c]).zip(&e).zip(&ar[c2..]) {
+            *p = xv * ev + cp.subnet_scale * tv;
+        }
+        for (&go, &p) in gr[..c].iter().zip(cp.perm) {
+            let p = p as usize;
+            gpre[p] = go * cp.scale[p];
+            acc[p] += go * pre[p];
+            acc[c + p] += go;
+        }
+        gxr[..c1].copy_from_slice(&gpre[..c1]);
+        for k in 0..c2 {
+            let gp = gpre[c1 + k];
+            gxr[c1 + k] = gp * e[k];
+            let ds = gp * xr[c1 + k] * e[k] + gl;
+            gar[k] = ds * ds_factor * (1.0 - th[k] * th[k]);
+            gar[c2 + k] = cp.subnet_scale * gp;
+        }
+    }
+    acc.iter().map(|&v| f64::from(v)).collect()
+}
+
+/// `th = tanh(subnet_scale a_s)` and `e = exp(clamp th)`; vectorised where
+/// the row functions' instruction-set wrappers inline it.
 #[inline(always)]
 fn log_scales_body(k: f32, clamp: f32, a_s: &[f32], th: &mut [f32], e: &mut [f32]) {
     for ((t, ev), &a) in th.iter_mut().zip(e.iter_mut()).zip(a_s) {
