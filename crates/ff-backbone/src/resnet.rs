@@ -474,7 +474,7 @@ struct Map {
 impl Map {
     fn zeros(dims: [usize; 4]) -> Self {
         Self {
-            data: vec![0f32; dims.iter().product()],
+            data: ff_kernels::zeroed(dims.iter().product()),
             dims,
         }
     }

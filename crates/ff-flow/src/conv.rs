@@ -220,7 +220,7 @@ impl CustomOp3 for ConvSame {
         let packed = self
             .cache
             .get(geometry(self.k, self.c, self.o), weight, bias)?;
-        let mut out = vec![0f32; b * h * w * self.o];
+        let mut out = ff_kernels::zeroed(b * h * w * self.o);
         ff_kernels::conv2d(
             &packed,
             input,
@@ -304,7 +304,7 @@ impl CustomOp3 for ConvInputGrad {
         let g = geometry(self.k, self.c, self.o);
         let packed = PackedConv2d::input_gradient_from_oihw(g, None, weight)
             .map_err(candle_core::Error::wrap)?;
-        let mut out = vec![0f32; b * h * w * x_c];
+        let mut out = ff_kernels::zeroed(b * h * w * x_c);
         ff_kernels::conv2d(
             &packed,
             gy,

@@ -112,7 +112,7 @@ impl CustomOp3 for CouplingOp {
         let oc = c + 1;
         let xv = NhwcRef::strided(&x[x_off..], [b, h, w, x_c], x_rs)
             .map_err(candle_core::Error::wrap)?;
-        let mut out = vec![0f32; n * oc];
+        let mut out = ff_kernels::zeroed(n * oc);
         ff_kernels::coupling_forward(&self.coupling(scale, offset), xv, a, &mut out)
             .map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(out), Shape::from((b, h, w, oc))))
@@ -196,8 +196,8 @@ impl CustomOp3 for CouplingBackward {
         }
         let xv = NhwcRef::strided(&x[x_off..], [b, h, w, x_c], x_rs)
             .map_err(candle_core::Error::wrap)?;
-        let mut gx = vec![0f32; n * x_c];
-        let mut ga = vec![0f32; n * 2 * c2];
+        let mut gx = ff_kernels::zeroed(n * x_c);
+        let mut ga = ff_kernels::zeroed(n * 2 * c2);
         // The offset is not needed backward; the kernel checks its length.
         let unused_offset = vec![0f32; c];
         let cp = ff_kernels::Coupling {

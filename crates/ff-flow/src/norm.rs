@@ -159,7 +159,7 @@ impl CustomOp3 for LayerNormOp {
         let b = contiguous_f32(b, b_l, self.name())?;
         let (n, c) = (x_l.dims()[0], x_l.dims()[3]);
         let affine = self.affine.get(c, w, b)?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = ff_kernels::zeroed(x.len());
         ff_kernels::layer_norm_forward(x, n, &affine.0, &affine.1, LAYER_NORM_EPS, &mut y)
             .map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(y), x_l.shape().clone()))
@@ -218,7 +218,7 @@ impl CustomOp3 for LayerNormBackward {
         let stats = ff_kernels::layer_norm_statistics(x, n, s, LAYER_NORM_EPS);
         let mut gw_hwc = vec![0f32; s];
         let mut gb_hwc = vec![0f32; s];
-        let mut out = vec![0f32; x.len() + 2 * s];
+        let mut out = ff_kernels::zeroed(x.len() + 2 * s);
         let (gx, rest) = out.split_at_mut(x.len());
         ff_kernels::layer_norm_backward(x, n, &w_hwc, &stats, g, gx, &mut gw_hwc, &mut gb_hwc)
             .map_err(wrap)?;

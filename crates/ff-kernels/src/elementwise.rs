@@ -117,3 +117,14 @@ pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) -> Resu
         });
     Ok(())
 }
+
+/// A zero-filled buffer of `len` values; large ones are filled by the
+/// compute pool's threads together rather than by the caller alone.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    if len < 1 << 16 {
+        return vec![0f32; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(0f32, len));
+    v
+}

@@ -33,7 +33,7 @@ pub use conv::{
     PackedConv2d,
 };
 pub use coupling::{coupling_backward, coupling_forward, Coupling};
-pub use elementwise::{fingerprint, relu_backward, transpose};
+pub use elementwise::{fingerprint, relu_backward, transpose, zeroed};
 pub use error::{Error, Result};
 pub use isa::{Isa, Route};
 pub use norm::{layer_norm_backward, layer_norm_forward, layer_norm_statistics};

@@ -35,9 +35,13 @@ pub fn layer_norm_statistics(x: &[f32], n: usize, s: usize, eps: f64) -> Vec<(f3
     (0..n)
         .map(|b| {
             let img = &x[b * s..(b + 1) * s];
+            // Partial sums collected in order and added in order: the
+            // result does not depend on how the pool splits the work.
             let sum: f64 = img
                 .par_chunks(CHUNK)
                 .map(|c| c.iter().map(|&v| f64::from(v)).sum::<f64>())
+                .collect::<Vec<_>>()
+                .iter()
                 .sum();
             let mean = sum / s as f64;
             let sq: f64 = img
@@ -47,6 +51,8 @@ pub fn layer_norm_statistics(x: &[f32], n: usize, s: usize, eps: f64) -> Vec<(f3
                         .map(|&v| (f64::from(v) - mean).powi(2))
                         .sum::<f64>()
                 })
+                .collect::<Vec<_>>()
+                .iter()
                 .sum();
             let rstd = 1.0 / (sq / s as f64 + eps).sqrt();
             (mean as f32, rstd as f32)
@@ -131,7 +137,9 @@ pub fn layer_norm_backward(
                     }
                     (a, c)
                 })
-                .reduce(|| (0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
+                .collect::<Vec<_>>()
+                .iter()
+                .fold((0.0, 0.0), |p, q| (p.0 + q.0, p.1 + q.1));
             (a / s as f64, c / s as f64)
         })
         .collect();

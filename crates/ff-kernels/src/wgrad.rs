@@ -251,7 +251,7 @@ fn weight_grad_stride1(
     let ob_max = max_blocks(isa);
 
     // The planes [n][c][plane_len] and the packed gradient [n][blocks][q_len][16].
-    let mut planes = vec![0f32; n * c * plane_len];
+    let mut planes = crate::zeroed(n * c * plane_len);
     // 16 channels per task: each pixel's 16 values are one cache line read,
     // written to 16 planes.
     let groups = c.div_ceil(LANES);
@@ -281,7 +281,7 @@ fn weight_grad_stride1(
     });
     let gps = grad_out.pixel_stride();
     let grad = grad_out.data_ptr_range();
-    let mut g_packed = vec![0f32; n * blocks * q_len * LANES];
+    let mut g_packed = crate::zeroed(n * blocks * q_len * LANES);
     g_packed
         .par_chunks_mut(q_len * LANES)
         .enumerate()
@@ -297,15 +297,22 @@ fn weight_grad_stride1(
             }
         });
 
-    // Tasks: (image, chunk of the reduction), each accumulating privately.
+    // Tasks: (image, chunk of the reduction), dealt into a fixed number of
+    // groups of consecutive tasks; each group accumulates privately and the
+    // groups are added in order, so the sums do not depend on how the pool
+    // schedules them (resumed training stays bit-identical).
     const CHUNK: usize = 1024;
+    const GROUPS: usize = 8;
     let chunks = q_len.div_ceil(CHUNK);
+    let n_tasks = n * chunks;
+    let per_group = n_tasks.div_ceil(GROUPS);
     let tile_len = max_pixels(isa, 1).max(max_pixels(isa, ob_max)) * ob_max * LANES;
-    let acc = (0..n * chunks)
+    let partials: Vec<Vec<f32>> = (0..n_tasks.div_ceil(per_group))
         .into_par_iter()
-        .fold(
-            || (vec![0f32; k * k * c * o], vec![0f32; tile_len]),
-            |(mut acc, mut tile), task| {
+        .map(|group| {
+            let mut acc = vec![0f32; k * k * c * o];
+            let mut tile = vec![0f32; tile_len];
+            for task in group * per_group..((group + 1) * per_group).min(n_tasks) {
                 let (b, q0) = (task / chunks, (task % chunks) * CHUNK);
                 let ql = CHUNK.min(q_len - q0);
                 let plane = &planes[b * c * plane_len..(b + 1) * c * plane_len];
@@ -364,20 +371,17 @@ fn weight_grad_stride1(
                         }
                     }
                 }
-                (acc, tile)
-            },
-        )
-        .map(|(acc, _)| acc)
-        .reduce(
-            || vec![0f32; k * k * c * o],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(&b) {
-                    *x += y;
-                }
-                a
-            },
-        );
-    out[..k * k * c * o].copy_from_slice(&acc);
+            }
+            acc
+        })
+        .collect();
+    let rows_out = &mut out[..k * k * c * o];
+    rows_out.fill(0.0);
+    for part in &partials {
+        for (d, v) in rows_out.iter_mut().zip(part) {
+            *d += v;
+        }
+    }
     // The bias gradient: the output gradient summed over pixels.
     let bias = &mut out[k * k * c * o..];
     for px in 0..n * oh * ow {
