@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::error::{shape_error, Result};
 use crate::isa::Isa;
-use crate::micro::{max_blocks, max_pixels, run_tile, Tile, LANES};
+use crate::micro::{for_each_tile, max_blocks, max_pixels, run_tile, Tile, LANES};
 use crate::winograd;
 
 /// The shape of one convolution (square kernel, equal stride and zero padding
@@ -348,27 +348,9 @@ impl PackedConv2d {
         algorithm: Option<Algorithm>,
         rows: &[f32],
     ) -> Result<Self> {
-        let (c, o, k, p) = (
-            geometry.in_channels,
-            geometry.out_channels,
-            geometry.kernel,
-            geometry.padding,
-        );
-        if geometry.stride != 1 || p >= k {
-            return Err(shape_error(
-                "input-gradient convolution",
-                "stride 1 and padding < kernel",
-                format!("{geometry:?}"),
-            ));
-        }
+        let transposed = input_gradient_geometry(geometry)?;
+        let (c, o, k) = (geometry.in_channels, geometry.out_channels, geometry.kernel);
         check_rows(rows, k, c, o)?;
-        let transposed = ConvGeometry {
-            in_channels: o,
-            out_channels: c,
-            kernel: k,
-            stride: 1,
-            padding: k - 1 - p,
-        };
         Self::from_fn(
             transposed,
             algorithm,
@@ -384,19 +366,8 @@ impl PackedConv2d {
         algorithm: Option<Algorithm>,
         weight: &[f32],
     ) -> Result<Self> {
-        let (c, o, k, p) = (
-            geometry.in_channels,
-            geometry.out_channels,
-            geometry.kernel,
-            geometry.padding,
-        );
-        if geometry.stride != 1 || p >= k {
-            return Err(shape_error(
-                "input-gradient convolution",
-                "stride 1 and padding < kernel",
-                format!("{geometry:?}"),
-            ));
-        }
+        let transposed = input_gradient_geometry(geometry)?;
+        let (c, o, k) = (geometry.in_channels, geometry.out_channels, geometry.kernel);
         if weight.len() != o * c * k * k {
             return Err(shape_error(
                 "convolution weight",
@@ -404,13 +375,6 @@ impl PackedConv2d {
                 weight.len(),
             ));
         }
-        let transposed = ConvGeometry {
-            in_channels: o,
-            out_channels: c,
-            kernel: k,
-            stride: 1,
-            padding: k - 1 - p,
-        };
         Self::from_fn(
             transposed,
             algorithm,
@@ -423,6 +387,25 @@ impl PackedConv2d {
     pub fn geometry(&self) -> ConvGeometry {
         self.geometry
     }
+}
+
+/// The geometry of the convolution that computes the input gradient of the
+/// stride-1 convolution `g`: channels swapped, padding `k - 1 - p`.
+fn input_gradient_geometry(g: ConvGeometry) -> Result<ConvGeometry> {
+    if g.stride != 1 || g.padding >= g.kernel {
+        return Err(shape_error(
+            "input-gradient convolution",
+            "stride 1 and padding < kernel",
+            format!("{g:?}"),
+        ));
+    }
+    Ok(ConvGeometry {
+        in_channels: g.out_channels,
+        out_channels: g.in_channels,
+        kernel: g.kernel,
+        stride: 1,
+        padding: g.kernel - 1 - g.padding,
+    })
 }
 
 fn check_rows(rows: &[f32], k: usize, c: usize, o: usize) -> Result<()> {
@@ -547,45 +530,29 @@ pub fn conv2d_with(
             |(window, tile), (row, orow)| {
                 let (b, oy) = (row / oh, row % oh);
                 gather_window(&input, input_activation, b, oy * s, k, p, wp, window);
-                let mut ob0 = 0;
-                while ob0 < conv.blocks {
-                    let left = (conv.blocks - ob0).min(ob_max);
-                    let obn = if left >= 4 {
-                        4
-                    } else if left >= 2 {
-                        2
-                    } else {
-                        1
+                for_each_tile(isa, conv.blocks, ob_max, ow, |ob0, obn, ox0, pn| {
+                    let t = Tile {
+                        // SAFETY: ox0 s c < wp c <= window.len().
+                        src: unsafe { window.as_ptr().add(ox0 * s * c) },
+                        row_stride: wp * c,
+                        pix_stride: s * c,
+                        k,
+                        c,
+                        // SAFETY: ob0 < blocks, so the offset is inside the weights.
+                        weights: unsafe { conv.weights.as_ptr().add(ob0 * block_stride) },
+                        block_stride,
+                        out_stride: obn * LANES,
                     };
-                    let pmax = max_pixels(isa, obn);
-                    let mut ox0 = 0;
-                    while ox0 < ow {
-                        let pn = pmax.min(ow - ox0);
-                        let t = Tile {
-                            // SAFETY: ox0 s c < wp c <= window.len().
-                            src: unsafe { window.as_ptr().add(ox0 * s * c) },
-                            row_stride: wp * c,
-                            pix_stride: s * c,
-                            k,
-                            c,
-                            // SAFETY: ob0 < blocks, so the offset is inside the weights.
-                            weights: unsafe { conv.weights.as_ptr().add(ob0 * block_stride) },
-                            block_stride,
-                            out_stride: obn * LANES,
-                        };
-                        // SAFETY: the window holds k rows of wp pixels of c
-                        // channels and (ox0 + pn - 1) s + k <= wp, so every
-                        // tap of every pixel is inside it; blocks ob0..ob0 +
-                        // obn exist; `tile` holds pmax obn 16 values; `isa`
-                        // was checked above.
-                        unsafe { run_tile(isa, pn, obn, &t, tile) };
-                        store_tile(
-                            conv, tile, pn, obn, ob0, &epilogue, b, oy, ox0, orow, out_ps,
-                        );
-                        ox0 += pn;
-                    }
-                    ob0 += obn;
-                }
+                    // SAFETY: the window holds k rows of wp pixels of c
+                    // channels and (ox0 + pn - 1) s + k <= wp, so every
+                    // tap of every pixel is inside it; blocks ob0..ob0 +
+                    // obn exist; `tile` holds pmax obn 16 values; `isa`
+                    // was checked above.
+                    unsafe { run_tile(isa, pn, obn, &t, tile) };
+                    store_tile(
+                        conv, tile, pn, obn, ob0, &epilogue, b, oy, ox0, orow, out_ps,
+                    );
+                });
             },
         );
     Ok(())

@@ -42,6 +42,39 @@ pub(crate) fn max_pixels(isa: Isa, ob: usize) -> usize {
     }
 }
 
+/// Calls `f(ob0, obn, p0, pn)` for every tile covering `blocks` blocks of 16
+/// output channels (at most `ob_max`, taken 4, 2 or 1 at a time) by `n`
+/// pixels (at most [`max_pixels`] for that block count at a time), blocks
+/// outermost, so one block group's weights serve all its pixel tiles while
+/// they are in cache.
+pub(crate) fn for_each_tile(
+    isa: Isa,
+    blocks: usize,
+    ob_max: usize,
+    n: usize,
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
+    let mut ob0 = 0;
+    while ob0 < blocks {
+        let left = (blocks - ob0).min(ob_max);
+        let obn = if left >= 4 {
+            4
+        } else if left >= 2 {
+            2
+        } else {
+            1
+        };
+        let pmax = max_pixels(isa, obn);
+        let mut p0 = 0;
+        while p0 < n {
+            let pn = pmax.min(n - p0);
+            f(ob0, obn, p0, pn);
+            p0 += pn;
+        }
+        ob0 += obn;
+    }
+}
+
 /// The largest block count of a tile on `isa`.
 pub(crate) fn max_blocks(isa: Isa) -> usize {
     match isa {

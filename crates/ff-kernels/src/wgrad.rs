@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::conv::{Activation, ConvGeometry, NhwcRef};
 use crate::error::{shape_error, Result};
 use crate::isa::Isa;
-use crate::micro::{max_blocks, max_pixels, run_tile, Tile, LANES};
+use crate::micro::{for_each_tile, max_blocks, max_pixels, run_tile, Tile, LANES};
 
 /// Target size of one tile's column matrix, in `f32` values (512 KiB).
 const TILE_VALUES: usize = 128 * 1024;
@@ -112,53 +112,26 @@ pub fn conv2d_weight_grad(
                 // acc[r, o] += sum_t cols_t[r, t] g[t, o]: the micro-kernel
                 // with the rows r as its pixels and the tile's pixels t as
                 // its input channels (a 1x1 "convolution" over t).
-                let mut ob0 = 0;
-                while ob0 < blocks {
-                    let left = (blocks - ob0).min(ob_max);
-                    let obn = if left >= 4 {
-                        4
-                    } else if left >= 2 {
-                        2
-                    } else {
-                        1
+                for_each_tile(isa, blocks, ob_max, ncols, |ob0, obn, r0, pn| {
+                    let tl = Tile {
+                        // SAFETY: r0 < ncols rows of tp values.
+                        src: unsafe { cols_t.as_ptr().add(r0 * tp) },
+                        row_stride: 0,
+                        pix_stride: tp,
+                        k: 1,
+                        c: tp,
+                        // SAFETY: ob0 < blocks blocks of tp 16 values.
+                        weights: unsafe { g_packed.as_ptr().add(ob0 * tp * LANES) },
+                        block_stride: tp * LANES,
+                        out_stride: obn * LANES,
                     };
-                    let pmax = max_pixels(isa, obn);
-                    let mut r0 = 0;
-                    while r0 < ncols {
-                        let pn = pmax.min(ncols - r0);
-                        let tl = Tile {
-                            // SAFETY: r0 < ncols rows of tp values.
-                            src: unsafe { cols_t.as_ptr().add(r0 * tp) },
-                            row_stride: 0,
-                            pix_stride: tp,
-                            k: 1,
-                            c: tp,
-                            // SAFETY: ob0 < blocks blocks of tp 16 values.
-                            weights: unsafe { g_packed.as_ptr().add(ob0 * tp * LANES) },
-                            block_stride: tp * LANES,
-                            out_stride: obn * LANES,
-                        };
-                        // SAFETY: rows r0 .. r0 + pn of cols_t hold tp values
-                        // each; blocks ob0 .. ob0 + obn of g_packed hold tp 16
-                        // values each; `tile` holds pmax obn 16 values; `isa`
-                        // is the detected (supported) one.
-                        unsafe { run_tile(isa, pn, obn, &tl, &mut tile) };
-                        for i in 0..pn {
-                            for j in 0..obn {
-                                let o0 = (ob0 + j) * LANES;
-                                let lanes = LANES.min(o - o0);
-                                let dst = &mut acc[(r0 + i) * o + o0..][..lanes];
-                                for (d, v) in
-                                    dst.iter_mut().zip(&tile[(i * obn + j) * LANES..][..lanes])
-                                {
-                                    *d += v;
-                                }
-                            }
-                        }
-                        r0 += pn;
-                    }
-                    ob0 += obn;
-                }
+                    // SAFETY: rows r0 .. r0 + pn of cols_t hold tp values
+                    // each; blocks ob0 .. ob0 + obn of g_packed hold tp 16
+                    // values each; `tile` holds pmax obn 16 values; `isa`
+                    // is the detected (supported) one.
+                    unsafe { run_tile(isa, pn, obn, &tl, &mut tile) };
+                    add_tile(&mut acc, o, &tile, r0, pn, ob0, obn);
+                });
                 p0 += tp;
             }
             acc
@@ -321,54 +294,28 @@ fn weight_grad_stride1(
                     for kx in 0..k {
                         let shift = ky * wp + kx;
                         let r_base = (ky * k + kx) * c;
-                        let mut ob0 = 0;
-                        while ob0 < blocks {
-                            let left = (blocks - ob0).min(ob_max);
-                            let obn = if left >= 4 {
-                                4
-                            } else if left >= 2 {
-                                2
-                            } else {
-                                1
+                        for_each_tile(isa, blocks, ob_max, c, |ob0, obn, c0, pn| {
+                            let t = Tile {
+                                // SAFETY: c0 < c planes; shift + q0 < plane_len.
+                                src: unsafe { plane.as_ptr().add(c0 * plane_len + shift + q0) },
+                                row_stride: 0,
+                                pix_stride: plane_len,
+                                k: 1,
+                                c: ql,
+                                // SAFETY: ob0 < blocks and q0 < q_len.
+                                weights: unsafe { gb.as_ptr().add((ob0 * q_len + q0) * LANES) },
+                                block_stride: q_len * LANES,
+                                out_stride: obn * LANES,
                             };
-                            let pmax = max_pixels(isa, obn);
-                            let mut c0 = 0;
-                            while c0 < c {
-                                let pn = pmax.min(c - c0);
-                                let t = Tile {
-                                    // SAFETY: c0 < c planes; shift + q0 < plane_len.
-                                    src: unsafe { plane.as_ptr().add(c0 * plane_len + shift + q0) },
-                                    row_stride: 0,
-                                    pix_stride: plane_len,
-                                    k: 1,
-                                    c: ql,
-                                    // SAFETY: ob0 < blocks and q0 < q_len.
-                                    weights: unsafe { gb.as_ptr().add((ob0 * q_len + q0) * LANES) },
-                                    block_stride: q_len * LANES,
-                                    out_stride: obn * LANES,
-                                };
-                                // SAFETY: planes c0 .. c0 + pn hold plane_len
-                                // values and shift + q0 + ql <= (k - 1) (wp +
-                                // 1) + q_len < plane_len; blocks ob0 .. ob0 +
-                                // obn of the packed gradient hold q_len 16
-                                // values; `tile` holds pmax obn 16 values;
-                                // `isa` is the detected one.
-                                unsafe { run_tile(isa, pn, obn, &t, &mut tile) };
-                                for i in 0..pn {
-                                    for j in 0..obn {
-                                        let o0 = (ob0 + j) * LANES;
-                                        let lanes = LANES.min(o - o0);
-                                        let dst = &mut acc[(r_base + c0 + i) * o + o0..][..lanes];
-                                        let src = &tile[(i * obn + j) * LANES..][..lanes];
-                                        for (d, v) in dst.iter_mut().zip(src) {
-                                            *d += v;
-                                        }
-                                    }
-                                }
-                                c0 += pn;
-                            }
-                            ob0 += obn;
-                        }
+                            // SAFETY: planes c0 .. c0 + pn hold plane_len
+                            // values and shift + q0 + ql <= (k - 1) (wp +
+                            // 1) + q_len < plane_len; blocks ob0 .. ob0 +
+                            // obn of the packed gradient hold q_len 16
+                            // values; `tile` holds pmax obn 16 values;
+                            // `isa` is the detected one.
+                            unsafe { run_tile(isa, pn, obn, &t, &mut tile) };
+                            add_tile(&mut acc, o, &tile, r_base + c0, pn, ob0, obn);
+                        });
                     }
                 }
             }
@@ -387,6 +334,22 @@ fn weight_grad_stride1(
     for px in 0..n * oh * ow {
         for (d, v) in bias.iter_mut().zip(&grad[px * gps..px * gps + o]) {
             *d += v;
+        }
+    }
+}
+
+/// Adds a compact `[pn][obn][16]` tile into rows `r0 ..` of the `[rows, o]`
+/// accumulator, channels `ob0 16 ..` (the last block's padding dropped).
+fn add_tile(acc: &mut [f32], o: usize, tile: &[f32], r0: usize, pn: usize, ob0: usize, obn: usize) {
+    for i in 0..pn {
+        for j in 0..obn {
+            let o0 = (ob0 + j) * LANES;
+            let lanes = LANES.min(o - o0);
+            let dst = &mut acc[(r0 + i) * o + o0..][..lanes];
+            let src = &tile[(i * obn + j) * LANES..][..lanes];
+            for (d, v) in dst.iter_mut().zip(src) {
+                *d += v;
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::conv::{gather_window, Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef};
 use crate::isa::Isa;
-use crate::micro::{max_blocks, max_pixels, run_tile, Tile, LANES};
+use crate::micro::{for_each_tile, max_blocks, run_tile, Tile, LANES};
 
 /// Whether a convolution is one Winograd F(2x2, 3x3) covers.
 pub(crate) fn applies(g: &ConvGeometry) -> bool {
@@ -145,45 +145,27 @@ pub(crate) fn conv2d(
                 let v = &buf.v[xi * tiles * c..(xi + 1) * tiles * c];
                 let uxi = &u[xi * blocks * c * LANES..(xi + 1) * blocks * c * LANES];
                 let m = &mut buf.m[xi * tiles * blocks * LANES..(xi + 1) * tiles * blocks * LANES];
-                let mut ob0 = 0;
-                while ob0 < blocks {
-                    let left = (blocks - ob0).min(ob_max);
-                    let obn = if left >= 4 {
-                        4
-                    } else if left >= 2 {
-                        2
-                    } else {
-                        1
+                for_each_tile(isa, blocks, ob_max, tiles, |ob0, obn, t0, pn| {
+                    let t = Tile {
+                        // SAFETY: t0 < tiles, so the offset is inside v.
+                        src: unsafe { v.as_ptr().add(t0 * c) },
+                        row_stride: 0,
+                        pix_stride: c,
+                        k: 1,
+                        c,
+                        // SAFETY: ob0 < blocks, so the offset is inside u[xi].
+                        weights: unsafe { uxi.as_ptr().add(ob0 * c * LANES) },
+                        block_stride: c * LANES,
+                        out_stride: blocks * LANES,
                     };
-                    let pmax = max_pixels(isa, obn);
-                    let mut t0 = 0;
-                    while t0 < tiles {
-                        let pn = pmax.min(tiles - t0);
-                        let t = Tile {
-                            // SAFETY: t0 < tiles, so the offset is inside v.
-                            src: unsafe { v.as_ptr().add(t0 * c) },
-                            row_stride: 0,
-                            pix_stride: c,
-                            k: 1,
-                            c,
-                            // SAFETY: ob0 < blocks, so the offset is inside u[xi].
-                            weights: unsafe { uxi.as_ptr().add(ob0 * c * LANES) },
-                            block_stride: c * LANES,
-                            out_stride: blocks * LANES,
-                        };
-                        // SAFETY: tiles t0 .. t0 + pn of v hold c values
-                        // each; blocks ob0 .. ob0 + obn of u[xi] hold
-                        // c 16 values each; m from (t0 blocks + ob0) 16
-                        // holds (pn - 1) blocks 16 + obn 16 values since
-                        // t0 + pn <= tiles and ob0 + obn <= blocks; `isa`
-                        // is supported (checked by conv2d_with).
-                        unsafe {
-                            run_tile(isa, pn, obn, &t, &mut m[(t0 * blocks + ob0) * LANES..])
-                        };
-                        t0 += pn;
-                    }
-                    ob0 += obn;
-                }
+                    // SAFETY: tiles t0 .. t0 + pn of v hold c values
+                    // each; blocks ob0 .. ob0 + obn of u[xi] hold
+                    // c 16 values each; m from (t0 blocks + ob0) 16
+                    // holds (pn - 1) blocks 16 + obn 16 values since
+                    // t0 + pn <= tiles and ob0 + obn <= blocks; `isa`
+                    // is supported (checked by conv2d_with).
+                    unsafe { run_tile(isa, pn, obn, &t, &mut m[(t0 * blocks + ob0) * LANES..]) };
+                });
             }
             let ot = OutputTile {
                 m: &buf.m,

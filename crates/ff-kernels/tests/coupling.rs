@@ -1,19 +1,10 @@
 //! The coupling kernel and its vectorised exp/tanh against f64 references.
 
+mod common;
+
+use common::values;
 use ff_kernels::coupling::{exp, tanh};
 use ff_kernels::{coupling_backward, coupling_forward, Coupling, NhwcRef};
-
-fn values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * amp
-        })
-        .collect()
-}
 
 #[test]
 fn exp_and_tanh_are_accurate() {
@@ -45,13 +36,13 @@ fn coupling_matches_f64_reference_forward_and_backward() {
         let (n, h, w) = (2, 3, 5);
         let pixels = n * h * w;
         let x_c = if carry { c + 1 } else { c };
-        let x = values(pixels * x_c, c as u64, 2.0);
-        let a = values(pixels * 2 * c2, 10 + c as u64, 8.0);
-        let scale = values(c, 20, 1.0)
+        let x = values(pixels * x_c, c as u64, 2.0, 0.0);
+        let a = values(pixels * 2 * c2, 10 + c as u64, 8.0, 0.0);
+        let scale = values(c, 20, 1.0, 0.0)
             .iter()
             .map(|v| 1.0 + 0.5 * v)
             .collect::<Vec<_>>();
-        let offset = values(c, 21, 0.3);
+        let offset = values(c, 21, 0.3, 0.0);
         let perm: Vec<u32> = (0..c as u32).map(|j| (j * 5 + 3) % c as u32).collect();
         let mut sorted = perm.clone();
         sorted.sort_unstable();
@@ -68,7 +59,7 @@ fn coupling_matches_f64_reference_forward_and_backward() {
         let xv = NhwcRef::new(&x, [n, h, w, x_c]).unwrap();
         let mut out = vec![0f32; pixels * (c + 1)];
         coupling_forward(&cp, xv, &a, &mut out).unwrap();
-        let grad = values(pixels * (c + 1), 30 + c as u64, 1.0);
+        let grad = values(pixels * (c + 1), 30 + c as u64, 1.0, 0.0);
         let mut gx = vec![0f32; pixels * x_c];
         let mut ga = vec![0f32; pixels * 2 * c2];
         let g_aff = coupling_backward(&cp, xv, &a, &grad, &mut gx, &mut ga).unwrap();

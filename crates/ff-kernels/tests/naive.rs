@@ -2,6 +2,8 @@
 //! CPU supports: odd channel counts (not multiples of 16), strides, padding,
 //! strided (wider) inputs, and every epilogue.
 
+mod common;
+
 use ff_kernels::{
     conv2d_weight_grad, conv2d_with, max_pool2d, Activation, Algorithm, ConvGeometry, Epilogue,
     Isa, NhwcMut, NhwcRef, PackedConv2d,
@@ -14,19 +16,6 @@ fn algorithms(g: ConvGeometry) -> Vec<Algorithm> {
     } else {
         vec![Algorithm::Direct]
     }
-}
-
-/// A deterministic pseudo-random sequence in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn act(a: Activation, v: f64) -> f64 {
@@ -121,11 +110,11 @@ fn conv2d_matches_naive_on_every_isa() {
             };
             let n = 2;
             let ps = c + 3; // a wider map: only the first c channels are read
-            let x = values(n * h * w * ps, case as u64);
-            let wt = values(o * c * k * k, 100 + case as u64);
-            let bias = values(o, 200 + case as u64);
+            let x = common::values(n * h * w * ps, case as u64, 1.0, 0.0);
+            let wt = common::values(o * c * k * k, 100 + case as u64, 1.0, 0.0);
+            let bias = common::values(o, 200 + case as u64, 1.0, 0.0);
             let (oh, ow) = g.output_size(h, w).unwrap();
-            let res = values(n * oh * ow * o, 300 + case as u64);
+            let res = common::values(n * oh * ow * o, 300 + case as u64, 1.0, 0.0);
             for algorithm in algorithms(g) {
                 let packed = PackedConv2d::from_oihw(g, Some(algorithm), &wt, Some(&bias)).unwrap();
                 assert_eq!(packed.algorithm(), algorithm);
@@ -198,9 +187,9 @@ fn gradients_match_naive_on_every_isa() {
                 padding: p,
             };
             let n = 2;
-            let x = values(n * h * w * c, 10 + case as u64);
-            let rows = values((k * k * c + 1) * o, 20 + case as u64);
-            let gy = values(n * h * w * o, 30 + case as u64);
+            let x = common::values(n * h * w * c, 10 + case as u64, 1.0, 0.0);
+            let rows = common::values((k * k * c + 1) * o, 20 + case as u64, 1.0, 0.0);
+            let gy = common::values(n * h * w * o, 30 + case as u64, 1.0, 0.0);
             // Naive input gradient: dx[b,y,x,c] = sum_{o,ky,kx} gy[b, y+p-ky, x+p-kx, o] W[o,c,ky,kx].
             let mut want_dx = vec![0f32; n * h * w * c];
             for b in 0..n {
@@ -298,7 +287,7 @@ fn gradients_match_naive_on_every_isa() {
 #[test]
 fn max_pool_matches_naive_with_negative_values() {
     let (n, h, w, c) = (2, 9, 8, 5);
-    let x = values(n * h * w * c, 7);
+    let x = common::values(n * h * w * c, 7, 1.0, 0.0);
     let (oh, ow) = ((h + 2 - 3) / 2 + 1, (w + 2 - 3) / 2 + 1);
     let mut out = vec![0f32; n * oh * ow * c];
     max_pool2d(

@@ -1,19 +1,10 @@
 //! The layer norm kernels against an f64 reference, with image sizes that are
 //! not multiples of the kernels' chunk size.
 
-use ff_kernels::{fingerprint, layer_norm_backward, layer_norm_forward, transpose};
+mod common;
 
-fn values(n: usize, seed: u64, amp: f32, shift: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * amp + shift
-        })
-        .collect()
-}
+use common::values;
+use ff_kernels::{fingerprint, layer_norm_backward, layer_norm_forward, transpose};
 
 #[test]
 fn layer_norm_matches_f64_reference_with_gradients() {

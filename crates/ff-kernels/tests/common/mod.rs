@@ -1,0 +1,15 @@
+//! Helpers shared by the kernel tests.
+
+/// `n` deterministic pseudo-random values in `[shift - amp, shift + amp)`
+/// (xorshift from `seed`).
+pub fn values(n: usize, seed: u64, amp: f32, shift: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * amp + shift
+        })
+        .collect()
+}
