@@ -64,6 +64,9 @@ pub enum Activation {
     Identity,
     /// `max(x, 0)`.
     Relu,
+    /// `x Phi(x)` with the exact (erf) normal CDF, PyTorch's default `GELU`
+    /// (the erf within 6e-7, Abramowitz and Stegun 7.1.26).
+    GeluErf,
 }
 
 impl Activation {
@@ -72,6 +75,7 @@ impl Activation {
         match self {
             Activation::Identity => v,
             Activation::Relu => v.max(0.0),
+            Activation::GeluErf => crate::coupling::gelu_erf(v),
         }
     }
 }
@@ -277,6 +281,17 @@ impl PackedConv2d {
             bias: b,
             winograd,
         })
+    }
+
+    /// The direct kernel's packed weights `[O/16][k][k][C][16]` (empty when
+    /// Winograd was chosen).
+    pub(crate) fn direct_weights(&self) -> &[f32] {
+        &self.weights
+    }
+
+    /// The bias padded to a multiple of 16 channels.
+    pub(crate) fn bias_padded(&self) -> &[f32] {
+        &self.bias
     }
 
     /// The algorithm [`conv2d`] will use.
@@ -589,6 +604,11 @@ pub(crate) fn gather_window(
                 Activation::Relu => {
                     for (d, &v) in dst.iter_mut().zip(src) {
                         *d = v.max(0.0);
+                    }
+                }
+                Activation::GeluErf => {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = crate::coupling::gelu_erf(v);
                     }
                 }
             }

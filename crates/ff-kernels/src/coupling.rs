@@ -373,3 +373,24 @@ pub fn tanh(x: f32) -> f32 {
         large
     }
 }
+
+/// `erf x` within 6e-7 absolute in f32 (Abramowitz and Stegun 7.1.26, whose
+/// bound is 1.5e-7 in exact arithmetic), branch-free.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let ax = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * ax);
+    let mut p = 1.061_405_4;
+    p = p * t - 1.453_152;
+    p = p * t + 1.421_413_8;
+    p = p * t - 0.284_496_74;
+    p = p * t + 0.254_829_6;
+    let y = 1.0 - p * t * exp(-ax * ax);
+    y.copysign(x)
+}
+
+/// PyTorch's default `GELU`: `x / 2 (1 + erf(x / sqrt 2))`.
+#[inline(always)]
+pub fn gelu_erf(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}

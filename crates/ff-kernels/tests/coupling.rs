@@ -3,7 +3,7 @@
 mod common;
 
 use common::values;
-use ff_kernels::coupling::{exp, tanh};
+use ff_kernels::coupling::{erf, exp, gelu_erf, tanh};
 use ff_kernels::{coupling_backward, coupling_forward, Coupling, NhwcRef};
 
 #[test]
@@ -27,6 +27,47 @@ fn exp_and_tanh_are_accurate() {
     assert_eq!(tanh(-30.0), -1.0);
     assert!(exp(200.0).is_infinite() || exp(200.0) > 1e38);
     assert!(exp(-200.0) < 1e-37);
+
+    let mut worst_erf = 0f64;
+    let mut worst_gelu = 0f64;
+    let mut x = -8f32;
+    while x < 8.0 {
+        let xd = f64::from(x);
+        // erf from f64 via its series-free identity: erf = 2 Phi(x sqrt 2) - 1
+        // is circular, so compare with a high-order reference instead.
+        let want = erf_f64(xd);
+        worst_erf = worst_erf.max((f64::from(erf(x)) - want).abs());
+        let want_gelu = 0.5 * xd * (1.0 + erf_f64(xd / std::f64::consts::SQRT_2));
+        worst_gelu = worst_gelu.max((f64::from(gelu_erf(x)) - want_gelu).abs() / xd.abs().max(1.0));
+        x += 0.000_97;
+    }
+    assert!(worst_erf < 6e-7, "erf: absolute error {worst_erf}");
+    assert!(worst_gelu < 6e-7, "gelu: error {worst_gelu}");
+}
+
+/// erf in f64 to ~1e-15 (Taylor series near 0, continued fraction beyond).
+fn erf_f64(x: f64) -> f64 {
+    let ax = x.abs();
+    let v = if ax < 2.5 {
+        // sum_n (-1)^n x^(2n+1) / (n! (2n+1))
+        let mut term = ax;
+        let mut sum = ax;
+        let mut n = 0.0;
+        while term.abs() > 1e-17 {
+            n += 1.0;
+            term *= -ax * ax / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        // erfc by the continued fraction (Lentz), then 1 - erfc.
+        let mut f = ax;
+        for k in (1..60).rev() {
+            f = ax + (k as f64 / 2.0) / f;
+        }
+        1.0 - (-ax * ax).exp() / (f * std::f64::consts::PI.sqrt())
+    };
+    v.copysign(x)
 }
 
 #[test]

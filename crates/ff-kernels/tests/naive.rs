@@ -22,6 +22,7 @@ fn act(a: Activation, v: f64) -> f64 {
     match a {
         Activation::Identity => v,
         Activation::Relu => v.max(0.0),
+        Activation::GeluErf => f64::from(ff_kernels::coupling::gelu_erf(v as f32)),
     }
 }
 
@@ -348,4 +349,54 @@ fn shape_errors_name_the_argument() {
     .unwrap_err();
     assert!(err.to_string().contains("input channels"), "{err}");
     assert!(NhwcRef::new(&x, [1, 3, 3, 6]).is_err());
+}
+
+#[test]
+fn linear_matches_naive_with_bias_and_gelu() {
+    use ff_kernels::linear;
+    for (rows, inp, out_dim) in [(37usize, 20usize, 33usize), (100, 64, 128), (1, 5, 7)] {
+        let x = common::values(rows * inp, 41, 1.0, 0.0);
+        let w = common::values(out_dim * inp, 42, 0.3, 0.0);
+        let b = common::values(out_dim, 43, 0.5, 0.0);
+        let g = ConvGeometry {
+            in_channels: inp,
+            out_channels: out_dim,
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+        };
+        let packed = PackedConv2d::from_oihw(g, None, &w, Some(&b)).unwrap();
+        for act in [Activation::Identity, Activation::GeluErf] {
+            let mut got = vec![f32::NAN; rows * out_dim];
+            linear(&packed, &x, act, &mut got).unwrap();
+            for r in 0..rows {
+                for o in 0..out_dim {
+                    let mut acc = f64::from(b[o]);
+                    for i in 0..inp {
+                        acc += f64::from(x[r * inp + i]) * f64::from(w[o * inp + i]);
+                    }
+                    let want = match act {
+                        Activation::GeluErf => {
+                            f64::from(ff_kernels::coupling::gelu_erf(acc as f32))
+                        }
+                        _ => acc,
+                    };
+                    let v = f64::from(got[r * out_dim + o]);
+                    assert!(
+                        (v - want).abs() < 1e-5,
+                        "{act:?} {rows}x{inp}->{out_dim} at {r},{o}: {v} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+    let g3 = ConvGeometry {
+        in_channels: 4,
+        out_channels: 4,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    };
+    let packed = PackedConv2d::from_oihw(g3, Some(Algorithm::Direct), &[0.0; 144], None).unwrap();
+    assert!(ff_kernels::linear(&packed, &[0.0; 8], Activation::Identity, &mut [0.0; 8]).is_err());
 }

@@ -9,8 +9,11 @@
 pub mod cait;
 pub mod deit;
 
-use candle_core::{Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder};
+use ff_kernels::{Activation, ConvGeometry, PackedConv2d, Route};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
@@ -84,24 +87,62 @@ pub fn random_init(name: &str, dims: &[usize], seed: u64) -> Vec<f32> {
 }
 
 /// A linear layer `y = x W^T + b` over the last dimension (PyTorch `nn.Linear`).
+///
+/// On the CPU in f32 the weights are packed at load for ff-kernels, whose
+/// micro-kernel runs the layer (with a fused GELU where the MLP wants one),
+/// and only the packed copy is kept; elsewhere, and when the model is loaded
+/// with `FASTFLOW_KERNELS=generic`, candle's matmul does.
 #[derive(Debug, Clone)]
-pub(crate) struct Linear {
-    weight: Tensor,
-    bias: Tensor,
+pub(crate) enum Linear {
+    Candle { weight: Tensor, bias: Tensor },
+    Packed(Arc<PackedConv2d>),
 }
 
 impl Linear {
     /// Loads `weight` [out, in] and `bias` [out] under `vb`.
     pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: get_checked(&vb, (out_dim, in_dim), "weight")?,
-            bias: get_checked(&vb, out_dim, "bias")?,
-        })
+        let weight = get_checked(&vb, (out_dim, in_dim), "weight")?;
+        let bias = get_checked(&vb, out_dim, "bias")?;
+        let kernels = weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && Route::current() == Route::Kernels;
+        if kernels {
+            let geometry = ConvGeometry {
+                in_channels: in_dim,
+                out_channels: out_dim,
+                kernel: 1,
+                stride: 1,
+                padding: 0,
+            };
+            let w = weight.flatten_all()?.to_vec1::<f32>()?;
+            let b = bias.to_vec1::<f32>()?;
+            let packed = PackedConv2d::from_oihw(geometry, None, &w, Some(&b))?;
+            return Ok(Self::Packed(Arc::new(packed)));
+        }
+        Ok(Self::Candle { weight, bias })
     }
 
     /// # Shapes
     /// `x`: [..., in] -> [..., out].
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_with(x, Activation::Identity)
+    }
+
+    /// `act(x W^T + b)`, the activation fused into the kernel on the CPU.
+    ///
+    /// # Shapes
+    /// `x`: [..., in] -> [..., out].
+    pub(crate) fn forward_with(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        let (weight, bias) = match self {
+            Self::Packed(packed) => {
+                let op = LinearOp {
+                    packed: Arc::clone(packed),
+                    act,
+                };
+                return x.contiguous()?.apply_op1_no_bwd(&op);
+            }
+            Self::Candle { weight, bias } => (weight, bias),
+        };
         // Folding the leading dimensions into one lets a single 2-D GEMM do
         // the work instead of a batched one over a broadcast weight.
         let dims = x.dims().to_vec();
@@ -109,12 +150,55 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = x
             .reshape((rows, in_dim))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
+            .matmul(&weight.t()?)?
+            .broadcast_add(bias)?;
+        let y = match act {
+            Activation::Identity => y,
+            Activation::Relu => y.relu()?,
+            Activation::GeluErf => y.gelu_erf()?,
+        };
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
+        out_dims[last] = weight.dim(0)?;
         y.reshape(out_dims)
+    }
+}
+
+/// A [`Linear`] on ff-kernels (forward only: the backbone is frozen).
+struct LinearOp {
+    packed: Arc<PackedConv2d>,
+    act: Activation,
+}
+
+impl candle_core::CustomOp1 for LinearOp {
+    fn name(&self) -> &'static str {
+        "ff-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(data), Some((start, end))) =
+            (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("{}: contiguous f32 input only", self.name())
+        };
+        let x = &data[start..end];
+        let g = self.packed.geometry();
+        let rows = x.len() / g.in_channels.max(1);
+        let mut out = ff_kernels::zeroed(rows * g.out_channels);
+        ff_kernels::linear(&self.packed, x, self.act, &mut out)
+            .map_err(candle_core::Error::wrap)?;
+        let mut dims = layout.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = g.out_channels;
+        }
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from(dims),
+        ))
     }
 }
 
@@ -191,7 +275,8 @@ impl Mlp {
     /// `x`: [b, n, dim] -> [b, n, dim].
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // PyTorch's nn.GELU defaults to the exact erf form, not the tanh one.
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+        self.fc2
+            .forward(&self.fc1.forward_with(x, Activation::GeluErf)?)
     }
 }
 
