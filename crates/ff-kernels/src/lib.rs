@@ -26,6 +26,7 @@ pub mod linear;
 mod micro;
 pub mod norm;
 pub mod pool;
+pub mod rows;
 pub mod wgrad;
 mod winograd;
 
@@ -40,4 +41,5 @@ pub use isa::{Isa, Route};
 pub use linear::linear;
 pub use norm::{layer_norm_backward, layer_norm_forward, layer_norm_statistics};
 pub use pool::max_pool2d;
+pub use rows::{layer_norm_rows, softmax_rows};
 pub use wgrad::conv2d_weight_grad;

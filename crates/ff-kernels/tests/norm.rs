@@ -93,3 +93,43 @@ fn fingerprints_change_with_any_value_and_with_order() {
     assert_ne!(fingerprint(&base[..999]), f, "one value fewer");
     assert_ne!(fingerprint(&[0.0; 16]), fingerprint(&[0.0; 17]));
 }
+
+#[test]
+fn row_softmax_and_layer_norm_match_f64() {
+    use ff_kernels::{layer_norm_rows, softmax_rows};
+    for (rows, cols) in [(3usize, 768usize), (50, 17), (1, 1), (40, 577)] {
+        let x = values(rows * cols, 77, 6.0, 0.5);
+        let w = values(cols, 78, 1.0, 1.0);
+        let b = values(cols, 79, 0.5, 0.0);
+        let mut sm = x.clone();
+        softmax_rows(&mut sm, cols).unwrap();
+        let mut ln = vec![0f32; rows * cols];
+        layer_norm_rows(&x, cols, &w, &b, 1e-6, &mut ln).unwrap();
+        for r in 0..rows {
+            let row: Vec<f64> = x[r * cols..(r + 1) * cols]
+                .iter()
+                .map(|&v| f64::from(v))
+                .collect();
+            let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = row.iter().map(|v| (v - max).exp()).sum();
+            let mean = row.iter().sum::<f64>() / cols as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+            for (c, v) in row.iter().enumerate() {
+                let want = (v - max).exp() / z;
+                let got = f64::from(sm[r * cols + c]);
+                assert!(
+                    (got - want).abs() < 1e-6 * want.max(1e-3) + 1e-9,
+                    "softmax {rows}x{cols} at {r},{c}: {got} vs {want}"
+                );
+                let want = (v - mean) / (var + 1e-6).sqrt() * f64::from(w[c]) + f64::from(b[c]);
+                let got = f64::from(ln[r * cols + c]);
+                assert!(
+                    (got - want).abs() < 2e-5,
+                    "layer norm {rows}x{cols} at {r},{c}: {got} vs {want}"
+                );
+            }
+        }
+    }
+    assert!(softmax_rows(&mut [0.0; 5], 2).is_err());
+    assert!(layer_norm_rows(&[0.0; 4], 2, &[1.0; 3], &[0.0; 2], 1e-6, &mut [0.0; 4]).is_err());
+}

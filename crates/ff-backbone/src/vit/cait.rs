@@ -5,16 +5,16 @@
 //! never built), blocks 0..40 of 48 and the final norm, reshaped to a
 //! 768-channel map at stride 16.
 
-use candle_core::{Module, Tensor, D};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_core::{Tensor, D};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::weights::get_checked;
 
 use super::{
-    check_config, check_input, layer_norm, merge_heads, split_heads, tokens_to_map, Linear, Mlp,
-    PatchEmbed,
+    check_config, check_input, layer_norm, merge_heads, softmax_last_dim, split_heads,
+    tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
 };
 
 /// The shape of a timm CaiT and how much of its trunk FastFlow runs.
@@ -121,7 +121,7 @@ impl TalkingHeadAttn {
         let q = (q * self.scale)?;
         let attn = q.matmul(&k.transpose(D::Minus2, D::Minus1)?)?; // [b, h, n, n]
         let attn = self.proj_l.forward(&attn)?;
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let attn = softmax_last_dim(&attn)?;
         let attn = self.proj_w.forward(&attn)?;
         self.proj.forward(&merge_heads(&attn.matmul(&v)?)?)
     }
@@ -131,10 +131,10 @@ impl TalkingHeadAttn {
 /// channel by a learned `gamma` before joining the residual.
 #[derive(Debug, Clone)]
 struct LayerScaleBlock {
-    norm1: LayerNorm,
+    norm1: Norm,
     attn: TalkingHeadAttn,
     gamma_1: Tensor,
-    norm2: LayerNorm,
+    norm2: Norm,
     mlp: Mlp,
     gamma_2: Tensor,
 }
@@ -170,7 +170,7 @@ pub struct Cait {
     patch_embed: PatchEmbed,
     pos_embed: Tensor,
     blocks: Vec<LayerScaleBlock>,
-    norm: LayerNorm,
+    norm: Norm,
 }
 
 impl Cait {

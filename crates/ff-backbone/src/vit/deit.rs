@@ -5,16 +5,16 @@
 //! norm; the two tokens are dropped and the patch tokens become a 768-channel
 //! map at stride 16. Blocks 8..11 and the heads are never built or loaded.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::weights::get_checked;
 
 use super::{
-    attention_logits, check_config, check_input, layer_norm, merge_heads, split_heads,
-    tokens_to_map, Linear, Mlp, PatchEmbed,
+    attention_logits, check_config, check_input, layer_norm, merge_heads, softmax_last_dim,
+    split_heads, tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
 };
 
 /// The shape of a timm distilled vision transformer and how much of it FastFlow runs.
@@ -79,7 +79,7 @@ impl Attention {
     /// `x`: [b, n, c] -> [b, n, c].
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.n_heads)?; // [b, h, n, d]
-        let attn = candle_nn::ops::softmax_last_dim(&attention_logits(&q, &k, self.scale)?)?;
+        let attn = softmax_last_dim(&attention_logits(&q, &k, self.scale)?)?;
         self.proj.forward(&merge_heads(&attn.matmul(&v)?)?)
     }
 }
@@ -87,9 +87,9 @@ impl Attention {
 /// timm's ViT `Block`: pre-norm attention and MLP, each added to the residual.
 #[derive(Debug, Clone)]
 struct Block {
-    norm1: LayerNorm,
+    norm1: Norm,
     attn: Attention,
-    norm2: LayerNorm,
+    norm2: Norm,
     mlp: Mlp,
 }
 
@@ -122,7 +122,7 @@ pub struct Deit {
     dist_token: Tensor,
     pos_embed: Tensor,
     blocks: Vec<Block>,
-    norm: LayerNorm,
+    norm: Norm,
 }
 
 impl Deit {

@@ -202,13 +202,102 @@ impl candle_core::CustomOp1 for LinearOp {
     }
 }
 
-/// A LayerNorm over the last dimension with timm's eps, loading `weight` and `bias`.
-pub(crate) fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
-    Ok(LayerNorm::new(
-        get_checked(&vb, dim, "weight")?,
-        get_checked(&vb, dim, "bias")?,
-        LAYER_NORM_EPS,
-    ))
+/// A transformer LayerNorm over the last dimension (eps
+/// [`LAYER_NORM_EPS`]): ff-kernels' row layer norm on the CPU in f32 (chosen
+/// when the model loads), candle_nn's fused one elsewhere.
+#[derive(Debug, Clone)]
+pub(crate) enum Norm {
+    Candle(LayerNorm),
+    Kernels {
+        weight: Arc<Vec<f32>>,
+        bias: Arc<Vec<f32>>,
+    },
+}
+
+impl Norm {
+    /// # Shapes
+    /// `x`: [..., dim] -> [..., dim].
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Norm::Candle(ln) => candle_core::Module::forward(ln, x),
+            Norm::Kernels { weight, bias } => x.contiguous()?.apply_op1_no_bwd(&RowOp::LayerNorm {
+                weight: Arc::clone(weight),
+                bias: Arc::clone(bias),
+            }),
+        }
+    }
+}
+
+/// Loads a LayerNorm's `weight` and `bias` [dim] under `vb`.
+pub(crate) fn layer_norm(dim: usize, vb: VarBuilder) -> Result<Norm> {
+    let weight = get_checked(&vb, dim, "weight")?;
+    let bias = get_checked(&vb, dim, "bias")?;
+    if weight.device().is_cpu()
+        && weight.dtype() == DType::F32
+        && Route::current() == Route::Kernels
+    {
+        return Ok(Norm::Kernels {
+            weight: Arc::new(weight.to_vec1::<f32>()?),
+            bias: Arc::new(bias.to_vec1::<f32>()?),
+        });
+    }
+    Ok(Norm::Candle(LayerNorm::new(weight, bias, LAYER_NORM_EPS)))
+}
+
+/// Softmax over the last dimension: ff-kernels' vectorised row softmax on
+/// the CPU in f32, candle_nn's elsewhere.
+pub(crate) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && Route::current() == Route::Kernels {
+        return x.contiguous()?.apply_op1_no_bwd(&RowOp::Softmax);
+    }
+    candle_nn::ops::softmax_last_dim(x)
+}
+
+/// Row-wise operations over the last dimension on ff-kernels (forward only:
+/// the backbone is frozen).
+enum RowOp {
+    Softmax,
+    LayerNorm {
+        weight: Arc<Vec<f32>>,
+        bias: Arc<Vec<f32>>,
+    },
+}
+
+impl candle_core::CustomOp1 for RowOp {
+    fn name(&self) -> &'static str {
+        match self {
+            RowOp::Softmax => "ff-softmax-rows",
+            RowOp::LayerNorm { .. } => "ff-layer-norm-rows",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (candle_core::CpuStorage::F32(data), Some((start, end))) =
+            (storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("{}: contiguous f32 input only", self.name())
+        };
+        let x = &data[start..end];
+        let cols = layout.dims().last().copied().unwrap_or(1);
+        let out = match self {
+            RowOp::Softmax => {
+                let mut out = x.to_vec();
+                ff_kernels::softmax_rows(&mut out, cols).map_err(candle_core::Error::wrap)?;
+                out
+            }
+            RowOp::LayerNorm { weight, bias } => {
+                let mut out = ff_kernels::zeroed(x.len());
+                ff_kernels::layer_norm_rows(x, cols, weight, bias, LAYER_NORM_EPS as f32, &mut out)
+                    .map_err(candle_core::Error::wrap)?;
+                out
+            }
+        };
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
 }
 
 /// timm's `PatchEmbed`: a conv with kernel = stride = patch, flattened to tokens.
