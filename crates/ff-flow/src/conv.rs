@@ -12,46 +12,17 @@
 //! `FASTFLOW_KERNELS=generic`, take an im2col route built from candle's
 //! differentiable ops.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use ff_kernels::{Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedConv2d, Route};
 
+use crate::cpu_op::{contiguous_f32, f32_data, WeightCache};
 use crate::error::{Error, Result};
 use crate::fused::row_view;
 
-/// One convolution's weights as last packed for ff-kernels, with the
-/// fingerprint of the weights they came from.
-#[derive(Debug, Default)]
-pub(crate) struct PackCache {
-    slot: Mutex<Option<(u64, Arc<PackedConv2d>)>>,
-}
-
-impl PackCache {
-    /// The packing of `weight` and `bias`, reused while they are unchanged.
-    fn get(
-        &self,
-        g: ConvGeometry,
-        weight: &[f32],
-        bias: &[f32],
-    ) -> candle_core::Result<Arc<PackedConv2d>> {
-        let key = ff_kernels::fingerprint(weight) ^ ff_kernels::fingerprint(bias).rotate_left(17);
-        // A poisoned lock only means another thread panicked mid-packing;
-        // the slot is then repacked.
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((k, packed)) = slot.as_ref() {
-            if *k == key {
-                return Ok(Arc::clone(packed));
-            }
-        }
-        let packed = Arc::new(
-            PackedConv2d::from_oihw(g, None, weight, Some(bias))
-                .map_err(candle_core::Error::wrap)?,
-        );
-        *slot = Some((key, Arc::clone(&packed)));
-        Ok(packed)
-    }
-}
+/// One convolution's weights as last packed for ff-kernels.
+pub(crate) type PackCache = WeightCache<PackedConv2d>;
 
 /// A "same"-padded, stride-1 convolution with bias on a channels-last map,
 /// numerically the reference's `nn.Conv2d(C, O, k, padding=k // 2)`, of the
@@ -131,15 +102,6 @@ fn im2col_generic(x: &Tensor, k: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&parts, 3)?.reshape((b * h * w, k * k * c + 1))?)
 }
 
-/// The CPU f32 operands of a custom op: the values and, for a map, where its
-/// pixels start and how far apart they are.
-fn f32_data<'a>(storage: &'a CpuStorage, what: &str) -> candle_core::Result<&'a [f32]> {
-    match storage {
-        CpuStorage::F32(d) => Ok(d),
-        _ => candle_core::bail!("{what}: only f32 is supported"),
-    }
-}
-
 /// A channels-last map's first `c` channels as a kernel view.
 fn nhwc_view<'a>(
     data: &'a [f32],
@@ -175,18 +137,6 @@ fn input_activation(relu: bool) -> Activation {
     }
 }
 
-/// The contiguous values of an op input.
-fn contiguous<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{what}: the weights must be contiguous")
-    };
-    Ok(&f32_data(storage, what)?[start..end])
-}
-
 /// The whole convolution on ff-kernels; inputs `x` `[b, h, w, C']` (the
 /// first `c` channels read), the weight `[o, c, k, k]` and the bias `[o]`.
 struct ConvSame {
@@ -215,11 +165,12 @@ impl CustomOp3 for ConvSame {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, _) = x_l.shape().dims4()?;
         let input = nhwc_view(f32_data(x, self.name())?, x_l, self.c, self.name())?;
-        let weight = contiguous(weight, weight_l, self.name())?;
-        let bias = contiguous(bias, bias_l, self.name())?;
-        let packed = self
-            .cache
-            .get(geometry(self.k, self.c, self.o), weight, bias)?;
+        let weight = contiguous_f32(weight, weight_l, self.name())?;
+        let bias = contiguous_f32(bias, bias_l, self.name())?;
+        let g = geometry(self.k, self.c, self.o);
+        let packed = self.cache.get(weight, bias, || {
+            PackedConv2d::from_oihw(g, None, weight, Some(bias)).map_err(candle_core::Error::wrap)
+        })?;
         let mut out = ff_kernels::zeroed(b * h * w * self.o);
         ff_kernels::conv2d(
             &packed,
@@ -300,7 +251,7 @@ impl CustomOp3 for ConvInputGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, x_c) = x_l.shape().dims4()?;
         let gy = nhwc_view(f32_data(grad, self.name())?, grad_l, self.o, self.name())?;
-        let weight = contiguous(weight, weight_l, self.name())?;
+        let weight = contiguous_f32(weight, weight_l, self.name())?;
         let g = geometry(self.k, self.c, self.o);
         let packed = PackedConv2d::input_gradient_from_oihw(g, None, weight)
             .map_err(candle_core::Error::wrap)?;
@@ -412,21 +363,9 @@ mod tests {
         };
         let first = conv(&weight, &bias);
         assert_eq!(max_abs_diff(&first, &conv(&weight, &bias)), 0.0);
-        let packed = cache
-            .slot
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|(_, p)| Arc::clone(p))
-            .unwrap();
+        let packed = cache.cached().unwrap();
         conv(&weight, &bias);
-        let again = cache
-            .slot
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|(_, p)| Arc::clone(p))
-            .unwrap();
+        let again = cache.cached().unwrap();
         assert!(
             Arc::ptr_eq(&packed, &again),
             "unchanged weights were repacked"

@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use ff_kernels::NhwcRef;
 
 use crate::coupling::AFFINE_CLAMPING;
+use crate::cpu_op::f32_data;
 
 /// The subnet output is scaled by this before the coupling (FrEIA's `0.1 * a`).
 const SUBNET_SCALE: f32 = 0.1;
@@ -46,24 +47,15 @@ pub(crate) struct CouplingOp {
     pub perm: Vec<u32>,
 }
 
-/// Reads an f32 slice out of a storage or fails naming the op.
-fn f32_slice<'a>(s: &'a CpuStorage, op: &str) -> candle_core::Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => Ok(v),
-        _ => candle_core::bail!("{op}: only f32 is supported"),
-    }
-}
-
-impl CouplingOp {
-    /// The kernel's view of this step with the given global affine.
-    fn coupling<'a>(&'a self, scale: &'a [f32], offset: &'a [f32]) -> ff_kernels::Coupling<'a> {
-        ff_kernels::Coupling {
-            perm: &self.perm,
-            scale,
-            offset,
-            clamp: AFFINE_CLAMPING as f32,
-            subnet_scale: SUBNET_SCALE,
-        }
+/// The kernel's view of a step with permutation `perm` and the given global
+/// affine.
+fn coupling<'a>(perm: &'a [u32], scale: &'a [f32], offset: &'a [f32]) -> ff_kernels::Coupling<'a> {
+    ff_kernels::Coupling {
+        perm,
+        scale,
+        offset,
+        clamp: AFFINE_CLAMPING as f32,
+        subnet_scale: SUBNET_SCALE,
     }
 }
 
@@ -83,9 +75,9 @@ impl CustomOp3 for CouplingOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
         let (x, a, affine) = (
-            f32_slice(s1, name)?,
-            f32_slice(s2, name)?,
-            f32_slice(s3, name)?,
+            f32_data(s1, name)?,
+            f32_data(s2, name)?,
+            f32_data(s3, name)?,
         );
         let (b, h, w, x_c) = l1.shape().dims4()?;
         let c = self.perm.len();
@@ -113,7 +105,7 @@ impl CustomOp3 for CouplingOp {
         let xv = NhwcRef::strided(&x[x_off..], [b, h, w, x_c], x_rs)
             .map_err(candle_core::Error::wrap)?;
         let mut out = ff_kernels::zeroed(n * oc);
-        ff_kernels::coupling_forward(&self.coupling(scale, offset), xv, a, &mut out)
+        ff_kernels::coupling_forward(&coupling(&self.perm, scale, offset), xv, a, &mut out)
             .map_err(candle_core::Error::wrap)?;
         Ok((CpuStorage::F32(out), Shape::from((b, h, w, oc))))
     }
@@ -131,12 +123,14 @@ impl CustomOp3 for CouplingOp {
         let c2 = c / 2;
         let n = b * h * w;
         let scale = affine.get(0)?.to_vec1::<f32>()?;
+        let offset = affine.get(1)?.to_vec1::<f32>()?;
         let packed = x.apply_op3_no_bwd(
             &a.contiguous()?,
             &grad_res.contiguous()?,
             &CouplingBackward {
                 perm: self.perm.clone(),
                 scale,
+                offset,
             },
         )?;
         // The packed result is [gx (n x_c) | ga (n 2 c2) | g_affine (2 C)].
@@ -156,6 +150,7 @@ impl CustomOp3 for CouplingOp {
 struct CouplingBackward {
     perm: Vec<u32>,
     scale: Vec<f32>,
+    offset: Vec<f32>,
 }
 
 impl CustomOp3 for CouplingBackward {
@@ -174,9 +169,9 @@ impl CustomOp3 for CouplingBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
         let (x, a, g) = (
-            f32_slice(s1, name)?,
-            f32_slice(s2, name)?,
-            f32_slice(s3, name)?,
+            f32_data(s1, name)?,
+            f32_data(s2, name)?,
+            f32_data(s3, name)?,
         );
         let (b, h, w, x_c) = l1.shape().dims4()?;
         let c = self.perm.len();
@@ -198,15 +193,7 @@ impl CustomOp3 for CouplingBackward {
             .map_err(candle_core::Error::wrap)?;
         let mut gx = ff_kernels::zeroed(n * x_c);
         let mut ga = ff_kernels::zeroed(n * 2 * c2);
-        // The offset is not needed backward; the kernel checks its length.
-        let unused_offset = vec![0f32; c];
-        let cp = ff_kernels::Coupling {
-            perm: &self.perm,
-            scale: &self.scale,
-            offset: &unused_offset,
-            clamp: AFFINE_CLAMPING as f32,
-            subnet_scale: SUBNET_SCALE,
-        };
+        let cp = coupling(&self.perm, &self.scale, &self.offset);
         let g_affine = ff_kernels::coupling_backward(&cp, xv, a, g, &mut gx, &mut ga)
             .map_err(candle_core::Error::wrap)?;
         let mut out = gx;

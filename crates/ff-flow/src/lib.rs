@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod conv;
 pub mod coupling;
+mod cpu_op;
 pub mod error;
 pub mod flow;
 mod fused;

@@ -4,13 +4,14 @@
 //! autograd reaches its weight and bias (candle_nn's fused LayerNorm gives
 //! them no gradient).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use candle_nn::VarBuilder;
 use ff_kernels::Route;
 use rand_chacha::ChaCha8Rng;
 
+use crate::cpu_op::{contiguous_f32, WeightCache};
 use crate::error::{Error, Result};
 use crate::param::{trainable, Param, ParamInit};
 
@@ -88,56 +89,26 @@ impl LayerNorm {
 }
 
 /// The weight and bias `[C, H, W]` transposed to `[H, W, C]`, kept while
-/// they are unchanged (a fingerprint of both is the key).
-#[derive(Debug, Default)]
-struct AffineCache {
-    slot: Mutex<Option<(u64, Arc<AffineHwc>)>>,
-}
+/// they are unchanged.
+type AffineCache = WeightCache<AffineHwc>;
 
 /// Weight and bias in `[H, W, C]` order.
 type AffineHwc = (Vec<f32>, Vec<f32>);
 
-impl AffineCache {
-    fn get(
-        &self,
-        c: usize,
-        w: &[f32],
-        b: &[f32],
-    ) -> candle_core::Result<Arc<(Vec<f32>, Vec<f32>)>> {
-        let key = ff_kernels::fingerprint(w) ^ ff_kernels::fingerprint(b).rotate_left(17);
-        // A poisoned lock only means a panic elsewhere mid-update: recompute.
-        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((k, v)) = slot.as_ref() {
-            if *k == key {
-                return Ok(Arc::clone(v));
-            }
-        }
-        let hw = w.len() / c.max(1);
-        let mut wt = vec![0f32; w.len()];
-        let mut bt = vec![0f32; b.len()];
-        ff_kernels::transpose(w, c, hw, &mut wt).map_err(candle_core::Error::wrap)?;
-        ff_kernels::transpose(b, c, hw, &mut bt).map_err(candle_core::Error::wrap)?;
-        let v = Arc::new((wt, bt));
-        *slot = Some((key, Arc::clone(&v)));
-        Ok(v)
-    }
+/// `w` and `b`, each `[c, H W]`, transposed to `[H W, c]`.
+fn affine_hwc(c: usize, w: &[f32], b: &[f32]) -> candle_core::Result<AffineHwc> {
+    let hw = w.len() / c.max(1);
+    let mut wt = vec![0f32; w.len()];
+    let mut bt = vec![0f32; b.len()];
+    ff_kernels::transpose(w, c, hw, &mut wt).map_err(candle_core::Error::wrap)?;
+    ff_kernels::transpose(b, c, hw, &mut bt).map_err(candle_core::Error::wrap)?;
+    Ok((wt, bt))
 }
 
 /// The layer norm of contiguous `[b, H, W, C]` maps with the `[C, H, W]`
 /// weight and bias, on ff-kernels.
 struct LayerNormOp {
     affine: Arc<AffineCache>,
-}
-
-fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
-        candle_core::bail!("{what}: f32 contiguous operands only, found {layout:?}")
-    };
-    Ok(&data[start..end])
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -158,7 +129,7 @@ impl CustomOp3 for LayerNormOp {
         let w = contiguous_f32(w, w_l, self.name())?;
         let b = contiguous_f32(b, b_l, self.name())?;
         let (n, c) = (x_l.dims()[0], x_l.dims()[3]);
-        let affine = self.affine.get(c, w, b)?;
+        let affine = self.affine.get(w, b, || affine_hwc(c, w, b))?;
         let mut y = ff_kernels::zeroed(x.len());
         ff_kernels::layer_norm_forward(x, n, &affine.0, &affine.1, LAYER_NORM_EPS, &mut y)
             .map_err(candle_core::Error::wrap)?;
