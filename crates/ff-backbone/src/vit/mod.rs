@@ -164,6 +164,20 @@ impl Linear {
     }
 }
 
+/// The values of a contiguous f32 op input, or an error naming the op.
+fn contiguous_f32<'a>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let (candle_core::CpuStorage::F32(data), Some((start, end))) =
+        (storage, layout.contiguous_offsets())
+    else {
+        candle_core::bail!("{op}: contiguous f32 input only")
+    };
+    Ok(&data[start..end])
+}
+
 /// A [`Linear`] on ff-kernels (forward only: the backbone is frozen).
 struct LinearOp {
     packed: Arc<PackedConv2d>,
@@ -180,12 +194,7 @@ impl candle_core::CustomOp1 for LinearOp {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(data), Some((start, end))) =
-            (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: contiguous f32 input only", self.name())
-        };
-        let x = &data[start..end];
+        let x = contiguous_f32(storage, layout, self.name())?;
         let g = self.packed.geometry();
         let rows = x.len() / g.in_channels.max(1);
         let mut out = ff_kernels::zeroed(rows * g.out_channels);
@@ -276,12 +285,7 @@ impl candle_core::CustomOp1 for RowOp {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(data), Some((start, end))) =
-            (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("{}: contiguous f32 input only", self.name())
-        };
-        let x = &data[start..end];
+        let x = contiguous_f32(storage, layout, self.name())?;
         let cols = layout.dims().last().copied().unwrap_or(1);
         let out = match self {
             RowOp::Softmax => {
