@@ -8,6 +8,17 @@ use ff_kernels::{
     NhwcRef, PackedConv2d,
 };
 
+/// The shortest of `reps` timed runs of `f`, in seconds.
+fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
+
 /// Max |got - f64 reference| / max |reference| of one image through `packed`
 /// (random inputs and weights in [-1, 1)), for the error of each algorithm.
 fn relative_error(g: ConvGeometry, algorithm: Algorithm, h: usize) -> f64 {
@@ -133,51 +144,26 @@ fn main() {
         let (oh, ow) = g.output_size(h, h).unwrap();
         let mut out = vec![0f32; n * oh * ow * o];
         let flop = 2.0 * (n * oh * ow * o * c * k * k) as f64;
-        let mut best = f64::MAX;
-        for _ in 0..15 {
-            let t = Instant::now();
-            conv2d(
-                &packed,
-                NhwcRef::new(&x, [n, h, h, c]).unwrap(),
-                Activation::Identity,
-                Epilogue::default(),
-                NhwcMut::new(&mut out, [n, oh, ow, o]).unwrap(),
-            )
-            .unwrap();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        let mut wino = f64::NAN;
-        if let Ok(wpacked) = PackedConv2d::from_oihw(g, Some(Algorithm::Winograd), &wt, None) {
-            wino = f64::MAX;
-            for _ in 0..15 {
-                let t = Instant::now();
-                conv2d(
-                    &wpacked,
-                    NhwcRef::new(&x, [n, h, h, c]).unwrap(),
-                    Activation::Identity,
-                    Epilogue::default(),
-                    NhwcMut::new(&mut out, [n, oh, ow, o]).unwrap(),
-                )
-                .unwrap();
-                wino = wino.min(t.elapsed().as_secs_f64());
-            }
-        }
-        let mut wbest = f64::MAX;
-        if s == 1 {
+        let x_ref = NhwcRef::new(&x, [n, h, h, c]).unwrap();
+        let mut forward = |p: &PackedConv2d| {
+            best_of(15, || {
+                let dst = NhwcMut::new(&mut out, [n, oh, ow, o]).unwrap();
+                conv2d(p, x_ref, Activation::Identity, Epilogue::default(), dst).unwrap();
+            })
+        };
+        let best = forward(&packed);
+        let wino = PackedConv2d::from_oihw(g, Some(Algorithm::Winograd), &wt, None)
+            .map_or(f64::NAN, |p| forward(&p));
+        // The weight gradient is only measured where the flows need it.
+        let wbest = if s == 1 {
             let mut dw = vec![0f32; (k * k * c + 1) * o];
-            for _ in 0..3 {
-                let t = Instant::now();
-                conv2d_weight_grad(
-                    g,
-                    NhwcRef::new(&x, [n, h, h, c]).unwrap(),
-                    Activation::Identity,
-                    NhwcRef::new(&out, [n, oh, ow, o]).unwrap(),
-                    &mut dw,
-                )
-                .unwrap();
-                wbest = wbest.min(t.elapsed().as_secs_f64());
-            }
-        }
+            let gy = NhwcRef::new(&out, [n, oh, ow, o]).unwrap();
+            best_of(3, || {
+                conv2d_weight_grad(g, x_ref, Activation::Identity, gy, &mut dw).unwrap();
+            })
+        } else {
+            f64::NAN
+        };
         println!(
             "{name:22} direct {:6.2} ms {:6.1} GFLOP/s | winograd {:6.2} ms ({:4.2}x) | wgrad {:6.2} ms {:6.1} GFLOP/s",
             best * 1e3,

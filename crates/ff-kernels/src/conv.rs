@@ -133,7 +133,7 @@ impl<'a> NhwcRef<'a> {
     }
 
     /// The underlying values.
-    pub(crate) fn data_ptr_range(&self) -> &'a [f32] {
+    pub(crate) fn data(&self) -> &'a [f32] {
         self.data
     }
 
@@ -589,14 +589,18 @@ pub(crate) fn gather_window(
     window: &mut Vec<f32>,
 ) {
     let [_, h, w, c] = input.dims;
-    window.clear();
+    // Only the padding is zeroed; the copied pixels overwrite the rest.
     window.resize(k * wp * c, 0.0);
+    let copied = w.min(wp - p);
     for ky in 0..k {
+        let dst_row = &mut window[ky * wp * c..(ky + 1) * wp * c];
         let Some(iy) = (y0 + ky).checked_sub(p).filter(|&v| v < h) else {
+            dst_row.fill(0.0);
             continue;
         };
-        let dst_row = &mut window[ky * wp * c..(ky + 1) * wp * c];
-        for ix in 0..w.min(wp - p) {
+        dst_row[..p * c].fill(0.0);
+        dst_row[(p + copied) * c..].fill(0.0);
+        for ix in 0..copied {
             let src = input.pixel_at(b, iy, ix);
             let dst = &mut dst_row[(ix + p) * c..(ix + p + 1) * c];
             match act {

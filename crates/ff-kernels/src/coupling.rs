@@ -90,7 +90,7 @@ pub fn coupling_forward(cp: &Coupling, x: NhwcRef, a: &[f32], out: &mut [f32]) -
     let isa = Isa::detect();
     let rows = Rows {
         cp,
-        x: x.data_ptr_range(),
+        x: x.data(),
         xs: x.pixel_stride(),
         x_c,
         a,
@@ -202,7 +202,7 @@ pub fn coupling_backward(
     let isa = Isa::detect();
     let rows = BackRows {
         cp,
-        x: x.data_ptr_range(),
+        x: x.data(),
         xs: x.pixel_stride(),
         x_c,
         a,

@@ -74,7 +74,7 @@ pub fn conv2d_weight_grad(
     let per_task = pixels.div_ceil(tasks);
     let tile_px = (TILE_VALUES / ncols).clamp(16, 1024);
     let gps = grad_out.pixel_stride();
-    let grad = grad_out.data_ptr_range();
+    let grad = grad_out.data();
     let blocks = o.div_ceil(LANES);
     let ob_max = max_blocks(isa);
     let partials: Vec<Vec<f32>> = (0..tasks)
@@ -253,7 +253,7 @@ fn weight_grad_stride1(
         }
     });
     let gps = grad_out.pixel_stride();
-    let grad = grad_out.data_ptr_range();
+    let grad = grad_out.data();
     let mut g_packed = crate::zeroed(n * blocks * q_len * LANES);
     g_packed
         .par_chunks_mut(q_len * LANES)
