@@ -16,7 +16,6 @@ after one warm-up run each, and writes them as JSON to ``out.json`` if given.
 Needs ``pip install onnx onnxruntime openvino`` besides the fixture set.
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_reference import CONFIGS, throughput, timings  # noqa: E402
+from bench_reference import CONFIGS, report, throughput, timings, write_json  # noqa: E402
 from make_flow_fixtures import FastFlow  # noqa: E402
 
 
@@ -90,11 +89,8 @@ def main():
             run()
             t = throughput(b, timings(iters, run))
             result[runtime][key] = t
-            print(f"{runtime:12} inference batch {b}: best {t['best_img_per_s']:.2f} img/s | "
-                  f"median {t['median_img_per_s']:.2f} img/s")
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=1)
+            report(f"{runtime:12} inference batch {b}", t)
+    write_json(json_out, result)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,35 @@ def throughput(batch, secs):
             "median_img_per_s": batch / statistics.median(secs)}
 
 
+def report(label, t):
+    """Prints one measurement: best and median images per second."""
+    print(f"{label}: best {t['best_img_per_s']:.3f} img/s | median {t['median_img_per_s']:.3f} img/s")
+
+
+def measure_inference(model, x, batch, iters, result):
+    """Times inference (forward + anomaly map, no_grad) at ``batch`` and 1
+    after a warm-up run each, into ``result["inference"]`` and
+    ``result["inference_batch1"]``."""
+    model.eval()
+    for b, key in ((batch, "inference"), (1, "inference_batch1")):
+        xb = x[:b].contiguous()
+
+        def infer():
+            with torch.no_grad():
+                return model(xb)["anomaly_map"]
+
+        infer()
+        result[key] = throughput(b, timings(iters, infer))
+        report(f"inference batch {b}", result[key])
+
+
+def write_json(path, result):
+    """Writes ``result`` to ``path`` as JSON, if a path is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def peak_rss_mib():
     with open("/proc/self/status") as f:
         for line in f:
@@ -94,33 +123,18 @@ def main():
     json_out = args[4] if len(args) > 4 else None
     torch.set_num_threads(2)
     model = build_model(name, size)
+    x = torch.randn(batch, 3, size, size)
+    result = {"config": name, "input_size": size, "threads": torch.get_num_threads()}
     if "vit_blocks" in cfg:
-        model.eval()
-        result = {"config": name, "input_size": size, "threads": torch.get_num_threads()}
         print(f"torch {torch.__version__}, {name} @ {size} px, {iters} timed runs, 2 threads, inference only")
-        for b, key in ((batch, "inference"), (1, "inference_batch1")):
-            xb = torch.randn(b, 3, size, size)
-
-            def infer():
-                with torch.no_grad():
-                    return model(xb)["anomaly_map"]
-
-            infer()
-            result[key] = throughput(b, timings(iters, infer))
-            t = result[key]
-            print(f"inference batch {b}: best {t['best_img_per_s']:.3f} img/s | median "
-                  f"{t['median_img_per_s']:.3f} img/s")
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump(result, f, indent=1)
+        measure_inference(model, x, batch, iters, result)
+        write_json(json_out, result)
         return
     opt = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-5
     )
-    x = torch.randn(batch, 3, size, size)
     print(f"torch {torch.__version__}, {name} @ {size} px, batch {batch}, {iters} timed runs, "
           f"{torch.get_num_threads()} threads")
-    result = {"config": name, "input_size": size, "threads": torch.get_num_threads()}
 
     model.train()
 
@@ -160,23 +174,8 @@ def main():
     print(f"  backward: {t_bwd * 1e3:8.1f} ms")
     print(f"  adam:     {t_opt * 1e3:8.1f} ms")
 
-    model.eval()
-    for b, key in ((batch, "inference"), (1, "inference_batch1")):
-        xb = x[:b].contiguous()
-
-        def infer():
-            with torch.no_grad():
-                return model(xb)["anomaly_map"]
-
-        infer()
-        result[key] = throughput(b, timings(iters, infer))
-        t = result[key]
-        print(f"inference batch {b}: best {t['best_img_per_s']:.2f} img/s | median "
-              f"{t['median_img_per_s']:.2f} img/s")
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=1)
-
+    measure_inference(model, x, batch, iters, result)
+    write_json(json_out, result)
 
 if __name__ == "__main__":
     main()
