@@ -18,6 +18,7 @@ use ff_flow::FastFlowConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::DatasetFormat;
+use crate::fsutil::stage;
 use crate::report::Metrics;
 
 /// The `format` value of our checkpoint metadata, so that other JSON files are
@@ -147,12 +148,55 @@ impl CheckpointKind {
 /// a torn or foreign file (this is no defence against tampering).
 pub fn file_hash(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    Ok(bytes_hash(&bytes))
+}
+
+/// [`file_hash`] of a file holding `bytes`.
+pub fn bytes_hash(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
+    for &b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    Ok(format!("{h:016x}"))
+    format!("{h:016x}")
+}
+
+/// Writes checkpoint `paths` without ever damaging the one already there:
+/// the tensors and the metadata (made by `meta` from the two tensor-file
+/// hashes) are all written and synced under temporary names first; only then
+/// do they replace the old files, metadata last. A write that fails (a full
+/// disk) leaves the previous checkpoint whole and loadable, and the error
+/// names the file and the checkpoint.
+pub fn write_checkpoint(
+    paths: &CheckpointPaths,
+    weights: &[u8],
+    optimizer: &[u8],
+    meta: impl FnOnce(String, String) -> CheckpointMeta,
+) -> Result<()> {
+    let meta = meta(bytes_hash(weights), bytes_hash(optimizer));
+    let mut json = serde_json::to_string_pretty(&meta)
+        .with_context(|| format!("cannot serialise '{}'", paths.meta.display()))?;
+    json.push('\n');
+    let staged = (|| {
+        Ok::<_, anyhow::Error>([
+            stage(&paths.weights, weights)?,
+            stage(&paths.optimizer, optimizer)?,
+            stage(&paths.meta, json.as_bytes())?,
+        ])
+    })()
+    .with_context(|| {
+        let kept = if paths.meta.exists() {
+            "; the previous checkpoint there is unchanged"
+        } else {
+            ""
+        };
+        format!("cannot save checkpoint '{}'{kept}", paths.meta.display())
+    })?;
+    for file in staged {
+        file.commit()
+            .with_context(|| format!("cannot save checkpoint '{}'", paths.meta.display()))?;
+    }
+    Ok(())
 }
 
 /// Reads and checks a checkpoint's metadata: format, hashes of its tensor files.

@@ -207,15 +207,41 @@ impl Engine {
         Ok(map.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// Writes the weights (`paths.weights`) and Adam's state (`paths.optimizer`).
-    pub fn save_tensors(&self, paths: &CheckpointPaths, adam: &Adam) -> Result<()> {
-        if let Some(dir) = paths.weights.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create '{}'", dir.display()))?;
+    /// The first parameter or optimizer moment that holds a NaN or an
+    /// infinity, as "parameter 'key' holds NaN"; `None` when all are finite.
+    pub fn first_non_finite(&self, adam: &Adam) -> Result<Option<String>> {
+        let weights = self.model.state_dict()?;
+        let optimizer = adam.state_tensors()?;
+        for (what, tensors) in [("parameter", &weights), ("optimizer state", &optimizer)] {
+            let mut keys: Vec<&String> = tensors.keys().collect();
+            keys.sort();
+            for key in keys {
+                let values = tensors[key]
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                    return Ok(Some(format!("{what} '{key}' holds {v}")));
+                }
+            }
         }
-        ff_flow::save_checkpoint(&paths.weights, &self.model, &HashMap::new())?;
-        ff_flow::checkpoint::save_tensors_atomically(&paths.optimizer, &adam.state_tensors()?)?;
-        Ok(())
+        Ok(None)
+    }
+
+    /// The two tensor files of a checkpoint as bytes: the model's state dict
+    /// and Adam's state (see [`crate::checkpoint::write_checkpoint`]).
+    ///
+    /// # Errors
+    /// When a parameter or an optimizer moment holds a NaN or an infinity
+    /// (see [`Engine::first_non_finite`]): such a checkpoint is never written.
+    pub fn checkpoint_bytes(&self, adam: &Adam) -> Result<(Vec<u8>, Vec<u8>)> {
+        if let Some(what) = self.first_non_finite(adam)? {
+            bail!("refusing to save a checkpoint: {what}");
+        }
+        Ok((
+            ff_flow::checkpoint::tensors_bytes(&self.model.state_dict()?)?,
+            ff_flow::checkpoint::tensors_bytes(&adam.state_tensors()?)?,
+        ))
     }
 
     /// Restores Adam's state saved with a checkpoint.

@@ -54,6 +54,14 @@ pub fn evaluate_loader(engine: &Engine, loader: &Loader) -> Result<Evaluation> {
         let x = images_tensor(&batch, &engine.device)?;
         let maps = engine.anomaly_maps(&x)?;
         model_seconds += start.elapsed().as_secs_f64();
+        if let Some(pos) = maps.iter().position(|v| !v.is_finite()) {
+            let image = pos / (size * size);
+            anyhow::bail!(
+                "the anomaly map of '{}' holds {}: the model does not give finite scores",
+                batch.paths[image].display(),
+                maps[pos]
+            );
+        }
         for &v in &maps {
             range[0] = range[0].min(v);
             range[1] = range[1].max(v);
@@ -155,4 +163,49 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         println!("metrics: {}", json.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::load_backbone;
+    use ff_backbone::{BackboneKind, WeightSource};
+    use ff_data::synth::{generate_category, SynthConfig};
+
+    /// A model whose weights make NaN maps is refused with the image named,
+    /// before any metric turns the NaN into a number.
+    #[test]
+    fn non_finite_maps_name_the_image() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let synth = SynthConfig {
+            image_size: 64,
+            n_train: 1,
+            n_test_good: 1,
+            n_test_defect: 1,
+            seed: 1,
+        };
+        generate_category(dir.path(), "c", &synth)?;
+        let split = ff_data::mvtec_category(dir.path(), "c")?;
+        let cfg: ff_flow::FastFlowConfig = crate::config::parse_yaml(
+            "backbone_name: resnet18\ninput_size: 64\nflow_step: 1\nhidden_ratio: 0.5\nconv3x3_only: True\n",
+        )?;
+        let device = candle_core::Device::Cpu;
+        let backbone = load_backbone(
+            BackboneKind::ResNet18,
+            &WeightSource::Random { seed: 1 },
+            &device,
+        )?;
+        let engine = Engine::new(&cfg, backbone, 1, &device)?;
+        assert!(evaluate(&engine, &split.test, 2).is_ok());
+        for (_, var) in engine.model.trainable_vars()? {
+            var.set(&var.as_tensor().affine(0.0, f64::NAN)?)?;
+        }
+        let err = format!("{:#}", evaluate(&engine, &split.test, 2).unwrap_err());
+        let first = split.test[0].path.display().to_string();
+        assert!(
+            err.contains(&format!("the anomaly map of '{first}' holds NaN")),
+            "{err}"
+        );
+        Ok(())
+    }
 }

@@ -19,12 +19,99 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
 /// Writes `bytes` to `path` atomically: a reader sees either the old file or
 /// the complete new one, never a prefix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |tmp| {
-        let mut file = std::fs::File::create(tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
+    stage(path, bytes)?.commit()
+}
+
+/// A file written in full (and synced) under a temporary name beside its
+/// final path, not yet in place. [`Staged::commit`] renames it onto the
+/// path; dropping it uncommitted removes it. Staging every file of a set
+/// before committing any keeps the old set whole when a write fails (a full
+/// disk fails at staging, not at the rename).
+#[must_use = "a staged file is removed unless committed"]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// Moves the file onto its final path and syncs the directory, so that
+    /// the rename itself survives a power cut.
+    pub fn commit(mut self) -> Result<()> {
+        std::fs::rename(&self.tmp, &self.path).with_context(|| {
+            format!(
+                "cannot move '{}' onto '{}'",
+                self.tmp.display(),
+                self.path.display()
+            )
+        })?;
+        self.committed = true;
+        sync_parent(&self.path);
         Ok(())
-    })
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Nothing to report: the file was never in place, and the error
+            // that made the caller give it up is what the user sees.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to the temporary sibling of `path` (see [`Staged`]).
+pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create directory '{}'", dir.display()))?;
+    }
+    let staged = Staged {
+        tmp: temp_sibling(path),
+        path: path.to_path_buf(),
+        committed: false,
+    };
+    let written = std::fs::File::create(&staged.tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        fault::check()?;
+        file.sync_all()
+    });
+    written.with_context(|| format!("cannot write '{}'", path.display()))?;
+    Ok(staged)
+}
+
+/// Syncs the directory holding `path`, which makes a rename durable on
+/// POSIX file systems. Some file systems refuse to sync a directory; the
+/// rename has happened by then, so that is no reason to fail the write.
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+}
+
+/// Checks that files can be created in `dir` (creating it if needed), by
+/// writing and removing a probe file: an unwritable `--out` is reported
+/// before any work is done, not after the first epoch.
+pub fn ensure_writable_dir(dir: &Path, what: &str) -> Result<()> {
+    let fail = |e: anyhow::Error| {
+        e.context(format!(
+            "the {what} '{}' is not writable; choose another with --out",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create directory '{}'", dir.display()))
+        .map_err(fail)?;
+    let probe = dir.join(format!(".fastflow-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"probe")
+        .with_context(|| format!("cannot create '{}'", probe.display()))
+        .map_err(fail)?;
+    std::fs::remove_file(&probe)
+        .with_context(|| format!("cannot remove '{}'", probe.display()))
+        .map_err(fail)
 }
 
 /// Lets `write` produce the file at a temporary path, then renames it onto
@@ -37,16 +124,53 @@ pub fn write_atomic_with(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create directory '{}'", dir.display()))?;
     }
-    let tmp = temp_sibling(path);
-    if let Err(e) = write(&tmp) {
-        // The temporary file is useless after a failed write; failing to remove
-        // it is not worth hiding the original error for.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(anyhow::anyhow!(e))
-            .with_context(|| format!("cannot write '{}'", path.display()));
+    let staged = Staged {
+        tmp: temp_sibling(path),
+        path: path.to_path_buf(),
+        committed: false,
+    };
+    write(&staged.tmp)
+        .map_err(|e| anyhow::anyhow!(e))
+        .with_context(|| format!("cannot write '{}'", path.display()))?;
+    staged.commit()
+}
+
+/// Write failures on demand, for tests of what a full disk does to a run:
+/// [`fault::fail_write`]`(n)` makes the `n`-th next staged write on this
+/// thread fail with "No space left on device" after its bytes went out.
+/// Outside tests this is a no-op.
+pub mod fault {
+    #[cfg(test)]
+    thread_local! {
+        static COUNTDOWN: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
     }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot move '{}' onto '{}'", tmp.display(), path.display()))
+
+    /// Fails the `n`-th next staged write on this thread (`1`: the very next one).
+    #[cfg(test)]
+    pub fn fail_write(n: usize) {
+        COUNTDOWN.with(|c| c.set(Some(n)));
+    }
+
+    #[cfg(test)]
+    pub(super) fn check() -> std::io::Result<()> {
+        COUNTDOWN.with(|c| match c.get() {
+            Some(1) => {
+                c.set(None);
+                Err(std::io::Error::from_raw_os_error(28)) // ENOSPC
+            }
+            Some(n) => {
+                c.set(Some(n - 1));
+                Ok(())
+            }
+            None => Ok(()),
+        })
+    }
+
+    #[cfg(not(test))]
+    #[inline]
+    pub(super) fn check() -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Serialises `value` as pretty JSON and writes it atomically.

@@ -39,6 +39,8 @@ pub struct PredictOutcome {
 /// `fastflow predict`.
 pub fn run_predict(args: PredictArgs) -> Result<()> {
     let device = device(args.device)?;
+    // Before the model is loaded: an unwritable --out fails at once.
+    crate::fsutil::ensure_writable_dir(&args.out, "output directory")?;
     let (engine, settings) = match CheckpointKind::of(&args.checkpoint) {
         CheckpointKind::Reference(path) => {
             let engine = Engine::open_reference(

@@ -2,7 +2,7 @@
 //! flows, seeded data order, evaluation and checkpoint every N epochs, a final
 //! evaluation), with exact resume from a checkpoint.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -12,7 +12,8 @@ use ff_flow::{AdamConfig, FastFlowConfig};
 use serde::Serialize;
 
 use crate::checkpoint::{
-    file_hash, read_meta, CheckpointMeta, CheckpointPaths, OptimizerMeta, RunDir, TrainMeta, FORMAT,
+    read_meta, write_checkpoint, CheckpointMeta, CheckpointPaths, OptimizerMeta, RunDir, TrainMeta,
+    FORMAT,
 };
 use crate::cli::{DataArgs, TrainArgs};
 use crate::config::load_model_config;
@@ -21,7 +22,7 @@ use crate::engine::{
     describe_config, device, load_backbone, parse_weights, weights_to_string, Engine,
 };
 use crate::evaluate::{evaluate_loader, test_loader, Evaluation};
-use crate::fsutil::{append_json_line, write_atomic, write_json_atomic};
+use crate::fsutil::{append_json_line, ensure_writable_dir, write_atomic, write_json_atomic};
 use crate::progress::EpochProgress;
 use crate::report::{markdown_report, metrics_table, Metrics, ReportContext};
 
@@ -190,6 +191,16 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
     plan.cfg.validate().context("invalid model config")?;
     let kind = plan.cfg.backbone_kind()?;
     let run = RunDir::new(plan.run_dir.clone());
+    // An output that cannot be written fails now, not after the first epochs.
+    ensure_writable_dir(&run.checkpoints(), "run directory")?;
+    if let Some(dir) = plan
+        .json
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        ensure_writable_dir(dir, "folder of --json")?;
+    }
 
     let split = load_split(&plan.data, plan.seed)?;
     anyhow::ensure!(!split.train.is_empty(), "no training images found");
@@ -268,26 +279,48 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
     };
     let start = Instant::now();
     let mut last_eval: Option<(usize, Evaluation)> = None;
+    // The newest checkpoint this run can be resumed from, for error messages.
+    let mut last_good = LastGood(plan.resume.as_ref().map(|p| (p.meta.clone(), start_epoch)));
     for epoch in start_epoch..plan.epochs {
         let mut progress = EpochProgress::start(epoch + 1, plan.epochs, loader.num_batches());
+        let n_batches = loader.num_batches();
         // The data order depends only on (seed, epoch), so a resumed run sees
         // the same batches as an uninterrupted one.
-        for batch in loader.epoch(epoch) {
+        for (i, batch) in loader.epoch(epoch).enumerate() {
             let batch = batch.context("cannot load a training batch")?;
             let x = images_tensor(&batch, &plan.device)?;
+            let step = adam.step_count() + 1;
             let loss = engine.train_step(&mut adam, &x)?;
-            anyhow::ensure!(
-                loss.is_finite(),
-                "the loss became {loss} at epoch {}",
-                epoch + 1
-            );
+            if !loss.is_finite() {
+                bail!(
+                    "the loss became {loss} in epoch {}, batch {} of {n_batches} (optimizer step {step}): \
+                     the training diverged (try a lower --lr); {}",
+                    epoch + 1,
+                    i + 1,
+                    last_good
+                );
+            }
             progress.batch(batch.n, loss);
         }
         let summary = progress.finish();
         append_json_line(&run.train_log(), &summary)?;
         let done = epoch + 1;
         if done % plan.eval_every == 0 || done == plan.epochs {
-            let eval = evaluate_loader(&engine, &test)?;
+            // Parameters are checked before the evaluation, whose anomaly
+            // maps would only be the symptom of non-finite weights.
+            if let Some(what) = engine.first_non_finite(&adam)? {
+                bail!(
+                    "the training diverged in epoch {done} (optimizer step {}): {what} \
+                     (try a lower --lr); {last_good}",
+                    adam.step_count()
+                );
+            }
+            let (weights_bytes, optimizer_bytes) = engine.checkpoint_bytes(&adam)?;
+            let eval = evaluate_loader(&engine, &test).with_context(|| {
+                format!(
+                    "the evaluation after epoch {done} failed, so it was not saved; {last_good}"
+                )
+            })?;
             let score = [
                 eval.metrics.image_auroc,
                 eval.metrics.pixel_auroc.unwrap_or(0.0),
@@ -314,42 +347,42 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                     best: is_best,
                 },
             )?;
-            let meta = |name: &str, paths: &CheckpointPaths| -> Result<CheckpointMeta> {
-                Ok(CheckpointMeta {
-                    format: FORMAT.to_string(),
-                    config: plan.cfg.clone(),
-                    backbone_weights: weights_to_string(&plan.weights),
-                    epoch: done,
-                    seed: plan.seed,
-                    metrics: Some(eval.metrics.clone()),
-                    threshold: Some(eval.metrics.threshold),
-                    pixel_threshold: eval.metrics.pixel_threshold,
-                    map_range: Some(eval.map_range),
-                    best_score,
-                    optimizer: OptimizerMeta {
-                        kind: "adam".into(),
-                        step: adam.step_count(),
-                        lr: adam_cfg.lr,
-                        weight_decay: adam_cfg.weight_decay,
-                        beta1: adam_cfg.beta1,
-                        beta2: adam_cfg.beta2,
-                        eps: adam_cfg.eps,
-                    },
-                    train: train_meta.clone(),
-                    train_seconds: prior_seconds + start.elapsed().as_secs_f64(),
-                    weights_file: format!("{name}.safetensors"),
-                    weights_hash: file_hash(&paths.weights)?,
-                    optimizer_file: format!("{name}.optim.safetensors"),
-                    optimizer_hash: file_hash(&paths.optimizer)?,
-                })
+            let meta = |name: &str, weights_hash: String, optimizer_hash: String| CheckpointMeta {
+                format: FORMAT.to_string(),
+                config: plan.cfg.clone(),
+                backbone_weights: weights_to_string(&plan.weights),
+                epoch: done,
+                seed: plan.seed,
+                metrics: Some(eval.metrics.clone()),
+                threshold: Some(eval.metrics.threshold),
+                pixel_threshold: eval.metrics.pixel_threshold,
+                map_range: Some(eval.map_range),
+                best_score,
+                optimizer: OptimizerMeta {
+                    kind: "adam".into(),
+                    step: adam.step_count(),
+                    lr: adam_cfg.lr,
+                    weight_decay: adam_cfg.weight_decay,
+                    beta1: adam_cfg.beta1,
+                    beta2: adam_cfg.beta2,
+                    eps: adam_cfg.eps,
+                },
+                train: train_meta.clone(),
+                train_seconds: prior_seconds + start.elapsed().as_secs_f64(),
+                weights_file: format!("{name}.safetensors"),
+                weights_hash,
+                optimizer_file: format!("{name}.optim.safetensors"),
+                optimizer_hash,
             };
             let last = run.last();
-            engine.save_tensors(&last, &adam)?;
-            write_json_atomic(&last.meta, &meta("last", &last)?)?;
+            write_checkpoint(&last, &weights_bytes, &optimizer_bytes, |w, o| {
+                meta("last", w, o)
+            })?;
+            last_good = LastGood(Some((last.meta.clone(), done)));
             if is_best {
-                let best = run.best();
-                engine.save_tensors(&best, &adam)?;
-                write_json_atomic(&best.meta, &meta("best", &best)?)?;
+                write_checkpoint(&run.best(), &weights_bytes, &optimizer_bytes, |w, o| {
+                    meta("best", w, o)
+                })?;
             }
             last_eval = Some((done, eval));
         }
@@ -405,6 +438,167 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
     })
 }
 
+/// The checkpoint a failed run can be resumed from, as its error messages say it.
+struct LastGood(Option<(PathBuf, usize)>);
+
+impl std::fmt::Display for LastGood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some((meta, epoch)) => write!(
+                f,
+                "no checkpoint was written after epoch {epoch}: the last good one is '{}'",
+                meta.display()
+            ),
+            None => write!(f, "no checkpoint of this run had been written yet"),
+        }
+    }
+}
+
 fn fmt_opt(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::CheckpointPaths;
+    use crate::cli::DatasetFormat;
+    use crate::config::parse_yaml;
+    use crate::fsutil::fault;
+    use ff_data::synth::{generate_category, SynthConfig};
+
+    /// A ResNet18 FastFlow at 64 px on 4 synthetic images, 1 batch per epoch.
+    fn tiny_plan(root: &Path, epochs: usize) -> TrainPlan {
+        let data = root.join("data");
+        if !data.exists() {
+            let synth = SynthConfig {
+                image_size: 64,
+                n_train: 4,
+                n_test_good: 2,
+                n_test_defect: 2,
+                seed: 1,
+            };
+            generate_category(&data, "tiny", &synth).expect("synthetic data");
+        }
+        let cfg: FastFlowConfig = parse_yaml(
+            "backbone_name: resnet18\ninput_size: 64\nflow_step: 2\nhidden_ratio: 0.5\nconv3x3_only: True\n",
+        )
+        .expect("config");
+        TrainPlan {
+            cfg,
+            data: DataArgs {
+                data,
+                category: "tiny".into(),
+                format: DatasetFormat::Mvtec,
+                normal_dir: "good".into(),
+                abnormal_dir: "bad".into(),
+                normal_test_dir: None,
+                mask_dir: None,
+            },
+            epochs,
+            batch_size: 4,
+            lr: 1e-3,
+            weight_decay: 1e-5,
+            eval_every: 1,
+            seed: 7,
+            weights: WeightSource::Random { seed: 7 },
+            run_dir: root.join("run"),
+            resume: None,
+            json: None,
+            device: candle_core::Device::Cpu,
+        }
+    }
+
+    fn files(paths: &CheckpointPaths) -> Vec<Vec<u8>> {
+        [&paths.weights, &paths.optimizer, &paths.meta]
+            .iter()
+            .map(|p| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+            .collect()
+    }
+
+    /// A disk that fills up while a checkpoint is written, at each of its
+    /// three files in turn: the run stops with an error naming the
+    /// checkpoint and the file, and the previous checkpoint stays whole,
+    /// loadable and resumable; no temporary file is left behind.
+    #[test]
+    fn a_write_failing_mid_run_keeps_the_previous_checkpoint() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        train(&tiny_plan(dir.path(), 1))?;
+        let run = RunDir::new(dir.path().join("run"));
+        let before = files(&run.last());
+        for (n, file) in [
+            (1, "last.safetensors"),
+            (2, "last.optim.safetensors"),
+            (3, "last.json"),
+        ] {
+            let mut plan = tiny_plan(dir.path(), 2);
+            plan.resume = Some(run.last());
+            fault::fail_write(n);
+            let err = format!("{:#}", train(&plan).expect_err("the write should fail"));
+            for needle in [
+                "cannot save checkpoint",
+                "last.json",
+                file,
+                "No space left on device",
+                "the previous checkpoint there is unchanged",
+            ] {
+                assert!(err.contains(needle), "write {n}: '{needle}' not in: {err}");
+            }
+            assert_eq!(
+                files(&run.last()),
+                before,
+                "write {n} changed the checkpoint"
+            );
+            assert_eq!(read_meta(&run.last())?.epoch, 1);
+            let leftovers: Vec<_> = std::fs::read_dir(run.checkpoints())?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(".tmp-"))
+                .collect();
+            assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        }
+        // The kept checkpoint still resumes.
+        let mut plan = tiny_plan(dir.path(), 2);
+        plan.resume = Some(run.last());
+        train(&plan)?;
+        assert_eq!(read_meta(&run.last())?.epoch, 2);
+        Ok(())
+    }
+
+    /// Non-finite weights are never written: the error names the tensor,
+    /// and the checkpoint written before stays the last good one.
+    #[test]
+    fn non_finite_parameters_are_never_saved() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let plan = tiny_plan(dir.path(), 1);
+        let backbone = load_backbone(plan.cfg.backbone_kind()?, &plan.weights, &plan.device)?;
+        let engine = Engine::new(&plan.cfg, backbone, plan.seed, &plan.device)?;
+        let adam = engine.optimizer(AdamConfig::default())?;
+        assert!(engine.checkpoint_bytes(&adam).is_ok());
+        let vars = engine.model.trainable_vars()?;
+        let (key, var) = &vars[vars.len() / 2];
+        let poisoned = var.as_tensor().affine(0.0, f64::NAN)?;
+        var.set(&poisoned)?;
+        let what = format!("parameter '{key}' holds NaN");
+        assert_eq!(engine.first_non_finite(&adam)?, Some(what.clone()));
+        let err = format!("{:#}", engine.checkpoint_bytes(&adam).unwrap_err());
+        assert!(err.contains(&what), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn an_unwritable_run_directory_fails_before_training() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        // A regular file where a folder should be: unwritable even for root.
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, b"x")?;
+        let mut plan = tiny_plan(dir.path(), 1);
+        plan.run_dir = blocker.join("run");
+        // A dataset that is not there: reading it first would fail differently.
+        plan.data.data = dir.path().join("no-such-dataset");
+        let err = format!("{:#}", train(&plan).expect_err("must fail"));
+        assert!(err.contains("is not writable"), "{err}");
+        assert!(err.contains(&blocker.display().to_string()), "{err}");
+        Ok(())
+    }
 }

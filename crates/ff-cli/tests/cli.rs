@@ -911,3 +911,76 @@ fn demo_runs_end_to_end_offline_at_a_reduced_size() {
     assert_eq!(csv.lines().count(), 1 + 5, "{csv}");
     assert!(out_dir.join("heatmaps/scratch_000_heatmap.png").is_file());
 }
+
+/// A run that diverges stops with the epoch, the batch or optimizer step and
+/// the last good checkpoint named; that checkpoint is left byte-identical and
+/// still evaluates; a run that diverges before its first save writes nothing.
+#[test]
+fn diverging_training_never_writes_a_non_finite_checkpoint() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let checkpoints = dir.path().join("run/checkpoints");
+    std::fs::create_dir_all(&checkpoints).expect("mkdir");
+    let ckpt = copy_checkpoint(f, &checkpoints, "last");
+    let files = || -> Vec<Vec<u8>> {
+        ["last.safetensors", "last.optim.safetensors", "last.json"]
+            .iter()
+            .map(|n| std::fs::read(checkpoints.join(n)).expect("checkpoint file"))
+            .collect()
+    };
+    let before = files();
+    let out = fastflow(args![
+        "train",
+        "--resume",
+        ckpt,
+        "--data",
+        f.data,
+        "--category",
+        CATEGORY,
+        "--epochs",
+        "4",
+        "--lr",
+        "1000",
+    ]);
+    let last_json = checkpoints.join("last.json").display().to_string();
+    assert_fails_with(
+        &out,
+        &[
+            "in epoch 3",
+            "optimizer step",
+            "the training diverged",
+            "try a lower --lr",
+            "no checkpoint was written after epoch 2",
+            &last_json,
+        ],
+    );
+    assert_eq!(files(), before, "the last good checkpoint was changed");
+    let eval = fastflow(args![
+        "eval",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        f.data,
+        "--category",
+        CATEGORY
+    ]);
+    assert_ok(&eval);
+
+    // Diverging before the first save: nothing is written at all.
+    let fresh = dir.path().join("fresh");
+    let mut a = train_args(f, "2", &fresh);
+    a.extend(args!["--lr", "1e30"]);
+    let out = fastflow(a);
+    assert_fails_with(
+        &out,
+        &[
+            "in epoch 1",
+            "the training diverged",
+            "no checkpoint of this run had been written yet",
+        ],
+    );
+    assert!(
+        !fresh.join("checkpoints/last.json").exists(),
+        "a checkpoint was written"
+    );
+}

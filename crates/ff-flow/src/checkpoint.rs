@@ -23,6 +23,21 @@ pub fn save_checkpoint(
     model: &FastFlow,
     extra: &HashMap<String, Tensor>,
 ) -> Result<()> {
+    let path = path.as_ref();
+    let bytes = checkpoint_bytes(model, extra).map_err(|e| match e {
+        Error::Candle(source) => Error::SerializeCheckpoint {
+            path: path.to_path_buf(),
+            source,
+        },
+        e => e,
+    })?;
+    write_file_atomically(path, &bytes)
+}
+
+/// The bytes [`save_checkpoint`] writes: the model's state dict plus `extra`
+/// as one safetensors file. For callers that stage several files before any
+/// of them replaces an older one.
+pub fn checkpoint_bytes(model: &FastFlow, extra: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
     let mut tensors = model.state_dict()?;
     for (k, v) in extra {
         if tensors.contains_key(k) {
@@ -32,36 +47,55 @@ pub fn save_checkpoint(
         }
         tensors.insert(k.clone(), v.clone());
     }
-    save_tensors_atomically(path.as_ref(), &tensors)
+    tensors_bytes(&tensors)
+}
+
+/// `tensors` as the bytes of a safetensors file, exactly as
+/// `candle_core::safetensors::save` writes them (keys sorted, no metadata).
+pub fn tensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    // Tensors on an accelerator, or views, are brought to contiguous CPU
+    // memory first: safetensors stores plain row-major bytes.
+    let mut cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    cpu.sort_by(|a, b| a.0.cmp(&b.0));
+    safetensors::serialize(cpu, None).map_err(|e| Error::Candle(candle_core::Error::wrap(e)))
 }
 
 /// Writes `tensors` to `path` as safetensors through a temporary file and a rename.
 pub fn save_tensors_atomically(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let bytes = tensors_bytes(tensors).map_err(|e| match e {
+        Error::Candle(source) => Error::SerializeCheckpoint {
+            path: path.to_path_buf(),
+            source,
+        },
+        e => e,
+    })?;
+    write_file_atomically(path, &bytes)
+}
+
+/// `bytes` to `path` through a synced temporary sibling and a rename.
+fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "checkpoint".into());
     let tmp: PathBuf = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    // Tensors on an accelerator, or views, are brought to contiguous CPU
-    // memory first: safetensors stores plain row-major bytes.
-    let cpu: HashMap<String, Tensor> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    if let Err(source) = candle_core::safetensors::save(&cpu, &tmp) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::SerializeCheckpoint {
-            path: path.to_path_buf(),
-            source,
-        });
-    }
-    std::fs::rename(&tmp, path).map_err(|source| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::WriteCheckpoint {
-            path: path.to_path_buf(),
-            source,
-        }
-    })
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    written
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::WriteCheckpoint {
+                path: path.to_path_buf(),
+                source,
+            }
+        })
 }
 
 /// Reads every tensor of a safetensors file (to the CPU).
