@@ -14,7 +14,8 @@ Outputs go to ``tests-fixtures/data/``:
   integer arithmetic only and are reimplemented bit for bit in
   ``crates/ff-data/tests/pil_parity.rs``, which keeps the fixtures small.
 * ``modes/``: small source files in the modes users bring (grayscale,
-  grayscale+alpha, RGBA, palette, 16-bit RGB, 16-bit grayscale, JPEG) and
+  grayscale+alpha, RGBA, palette, 16-bit RGB, 16-bit grayscale, JPEG, CMYK
+  JPEG) and
   what PIL's ``Image.open(f).convert("RGB")`` followed by torchvision
   ``Resize(32)`` makes of them.
 
@@ -213,6 +214,11 @@ def main():
     # upsampling and IDCT rounding, hence a looser tolerance.
     add("jpeg", "rgb.jpg", lambda p: Image.fromarray(base).save(p, quality=92), 6,
         "JPEG 4:2:0 (decoder differences)")
+
+    # CMYK JPEG (print workflows, some camera software): Pillow writes Adobe
+    # inverted CMYK; its convert("RGB") is R = 255 - min(255, C + K) etc.
+    add("cmyk_jpeg", "cmyk.jpg", lambda p: Image.fromarray(base).convert("CMYK").save(p, quality=92),
+        6, "CMYK JPEG (Adobe inverted; decoder differences as for JPEG)")
 
     manifest = {"generator": "data-scripts/make_data_fixtures.py", "mean": MEAN, "std": STD,
                 "resize": cases, "masks": masks, "pipeline": pipe, "modes": modes,

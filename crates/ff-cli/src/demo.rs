@@ -130,7 +130,7 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
     let pred = predict(&engine, &images, &heatmaps, &settings)?;
     crate::fsutil::write_atomic(
         &pred.csv,
-        predictions_csv(&pred.rows, settings.threshold.unwrap_or(f32::NAN)).as_bytes(),
+        predictions_csv(&pred.rows, settings.threshold).as_bytes(),
     )?;
     for r in &pred.rows {
         println!(

@@ -87,7 +87,7 @@ pub fn run_predict(args: PredictArgs) -> Result<()> {
     let mut rows = outcome.rows;
     rows.append(&mut missing);
     let failed = rows.iter().filter(|r| !r.error.is_empty()).count();
-    let csv_text = predictions_csv(&rows, settings.threshold.unwrap_or(f32::NAN));
+    let csv_text = predictions_csv(&rows, settings.threshold);
     crate::fsutil::write_atomic(&outcome.csv, csv_text.as_bytes())?;
     for r in &rows {
         match r.score {

@@ -11,19 +11,24 @@ use serde::{Deserialize, Serialize};
 /// JSON keys that scripts (and `cargo xtask bench-all`) read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
-    pub image_auroc: f64,
+    /// `None` when every test image has the same label (a test set of good
+    /// parts only): image AUROC is undefined then, as are F1 and threshold.
+    pub image_auroc: Option<f64>,
     /// `None` when the test set has no pixel masks (e.g. a folder without masks).
     pub pixel_auroc: Option<f64>,
     pub aupro: Option<f64>,
-    pub image_f1_max: f64,
+    pub image_f1_max: Option<f64>,
     /// The image-score threshold that achieves `image_f1_max`; predictions use it.
-    pub threshold: f64,
+    pub threshold: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pixel_f1_max: Option<f64>,
     /// The pixel-score threshold of `pixel_f1_max`; predicted masks use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pixel_threshold: Option<f64>,
     pub n_images: usize,
+    /// How many test images are labelled anomalous (absent in older files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_anomalous: Option<usize>,
     /// Images per second through backbone + flows + anomaly map during the evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inference_img_per_s: Option<f64>,
@@ -39,11 +44,11 @@ fn pct(v: Option<f64>) -> String {
 /// The metrics as an aligned plain-text table for the terminal.
 pub fn metrics_table(m: &Metrics) -> String {
     let rows = [
-        ("image AUROC (%)", pct(Some(m.image_auroc))),
+        ("image AUROC (%)", pct(m.image_auroc)),
         ("pixel AUROC (%)", pct(m.pixel_auroc)),
         ("AU-PRO (%)", pct(m.aupro)),
-        ("image F1-max (%)", pct(Some(m.image_f1_max))),
-        ("threshold", format!("{:.6}", m.threshold)),
+        ("image F1-max (%)", pct(m.image_f1_max)),
+        ("threshold", threshold(m.threshold)),
         ("test images", m.n_images.to_string()),
     ];
     let mut out = String::new();
@@ -56,7 +61,31 @@ pub fn metrics_table(m: &Metrics) -> String {
         let _ = writeln!(out, "{:<width$}  {:>10.1}", "inference img/s", s);
     }
     let _ = write!(out, "{:-<1$}", "", width + 14);
+    if let Some(note) = undefined_note(m) {
+        let _ = write!(out, "\nnote: {note}");
+    }
     out
+}
+
+fn threshold(t: Option<f64>) -> String {
+    t.map(|t| format!("{t:.6}")).unwrap_or_else(|| "n/a".into())
+}
+
+/// Why the image metrics are missing, when they are.
+fn undefined_note(m: &Metrics) -> Option<String> {
+    if m.image_auroc.is_some() {
+        return None;
+    }
+    let class = match m.n_anomalous {
+        Some(0) => "normal",
+        Some(_) => "anomalous",
+        None => "of one class",
+    };
+    Some(format!(
+        "image AUROC, F1-max and threshold are undefined: all {} test images are {class}; \
+         add test images of the other class to measure them",
+        m.n_images
+    ))
 }
 
 impl Metrics {
@@ -67,10 +96,11 @@ impl Metrics {
             pixel_auroc: r.pixel_auroc,
             aupro: r.aupro,
             image_f1_max: r.image_f1_max,
-            threshold: f64::from(r.threshold),
+            threshold: r.threshold.map(f64::from),
             pixel_f1_max: r.pixel_f1_max,
             pixel_threshold: r.pixel_threshold.map(f64::from),
             n_images: r.n_images,
+            n_anomalous: Some(r.n_anomalous),
             inference_img_per_s,
         }
     }
@@ -92,14 +122,17 @@ pub fn markdown_report(ctx: &ReportContext, m: &Metrics) -> String {
         let _ = writeln!(out, "- **{k}**: {v}");
     }
     let _ = writeln!(out, "\n| metric | value |\n| --- | ---: |");
-    let _ = writeln!(out, "| image AUROC (%) | {} |", pct(Some(m.image_auroc)));
+    let _ = writeln!(out, "| image AUROC (%) | {} |", pct(m.image_auroc));
     let _ = writeln!(out, "| pixel AUROC (%) | {} |", pct(m.pixel_auroc));
     let _ = writeln!(out, "| AU-PRO (%) | {} |", pct(m.aupro));
-    let _ = writeln!(out, "| image F1-max (%) | {} |", pct(Some(m.image_f1_max)));
-    let _ = writeln!(out, "| threshold | {:.6} |", m.threshold);
+    let _ = writeln!(out, "| image F1-max (%) | {} |", pct(m.image_f1_max));
+    let _ = writeln!(out, "| threshold | {} |", threshold(m.threshold));
     let _ = writeln!(out, "| test images | {} |", m.n_images);
     if let Some(s) = m.inference_img_per_s {
         let _ = writeln!(out, "| inference img/s | {s:.1} |");
+    }
+    if let Some(note) = undefined_note(m) {
+        let _ = writeln!(out, "\nNote: {note}.");
     }
     out
 }
@@ -124,14 +157,16 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// The predictions CSV: one row per input, failed inputs included with their error.
-pub fn predictions_csv(rows: &[PredictionRow], threshold: f32) -> String {
+/// The predictions CSV: one row per input, failed inputs included with
+/// their error; the threshold column is empty when there is none.
+pub fn predictions_csv(rows: &[PredictionRow], threshold: Option<f32>) -> String {
     let mut out = String::from("path,score,threshold,label,heatmap,mask,error\n");
+    let threshold = threshold.map(|t| format!("{t:.6}")).unwrap_or_default();
     for r in rows {
         let score = r.score.map(|s| format!("{s:.6}")).unwrap_or_default();
         let _ = writeln!(
             out,
-            "{},{},{:.6},{},{},{},{}",
+            "{},{},{},{},{},{},{}",
             csv_field(&r.path),
             score,
             threshold,
@@ -155,14 +190,15 @@ mod tests {
 
     fn sample() -> Metrics {
         Metrics {
-            image_auroc: 0.975,
+            image_auroc: Some(0.975),
             pixel_auroc: Some(0.9612),
             aupro: None,
-            image_f1_max: 0.9,
-            threshold: -0.25,
+            image_f1_max: Some(0.9),
+            threshold: Some(-0.25),
             pixel_f1_max: None,
             pixel_threshold: None,
             n_images: 12,
+            n_anomalous: Some(5),
             inference_img_per_s: Some(14.25),
         }
     }
@@ -184,6 +220,35 @@ mod tests {
         assert!(md.starts_with("# Eval"));
         assert!(md.contains("- **epoch**: 3"));
         assert!(md.contains("| image AUROC (%) | 97.50 |"));
+        assert!(!t.contains("note") && !md.contains("Note"));
+    }
+
+    #[test]
+    fn undefined_image_metrics_are_explained_not_nan() -> Result<()> {
+        let m = Metrics {
+            image_auroc: None,
+            image_f1_max: None,
+            threshold: None,
+            pixel_auroc: None,
+            n_anomalous: Some(0),
+            ..sample()
+        };
+        let t = metrics_table(&m);
+        let md = markdown_report(&ReportContext::default(), &m);
+        for text in [&t, &md] {
+            assert!(!text.to_lowercase().contains("nan"), "{text}");
+            assert!(
+                text.contains("undefined: all 12 test images are normal"),
+                "{text}"
+            );
+        }
+        assert!(md.contains("| image AUROC (%) | n/a |"), "{md}");
+        let v = serde_json::to_value(&m)?;
+        assert!(
+            v["image_auroc"].is_null() && v["threshold"].is_null(),
+            "{v}"
+        );
+        Ok(())
     }
 
     #[test]
@@ -213,10 +278,15 @@ mod tests {
             mask: "m.png".into(),
             error: String::new(),
         }];
-        let csv = predictions_csv(&rows, -0.6);
+        let csv = predictions_csv(&rows, Some(-0.6));
         assert_eq!(
             csv.lines().nth(1),
             Some("\"a,b\"\"c.png\",-0.500000,-0.600000,anomalous,h.png,m.png,")
+        );
+        let csv = predictions_csv(&rows, None);
+        assert_eq!(
+            csv.lines().nth(1),
+            Some("\"a,b\"\"c.png\",-0.500000,,anomalous,h.png,m.png,")
         );
     }
 }

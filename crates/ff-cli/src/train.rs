@@ -321,8 +321,10 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                     "the evaluation after epoch {done} failed, so it was not saved; {last_good}"
                 )
             })?;
+            // Undefined metrics count as 0: the test set, and so which
+            // metrics exist, is the same at every evaluation of the run.
             let score = [
-                eval.metrics.image_auroc,
+                eval.metrics.image_auroc.unwrap_or(0.0),
                 eval.metrics.pixel_auroc.unwrap_or(0.0),
             ];
             let is_best =
@@ -331,8 +333,8 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                 best_score = Some(score);
             }
             println!(
-                "eval @ epoch {done}: image AUROC {:.4}, pixel AUROC {}, AU-PRO {}{}",
-                eval.metrics.image_auroc,
+                "eval @ epoch {done}: image AUROC {}, pixel AUROC {}, AU-PRO {}{}",
+                fmt_opt(eval.metrics.image_auroc),
                 fmt_opt(eval.metrics.pixel_auroc),
                 fmt_opt(eval.metrics.aupro),
                 if is_best { "  (best so far)" } else { "" }
@@ -354,7 +356,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                 epoch: done,
                 seed: plan.seed,
                 metrics: Some(eval.metrics.clone()),
-                threshold: Some(eval.metrics.threshold),
+                threshold: eval.metrics.threshold,
                 pixel_threshold: eval.metrics.pixel_threshold,
                 map_range: Some(eval.map_range),
                 best_score,

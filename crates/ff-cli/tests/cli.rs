@@ -984,3 +984,106 @@ fn diverging_training_never_writes_a_non_finite_checkpoint() {
         "a checkpoint was written"
     );
 }
+
+/// Data as users bring it: a category and file names with spaces and
+/// non-ASCII letters, a 16-bit PNG and a CMYK JPEG among the training images,
+/// and a test set of good parts only. Training, evaluation and prediction
+/// work; the undefined image AUROC is said to be undefined, never printed as
+/// NaN, and written as null.
+#[test]
+fn odd_but_valid_data_trains_evaluates_and_predicts() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let category = "odd parts ü";
+    let c = dir.path().join(category);
+    let src = f.data.join(CATEGORY);
+    let good: Vec<PathBuf> = {
+        let mut v: Vec<_> = std::fs::read_dir(src.join("train/good"))
+            .expect("train/good")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        v.sort();
+        v
+    };
+    std::fs::create_dir_all(c.join("train/good")).expect("mkdir");
+    std::fs::create_dir_all(c.join("test/good")).expect("mkdir");
+    std::fs::copy(&good[0], c.join("train/good/gut 1 ä.png")).expect("copy");
+    // The same picture as 16-bit RGB.
+    let rgb = image::open(&good[1]).expect("decode").into_rgb16();
+    rgb.save(c.join("train/good/sixteen bit.png"))
+        .expect("16-bit png");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests-fixtures/data/modes");
+    std::fs::copy(
+        fixtures.join("cmyk.jpg"),
+        c.join("train/good/cmyk 写真.jpg"),
+    )
+    .expect("copy");
+    std::fs::copy(&good[2], c.join("test/good/prüfung 1.png")).expect("copy");
+    std::fs::copy(&good[3], c.join("test/good/test 2.png")).expect("copy");
+
+    let run = dir.path().join("run ü");
+    let json = dir.path().join("metrics ü.json");
+    let out = fastflow(args![
+        "train",
+        "--config",
+        f.config,
+        "--data",
+        dir.path(),
+        "--category",
+        category,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--weights",
+        "random",
+        "--out",
+        run,
+        "--json",
+        json,
+    ]);
+    assert_ok(&out);
+    let undefined = "undefined: all 2 test images are normal";
+    for text in [
+        text(&out),
+        std::fs::read_to_string(run.join("report.md")).expect("report"),
+    ] {
+        assert!(text.contains(undefined), "{text}");
+        assert!(!text.to_lowercase().contains("nan"), "{text}");
+    }
+    let m = read_json(&json);
+    assert!(m["image_auroc"].is_null(), "{m}");
+    assert!(m["threshold"].is_null(), "{m}");
+    assert_eq!(m["n_images"], 2);
+
+    let ckpt = run.join("checkpoints/last.json");
+    let out = fastflow(args![
+        "eval",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        dir.path(),
+        "--category",
+        category
+    ]);
+    assert_ok(&out);
+    assert!(text(&out).contains(undefined), "{}", text(&out));
+
+    let pred = dir.path().join("pred ü");
+    let input = c.join("test/good/prüfung 1.png");
+    let out = fastflow(args!["predict", "--checkpoint", ckpt, "--out", pred, input]);
+    assert_ok(&out);
+    let csv = std::fs::read_to_string(pred.join("predictions.csv")).expect("csv");
+    let row = csv.lines().nth(1).expect("a row");
+    assert!(row.contains("prüfung 1.png"), "{csv}");
+    assert!(!csv.to_lowercase().contains("nan"), "{csv}");
+    let heatmaps = std::fs::read_dir(&pred)
+        .expect("pred dir")
+        .filter(|e| {
+            e.as_ref()
+                .map(|e| e.file_name().to_string_lossy().ends_with("_heatmap.png"))
+                .unwrap_or(false)
+        })
+        .count();
+    assert_eq!(heatmaps, 1);
+}

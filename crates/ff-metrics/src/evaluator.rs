@@ -13,24 +13,29 @@ pub const AU_PRO_FPR_LIMIT: f64 = 0.3;
 /// Everything one evaluation reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalReport {
-    /// AUROC of the image scores (max of each anomaly map) against the image labels.
-    pub image_auroc: f64,
+    /// AUROC of the image scores (max of each anomaly map) against the image
+    /// labels; `None` when every image has the same label (a test set of
+    /// good parts only), for which AUROC is undefined.
+    pub image_auroc: Option<f64>,
     /// AUROC over all pixels of all images; `None` without masks or without
     /// any anomalous pixel.
     pub pixel_auroc: Option<f64>,
     /// AU-PRO up to FPR [`AU_PRO_FPR_LIMIT`], divided by it; `None` like `pixel_auroc`.
     pub aupro: Option<f64>,
-    /// F1-max over the image scores.
-    pub image_f1_max: f64,
+    /// F1-max over the image scores; `None` like `image_auroc`.
+    pub image_f1_max: Option<f64>,
     /// The image-score threshold of `image_f1_max` (anomalib's adaptive
-    /// threshold): an image is anomalous when its score is `>= threshold`.
-    pub threshold: f32,
+    /// threshold): an image is anomalous when its score is `>= threshold`;
+    /// `None` like `image_auroc`.
+    pub threshold: Option<f32>,
     /// F1-max over all pixels; `None` like `pixel_auroc`.
     pub pixel_f1_max: Option<f64>,
     /// The pixel threshold of `pixel_f1_max`; `None` like `pixel_auroc`.
     pub pixel_threshold: Option<f32>,
     /// Number of images evaluated.
     pub n_images: usize,
+    /// How many of them are labelled anomalous.
+    pub n_anomalous: usize,
 }
 
 /// Collects one evaluation's scores batch by batch and computes an
@@ -49,7 +54,7 @@ pub struct EvalReport {
 /// let masks = [false, false, false, true];
 /// evaluator.update(&maps, &masks, &[false, true], 2, 1, 2)?;
 /// let report = evaluator.compute()?;
-/// assert_eq!(report.image_auroc, 1.0);
+/// assert_eq!(report.image_auroc, Some(1.0));
 /// assert_eq!(report.pixel_auroc, Some(1.0));
 /// assert_eq!(report.n_images, 2);
 /// # Ok::<(), ff_metrics::MetricsError>(())
@@ -199,15 +204,27 @@ impl Evaluator {
 
     /// Computes every metric over all batches so far.
     ///
-    /// Pixel metrics are `None` when no masks were given or no pixel is anomalous.
+    /// Image metrics are `None` when all images have the same label; pixel
+    /// metrics are `None` when no masks were given or no pixel is anomalous.
     ///
     /// # Errors
     /// [`MetricsError::Empty`] before any image, [`MetricsError::OneClass`]
-    /// when all images have the same label, or when masks mark every pixel
-    /// anomalous.
+    /// when masks mark every pixel anomalous.
     pub fn compute(&self) -> Result<EvalReport, MetricsError> {
-        let (image_auroc, image_f1) =
-            roc_auc_and_f1_max("image metrics", &self.image_scores, &self.image_labels)?;
+        const IMAGE: &str = "image metrics";
+        if self.image_scores.is_empty() {
+            return Err(MetricsError::Empty { metric: IMAGE });
+        }
+        let n_anomalous = self.image_labels.iter().filter(|&&l| l).count();
+        let image = if n_anomalous == 0 || n_anomalous == self.image_labels.len() {
+            None
+        } else {
+            Some(roc_auc_and_f1_max(
+                IMAGE,
+                &self.image_scores,
+                &self.image_labels,
+            )?)
+        };
         let any_anomalous_pixel = self.masks.par_iter().any(|&m| m);
         let pixel = if any_anomalous_pixel {
             Some(pixel_metrics(
@@ -221,14 +238,15 @@ impl Evaluator {
             None
         };
         Ok(EvalReport {
-            image_auroc,
+            image_auroc: image.map(|(auroc, _)| auroc),
             pixel_auroc: pixel.map(|p| p.auroc),
             aupro: pixel.map(|p| p.aupro),
-            image_f1_max: image_f1.f1,
-            threshold: image_f1.threshold,
+            image_f1_max: image.map(|(_, f1)| f1.f1),
+            threshold: image.map(|(_, f1)| f1.threshold),
             pixel_f1_max: pixel.map(|p| p.f1.f1),
             pixel_threshold: pixel.map(|p| p.f1.threshold),
             n_images: self.image_scores.len(),
+            n_anomalous,
         })
     }
 }
@@ -318,13 +336,14 @@ mod tests {
             .collect();
         assert_eq!(
             report.image_auroc,
-            crate::roc_auc(&image_scores, &labels).unwrap()
+            Some(crate::roc_auc(&image_scores, &labels).unwrap())
         );
         let f1 = crate::f1_max(&image_scores, &labels).unwrap();
         assert_eq!(
             (report.image_f1_max, report.threshold),
-            (f1.f1, f1.threshold)
+            (Some(f1.f1), Some(f1.threshold))
         );
+        assert_eq!(report.n_anomalous, labels.iter().filter(|&&l| l).count());
         assert_eq!(
             report.pixel_auroc,
             Some(crate::roc_auc(&maps, &masks).unwrap())
@@ -383,7 +402,7 @@ mod tests {
         assert_eq!((report.pixel_auroc, report.aupro), (None, None));
         assert_eq!(
             report.image_auroc,
-            no_masks_image_auroc(&maps, &labels, h * w)
+            Some(no_masks_image_auroc(&maps, &labels, h * w))
         );
     }
 
@@ -444,14 +463,35 @@ mod tests {
             Err(MetricsError::MixedMasks { .. })
         ));
         assert_eq!(evaluator.n_images(), 2);
-        // Image labels of one class only.
-        let mut one_class = Evaluator::new();
-        one_class
-            .update_image_scores(&[0.1, 0.2], &[true, true])
+    }
+
+    /// A test set of one class (good parts only, or defects only): the image
+    /// metrics are undefined and say so with `None`, never NaN; pixel metrics
+    /// still come from the masks when both kinds of pixel exist.
+    #[test]
+    fn one_class_test_sets_leave_image_metrics_undefined() {
+        for label in [false, true] {
+            let mut one_class = Evaluator::new();
+            one_class
+                .update_image_scores(&[0.1, 0.2], &[label, label])
+                .unwrap();
+            let report = one_class.compute().unwrap();
+            assert_eq!(
+                (report.image_auroc, report.image_f1_max, report.threshold),
+                (None, None, None)
+            );
+            assert_eq!(report.n_images, 2);
+            assert_eq!(report.n_anomalous, if label { 2 } else { 0 });
+        }
+        // Defects only, with masks that mark some pixels.
+        let maps = [0.1, 0.9, 0.2, 0.8];
+        let masks = [false, true, false, true];
+        let mut defects = Evaluator::new();
+        defects
+            .update(&maps, &masks, &[true, true], 2, 1, 2)
             .unwrap();
-        assert!(matches!(
-            one_class.compute(),
-            Err(MetricsError::OneClass { .. })
-        ));
+        let report = defects.compute().unwrap();
+        assert_eq!(report.image_auroc, None);
+        assert_eq!(report.pixel_auroc, Some(1.0));
     }
 }
