@@ -173,7 +173,7 @@ fn write_report(out: &Path, matrix: &[Cell]) -> anyhow::Result<()> {
     eprintln!(
         "report: {} and {} ({} of {} cells finished)",
         out.join("report.md").display(),
-        out.join("summary.json").display(),
+        out.join(report::SUMMARY_FILE).display(),
         found.len(),
         matrix.len()
     );
@@ -399,6 +399,34 @@ mod tests {
         let mut again = FakeRunner::default();
         run_matrix(&matrix_run(merged.path(), Shard::FULL), &mut again).unwrap();
         assert!(again.calls.is_empty());
+    }
+
+    /// The layout bench_slurm.sbatch documents: shards in `results/shard-<i>`,
+    /// merged into `results` itself. The shard folders are not backbones.
+    #[test]
+    fn shards_merged_into_their_parent_folder_equal_one_full_run() {
+        let full = tempfile::tempdir().unwrap();
+        let results = tempfile::tempdir().unwrap();
+        let mut r = FakeRunner::default();
+        run_matrix(&matrix_run(full.path(), Shard::FULL), &mut r).unwrap();
+        let shards: Vec<PathBuf> = (0..2)
+            .map(|i| results.path().join(format!("shard-{i}")))
+            .collect();
+        for (i, dir) in shards.iter().enumerate() {
+            let shard = Shard { index: i, count: 2 };
+            run_matrix(&matrix_run(dir, shard), &mut FakeRunner::default()).unwrap();
+        }
+        assert_eq!(merge(&shards, results.path()).unwrap(), 6);
+        assert_eq!(
+            read(results.path().join("summary.json")),
+            read(full.path().join("summary.json"))
+        );
+        // Merging again (a resubmitted merge job) changes nothing.
+        assert_eq!(merge(&shards, results.path()).unwrap(), 6);
+        assert_eq!(
+            read(results.path().join("report.md")),
+            read(full.path().join("report.md"))
+        );
     }
 
     #[test]

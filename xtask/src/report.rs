@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::plan::{backbone_rank, Cell};
 use crate::results::{write_atomic, CellResult, RunSettings};
 
+/// The machine-readable report of a results directory.
+pub const SUMMARY_FILE: &str = "summary.json";
 /// Number of categories in MVTec AD; published means average all of them.
 const MVTEC_CATEGORY_COUNT: usize = 15;
 
@@ -469,7 +471,7 @@ pub fn write(out: &Path, report: &Report) -> anyhow::Result<()> {
     write_atomic(&out.join("report.md"), report.markdown.as_bytes())?;
     let mut json = serde_json::to_string_pretty(&report.summary)?;
     json.push('\n');
-    write_atomic(&out.join("summary.json"), json.as_bytes())?;
+    write_atomic(&out.join(SUMMARY_FILE), json.as_bytes())?;
     Ok(())
 }
 
@@ -477,7 +479,7 @@ pub fn write(out: &Path, report: &Report) -> anyhow::Result<()> {
 /// run was asked for, including other shards' cells); empty when the file does
 /// not exist, so that a merge still works on bare cell files.
 pub fn read_matrix(results: &Path) -> anyhow::Result<Vec<Cell>> {
-    let path = results.join("summary.json");
+    let path = results.join(SUMMARY_FILE);
     if !path.exists() {
         return Ok(Vec::new());
     }

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{check_name, Cell, RESERVED};
+use crate::report::SUMMARY_FILE;
 
 /// Version of the cell file layout; a file with another version is redone.
 pub const CELL_SCHEMA: u32 = 1;
@@ -230,7 +231,8 @@ pub fn write_cell(results: &Path, result: &CellResult) -> anyhow::Result<PathBuf
 /// Every cell file found under a results directory
 /// (`<results>/<backbone>/<category>.json`), sorted by cell. A file that is
 /// there but broken is an error naming it, so a merge never drops a cell
-/// silently. The `runs` folder (training runs) is not a backbone.
+/// silently. The `runs` folder (training runs) is not a backbone, nor is a
+/// folder holding a `summary.json` (a shard's results inside the merged ones).
 pub fn collect_cells(results: &Path) -> anyhow::Result<Vec<CellResult>> {
     let mut out = Vec::new();
     let entries =
@@ -239,7 +241,14 @@ pub fn collect_cells(results: &Path) -> anyhow::Result<Vec<CellResult>> {
         let entry = entry.with_context(|| format!("cannot read {}", results.display()))?;
         let dir = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !dir.is_dir() || RESERVED.contains(&name.as_str()) || name.starts_with('.') {
+        // A folder with its own summary is a nested results directory (the
+        // shards of `bench-merge --out results --inputs results/shard-0,...`),
+        // not a backbone.
+        if !dir.is_dir()
+            || RESERVED.contains(&name.as_str())
+            || name.starts_with('.')
+            || dir.join(SUMMARY_FILE).exists()
+        {
             continue;
         }
         let files = fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
