@@ -19,6 +19,7 @@
 mod bench;
 mod download;
 mod plan;
+mod published;
 mod report;
 mod results;
 mod runner;

@@ -12,6 +12,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{backbone_rank, Cell};
+use crate::published;
 use crate::results::{write_atomic, CellResult, RunSettings};
 
 /// The machine-readable report of a results directory.
@@ -370,6 +371,8 @@ pub fn build(matrix: &[Cell], results: &[CellResult]) -> Report {
         }
     }
 
+    per_category_section(&mut md, &backbones, &categories, &by_cell, &all_cells);
+
     let _ = writeln!(md, "\n## Time and speed\n");
     let _ = writeln!(
         md,
@@ -415,7 +418,17 @@ pub fn build(matrix: &[Cell], results: &[CellResult]) -> Report {
             resumed.join(", ")
         );
     }
-    let _ = writeln!(md, "\n## Sources\n\n{PUBLISHED_SOURCE}");
+    let _ = writeln!(md, "\n## Sources\n\nMeans: {PUBLISHED_SOURCE}\n");
+    let _ = writeln!(md, "Per category ({DAGGER} = selected on the test set):\n");
+    for src in published::SOURCES {
+        let mark = if src.selected_on_test_set { DAGGER } else { "" };
+        let caveat = if src.caveat.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", src.caveat)
+        };
+        let _ = writeln!(md, "- **{}{mark}**: {}{caveat}.", src.key, src.origin);
+    }
 
     let summary = serde_json::json!({
         "schema": 1,
@@ -435,14 +448,112 @@ pub fn build(matrix: &[Cell], results: &[CellResult]) -> Report {
             "train_seconds": r.metrics.train_seconds,
             "wall_seconds": r.metrics.wall_seconds,
             "resumed": r.metrics.resumed,
+            "published_thousandths": published::lookup(&r.backbone, &r.category),
         })).collect::<Vec<_>>(),
         "means_percent": means,
         "published_percent": PUBLISHED,
         "published_source": PUBLISHED_SOURCE,
+        "published_per_category_sources": published::SOURCES,
     });
     Report {
         markdown: md,
         summary,
+    }
+}
+
+/// Marks a published number that was selected on the test set.
+const DAGGER: &str = "†";
+
+/// One table per backbone: our last-epoch numbers beside the published ones
+/// for every MVTec AD category of the matrix. Nothing for other categories.
+fn per_category_section(
+    md: &mut String,
+    backbones: &[String],
+    categories: &[String],
+    by_cell: &BTreeMap<Cell, &CellResult>,
+    all_cells: &BTreeSet<Cell>,
+) {
+    let mut header_written = false;
+    for b in backbones {
+        let rows: Vec<(&String, published::Published)> = categories
+            .iter()
+            .filter(|c| {
+                all_cells.contains(&Cell {
+                    backbone: b.clone(),
+                    category: (*c).clone(),
+                })
+            })
+            .filter_map(|c| published::lookup(b, c).map(|p| (c, p)))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        if !header_written {
+            header_written = true;
+            let _ = writeln!(
+                md,
+                "\n## Per category against published numbers\n\n\
+                 Percent. Ours is the last epoch of this run, with no selection. \
+                 {DAGGER} marks numbers selected on the test set (the reference's best epoch; \
+                 anomalib's early stopping, checkpoint and F1 threshold). The paper's \
+                 per-category values are attributed to CaiT by inference. Sources below."
+            );
+        }
+        let paper = b == "cait";
+        let _ = writeln!(md, "\n### {b}\n");
+        let mut head = vec![
+            "category".to_string(),
+            "image AUROC: ours".into(),
+            format!("anomalib{DAGGER}"),
+        ];
+        if paper {
+            head.push("paper".into());
+        }
+        head.extend([
+            "pixel AUROC: ours".to_string(),
+            "ref last".into(),
+            format!("ref best{DAGGER}"),
+            format!("anomalib{DAGGER}"),
+        ]);
+        if paper {
+            head.push("paper".into());
+        }
+        head.extend(["image F1: ours".to_string(), format!("anomalib{DAGGER}")]);
+        let _ = writeln!(md, "| {} |", head.join(" | "));
+        let _ = writeln!(md, "| --- |{}", " ---: |".repeat(head.len() - 1));
+        for (cat, p) in rows {
+            let r = by_cell.get(&Cell {
+                backbone: b.clone(),
+                category: cat.clone(),
+            });
+            let ours = |f: fn(&CellResult) -> Option<f64>| {
+                r.and_then(|r| f(r))
+                    .map(|v| pct(100.0 * v))
+                    .unwrap_or_else(|| "—".into())
+            };
+            let mut row = vec![
+                cat.clone(),
+                ours(|r| Some(r.metrics.image_auroc)),
+                published::pct(p.row.anomalib_image),
+            ];
+            if let Some(v) = p.paper_image.filter(|_| paper) {
+                row.push(published::pct(v));
+            }
+            row.extend([
+                ours(|r| Some(r.metrics.pixel_auroc)),
+                published::pct(p.row.repo_pixel_last),
+                published::pct(p.row.repo_pixel_best),
+                published::pct(p.row.anomalib_pixel),
+            ]);
+            if let Some(v) = p.paper_pixel.filter(|_| paper) {
+                row.push(published::pct(v));
+            }
+            row.extend([
+                ours(|r| r.metrics.image_f1_max),
+                published::pct(p.row.anomalib_image_f1),
+            ]);
+            let _ = writeln!(md, "| {} |", row.join(" | "));
+        }
     }
 }
 
@@ -585,6 +696,68 @@ mod tests {
         assert!((m - 93.0).abs() < 1e-9, "{m}");
         assert_eq!(s["cells"].as_array().unwrap().len(), 3);
         assert_eq!(s["matrix"].as_array().unwrap().len(), 4);
+    }
+
+    /// MVTec categories get a table per backbone with the published
+    /// per-category numbers beside ours, test-set selections marked; CaiT
+    /// also shows the paper's values; other categories get no such table.
+    #[test]
+    fn per_category_tables_show_published_numbers_with_sources() {
+        let results = vec![
+            fake_result("resnet18", "wood", 0.02),
+            fake_result("cait", "screw", 0.04),
+        ];
+        let matrix = crate::plan::plan(
+            &["resnet18".into(), "cait".into()],
+            &["wood".into(), "screw".into()],
+        )
+        .unwrap();
+        let r = build(&matrix, &results);
+        let md = &r.markdown;
+        assert!(
+            md.contains("## Per category against published numbers"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| category | image AUROC: ours | anomalib† | pixel AUROC: ours | ref last | ref best† | anomalib† | image F1: ours | anomalib† |"
+            ),
+            "{md}"
+        );
+        // resnet18/wood: ours 92.0 / 96.0 / 85.0; G 0.894/0.954, A 0.956, 0.978, F1 0.983.
+        assert!(
+            md.contains("| wood | 92.0 | 97.8 | 96.0 | 89.4 | 95.4 | 95.6 | 85.0 | 98.3 |"),
+            "{md}"
+        );
+        // resnet18/screw has no result of ours: dashes, published numbers still shown.
+        assert!(
+            md.contains("| screw | — | 52.1 | — | 95.2 | 95.7 | 92.6 | — | 85.3 |"),
+            "{md}"
+        );
+        // cait/screw with the paper's columns: image 0.978, pixel 0.994.
+        assert!(
+            md.contains(
+                "| screw | 94.0 | 79.1 | 97.8 | 97.0 | 99.1 | 99.3 | 97.9 | 99.4 | 85.0 | 97.9 |"
+            ),
+            "{md}"
+        );
+        for src in published::SOURCES {
+            assert!(md.contains(src.origin), "source {} missing", src.key);
+        }
+        assert!(md.contains("- **ref best†**"), "{md}");
+        assert!(md.contains("- **ref last**"), "{md}");
+        let cells = r.summary["cells"].as_array().unwrap();
+        let wood = cells.iter().find(|c| c["category"] == "wood").unwrap();
+        assert_eq!(wood["published_thousandths"]["repo_pixel_last"], 894);
+
+        // Synthetic categories: no per-category published table.
+        let r = build(
+            &crate::plan::plan(&["resnet18".into()], &["weave".into()]).unwrap(),
+            &[fake_result("resnet18", "weave", 0.0)],
+        );
+        assert!(!r
+            .markdown
+            .contains("## Per category against published numbers"));
     }
 
     #[test]
