@@ -405,6 +405,28 @@ pub fn build(matrix: &[Cell], results: &[CellResult]) -> Report {
          process when it reports none); inference speed is that of the final evaluation \
          on this machine, not a 1080Ti."
     );
+    if !results.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n| cell | wall time (s) | training time (s) |\n| --- | ---: | ---: |"
+        );
+        let mut cells: Vec<&CellResult> = results.iter().collect();
+        cells.sort_by_key(|r| (backbone_rank(&r.backbone), r.category.clone()));
+        for r in cells {
+            let _ = writeln!(
+                md,
+                "| {} | {:.1} | {:.1} |",
+                r.cell(),
+                r.metrics.wall_seconds,
+                r.metrics.train_seconds
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nWall time is the whole `fastflow train` process of the cell (its last attempt), \
+             evaluations and the feature cache's first epoch included."
+        );
+    }
     let resumed: Vec<String> = results
         .iter()
         .filter(|r| r.metrics.resumed)
@@ -746,6 +768,8 @@ mod tests {
         }
         assert!(md.contains("- **ref best†**"), "{md}");
         assert!(md.contains("- **ref last**"), "{md}");
+        // fake_result(x = 0.02): wall 12 + 100x seconds, training 10 + 100x.
+        assert!(md.contains("| resnet18/wood | 14.0 | 12.0 |"), "{md}");
         let cells = r.summary["cells"].as_array().unwrap();
         let wood = cells.iter().find(|c| c["category"] == "wood").unwrap();
         assert_eq!(wood["published_thousandths"]["repo_pixel_last"], 894);

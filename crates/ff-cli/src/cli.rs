@@ -36,6 +36,19 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// Where `train` keeps the backbone features it computes once and reuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FeatureCacheArg {
+    /// In memory when the features fit the budget, else on disk.
+    Auto,
+    /// In memory; an error when the features do not fit the budget.
+    Ram,
+    /// In a file of the run directory, removed at the end.
+    Disk,
+    /// Run the backbone on every batch of every epoch.
+    Off,
+}
+
 /// How the images under `--data` are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -121,6 +134,15 @@ pub struct TrainArgs {
     pub json: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
+    /// Compute each image's backbone features once and reuse them in every
+    /// later epoch and evaluation (the backbone is frozen). The results are
+    /// bit-identical to `off`.
+    #[arg(long, value_enum, default_value_t = FeatureCacheArg::Auto)]
+    pub feature_cache: FeatureCacheArg,
+    /// Memory budget of the feature cache in MiB [default: half of the
+    /// memory available when training starts].
+    #[arg(long)]
+    pub feature_cache_mb: Option<u64>,
 }
 
 #[derive(Debug, Args)]

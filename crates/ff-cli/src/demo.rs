@@ -11,6 +11,7 @@ use ff_data::synth::{generate_category, SynthConfig};
 use ff_flow::FastFlowConfig;
 
 use crate::checkpoint::read_meta;
+use crate::cli::FeatureCacheArg;
 use crate::cli::{DataArgs, DatasetFormat, DemoArgs};
 use crate::engine::{device, load_backbone, load_our_checkpoint};
 use crate::predict::{predict, PredictSettings};
@@ -94,6 +95,8 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
         resume: None,
         json: Some(args.out.join("metrics.json")),
         device: device.clone(),
+        feature_cache: FeatureCacheArg::Auto,
+        feature_cache_mb: None,
     };
     println!(
         "[2/4] training ResNet18 FastFlow at {} px for {} epochs (backbone: {})",

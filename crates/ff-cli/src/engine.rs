@@ -190,7 +190,23 @@ impl Engine {
     /// # Shapes
     /// `images`: `[b, 3, S, S]`.
     pub fn train_step(&self, adam: &mut Adam, images: &Tensor) -> Result<f64> {
-        let out = self.model.forward(images)?;
+        self.train_step_features(adam, self.features(images)?)
+    }
+
+    /// The frozen backbone's features of a batch.
+    ///
+    /// # Shapes
+    /// `images`: `[b, 3, S, S]` -> one `[b, C_i, h_i, w_i]` per scale.
+    pub fn features(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+        Ok(self.model.features(images)?)
+    }
+
+    /// [`Engine::train_step`] on backbone features computed before.
+    ///
+    /// # Shapes
+    /// `features`: as [`Engine::features`] returns them.
+    pub fn train_step_features(&self, adam: &mut Adam, features: Vec<Tensor>) -> Result<f64> {
+        let out = self.model.forward_features(features)?;
         let loss = ff_flow::loss(&out)?;
         let grads = loss.backward()?;
         adam.step(&grads)?;
@@ -202,7 +218,12 @@ impl Engine {
     /// # Shapes
     /// `images`: `[b, 3, S, S]` -> `b * S * S` values (`[b, S, S]`).
     pub fn anomaly_maps(&self, images: &Tensor) -> Result<Vec<f32>> {
-        let out = self.model.forward(images)?;
+        self.anomaly_maps_features(self.features(images)?)
+    }
+
+    /// [`Engine::anomaly_maps`] on backbone features computed before.
+    pub fn anomaly_maps_features(&self, features: Vec<Tensor>) -> Result<Vec<f32>> {
+        let out = self.model.forward_features(features)?;
         let map = self.model.anomaly_map(&out)?;
         Ok(map.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }

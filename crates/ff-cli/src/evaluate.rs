@@ -13,6 +13,7 @@ use crate::cli::EvalArgs;
 use crate::config::load_model_config;
 use crate::data::{images_tensor, load_split};
 use crate::engine::{describe_config, device, load_our_checkpoint, Engine};
+use crate::feature_cache::FeatureStore;
 use crate::report::{markdown_report, metrics_table, write_metrics_json, Metrics, ReportContext};
 
 /// The result of evaluating a model on a test set.
@@ -43,16 +44,41 @@ pub fn evaluate(engine: &Engine, test: &[Sample], batch_size: usize) -> Result<E
 
 /// Evaluates `engine` on the samples of a test loader built by [`test_loader`].
 pub fn evaluate_loader(engine: &Engine, loader: &Loader) -> Result<Evaluation> {
+    evaluate_cached(engine, loader, None)
+}
+
+/// [`evaluate_loader`] with a feature cache of the loader's samples: images
+/// whose features it holds skip the backbone; the others fill it. The
+/// reported inference speed then adds the backbone time measured when the
+/// cache was filled to this evaluation's own time, so it stays the speed of
+/// the whole model.
+pub fn evaluate_cached(
+    engine: &Engine,
+    loader: &Loader,
+    mut cache: Option<&mut FeatureStore>,
+) -> Result<Evaluation> {
     anyhow::ensure!(!loader.is_empty(), "the test set is empty");
     let size = engine.config().input_size;
     let mut evaluator = Evaluator::new();
     let mut model_seconds = 0.0;
     let mut range = [f32::INFINITY, f32::NEG_INFINITY];
-    for batch in loader.epoch(0) {
+    // Backbone time of earlier evaluations that filled the cache.
+    let earlier_backbone_seconds = cache.as_deref().map_or(0.0, FeatureStore::backbone_seconds);
+    for (indices, batch) in loader.batch_indices(0).iter().zip(loader.epoch(0)) {
         let batch = batch.context("cannot load a test batch")?;
         let start = Instant::now();
-        let x = images_tensor(&batch, &engine.device)?;
-        let maps = engine.anomaly_maps(&x)?;
+        let features = match cache.as_deref_mut() {
+            Some(store) if store.has_all(indices) => store.load(indices, &engine.device)?,
+            Some(store) => {
+                let x = images_tensor(&batch, &engine.device)?;
+                let features = engine.features(&x)?;
+                let backbone_seconds = start.elapsed().as_secs_f64();
+                store.store(indices, &features, backbone_seconds)?;
+                features
+            }
+            None => engine.features(&images_tensor(&batch, &engine.device)?)?,
+        };
+        let maps = engine.anomaly_maps_features(features)?;
         model_seconds += start.elapsed().as_secs_f64();
         if let Some(pos) = maps.iter().position(|v| !v.is_finite()) {
             let image = pos / (size * size);
@@ -76,6 +102,7 @@ pub fn evaluate_loader(engine: &Engine, loader: &Loader) -> Result<Evaluation> {
             .update(&maps, masks, &labels, batch.n, size, size)
             .context("cannot accumulate the evaluation")?;
     }
+    model_seconds += earlier_backbone_seconds;
     let report = evaluator.compute().context("cannot compute the metrics")?;
     let img_per_s = report.n_images as f64 / model_seconds.max(1e-9);
     Ok(Evaluation {

@@ -13,6 +13,7 @@ mod data;
 mod demo;
 mod engine;
 mod evaluate;
+mod feature_cache;
 mod fsutil;
 mod heatmap;
 mod predict;

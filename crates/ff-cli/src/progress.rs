@@ -15,11 +15,23 @@ pub struct EpochProgress {
     images: usize,
     loss_sum: f64,
     batches: usize,
+    /// Seconds of this epoch that later epochs will not repeat (filling the
+    /// feature cache), left out of the ETA.
+    once_seconds: f64,
 }
 
 impl EpochProgress {
-    /// Starts reporting epoch `epoch` (1-based) of `epochs`, which has `n_batches` batches.
-    pub fn start(epoch: usize, epochs: usize, n_batches: usize) -> Self {
+    /// Starts reporting epoch `epoch` (1-based) of `epochs`, which has
+    /// `n_batches` batches, with an optional note after the epoch number
+    /// (e.g. "filling the feature cache").
+    pub fn start(epoch: usize, epochs: usize, n_batches: usize, note: Option<&str>) -> Self {
+        let prefix = match note {
+            Some(note) => format!("epoch {epoch}/{epochs} ({note})"),
+            None => format!("epoch {epoch}/{epochs}"),
+        };
+        if note.is_some() && !std::io::stdout().is_terminal() {
+            println!("{prefix}");
+        }
         let bar = std::io::stdout().is_terminal().then(|| {
             let bar =
                 ProgressBar::with_draw_target(Some(n_batches as u64), ProgressDrawTarget::stdout());
@@ -28,7 +40,7 @@ impl EpochProgress {
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
                     .progress_chars("=> ");
             bar.set_style(style);
-            bar.set_prefix(format!("epoch {epoch}/{epochs}"));
+            bar.set_prefix(prefix);
             bar.enable_steady_tick(Duration::from_millis(250));
             bar
         });
@@ -40,7 +52,14 @@ impl EpochProgress {
             images: 0,
             loss_sum: 0.0,
             batches: 0,
+            once_seconds: 0.0,
         }
+    }
+
+    /// Marks `seconds` of this epoch as work later epochs skip (the backbone
+    /// while the feature cache fills), so the ETA leaves them out.
+    pub fn add_once_seconds(&mut self, seconds: f64) {
+        self.once_seconds += seconds;
     }
 
     fn img_per_s(&self) -> f64 {
@@ -64,8 +83,9 @@ impl EpochProgress {
     }
 
     /// Ends the epoch: clears the bar and prints the epoch's summary line with
-    /// an estimate of the run's remaining time (this epoch's duration times the
-    /// epochs left, evaluations not counted).
+    /// an estimate of the run's remaining time (this epoch's duration, less
+    /// the work later epochs skip, times the epochs left; evaluations not
+    /// counted).
     pub fn finish(self) -> EpochSummary {
         let summary = EpochSummary {
             epoch: self.epoch,
@@ -73,7 +93,8 @@ impl EpochProgress {
             img_per_s: self.img_per_s(),
             seconds: self.start.elapsed().as_secs_f64(),
         };
-        let remaining = summary.seconds * (self.epochs - self.epoch.min(self.epochs)) as f64;
+        let per_epoch = (summary.seconds - self.once_seconds).max(0.0);
+        let remaining = per_epoch * (self.epochs - self.epoch.min(self.epochs)) as f64;
         let line = format!(
             "epoch {}/{}  loss {:.4}  {:.1} img/s  {:.1} s  ETA {}",
             self.epoch,

@@ -15,13 +15,14 @@ use crate::checkpoint::{
     read_meta, write_checkpoint, CheckpointMeta, CheckpointPaths, OptimizerMeta, RunDir, TrainMeta,
     FORMAT,
 };
-use crate::cli::{DataArgs, TrainArgs};
+use crate::cli::{DataArgs, FeatureCacheArg, TrainArgs};
 use crate::config::load_model_config;
 use crate::data::{images_tensor, load_split};
 use crate::engine::{
     describe_config, device, load_backbone, parse_weights, weights_to_string, Engine,
 };
-use crate::evaluate::{evaluate_loader, test_loader, Evaluation};
+use crate::evaluate::{evaluate_cached, test_loader, Evaluation};
+use crate::feature_cache::{self, FeatureStore, Placement};
 use crate::fsutil::{append_json_line, ensure_writable_dir, write_atomic, write_json_atomic};
 use crate::progress::EpochProgress;
 use crate::report::{markdown_report, metrics_table, Metrics, ReportContext};
@@ -43,6 +44,10 @@ pub struct TrainPlan {
     pub resume: Option<CheckpointPaths>,
     pub json: Option<PathBuf>,
     pub device: candle_core::Device,
+    /// Where the backbone features are kept between epochs.
+    pub feature_cache: FeatureCacheArg,
+    /// Memory budget of the feature cache in MiB (default: half of what is available).
+    pub feature_cache_mb: Option<u64>,
 }
 
 /// What a finished run leaves behind.
@@ -171,6 +176,8 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         resume,
         json: args.json,
         device,
+        feature_cache: args.feature_cache,
+        feature_cache_mb: args.feature_cache_mb,
     };
     let outcome = train(&plan)?;
     println!("{}", metrics_table(&outcome.evaluation.metrics));
@@ -277,20 +284,55 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         epochs: plan.epochs,
         eval_every: plan.eval_every,
     };
+    let mut caches = feature_caches(plan, &engine, &loader, &run, split.test.len())?;
     let start = Instant::now();
     let mut last_eval: Option<(usize, Evaluation)> = None;
     // The newest checkpoint this run can be resumed from, for error messages.
     let mut last_good = LastGood(plan.resume.as_ref().map(|p| (p.meta.clone(), start_epoch)));
     for epoch in start_epoch..plan.epochs {
-        let mut progress = EpochProgress::start(epoch + 1, plan.epochs, loader.num_batches());
-        let n_batches = loader.num_batches();
         // The data order depends only on (seed, epoch), so a resumed run sees
         // the same batches as an uninterrupted one.
-        for (i, batch) in loader.epoch(epoch).enumerate() {
-            let batch = batch.context("cannot load a training batch")?;
-            let x = images_tensor(&batch, &plan.device)?;
+        let batches = loader.batch_indices(epoch);
+        let n_batches = batches.len();
+        let cached = caches
+            .as_ref()
+            .is_some_and(|c| batches.iter().all(|b| c.train.has_all(b)));
+        let note = (caches.is_some() && !cached).then_some("filling the feature cache");
+        let mut progress = EpochProgress::start(epoch + 1, plan.epochs, n_batches, note);
+        // Images are loaded only while some of their features are missing.
+        let mut images = (!cached).then(|| loader.epoch(epoch));
+        for (i, indices) in batches.iter().enumerate() {
+            // In an epoch that loads images, every batch takes its images
+            // from the loader, cached or not, so the two stay in step.
+            let loaded = match images.as_mut() {
+                Some(it) => Some(
+                    it.next()
+                        .context("the loader ended before its last batch")?
+                        .context("cannot load a training batch")?,
+                ),
+                None => None,
+            };
+            let features = match (caches.as_mut(), loaded) {
+                (Some(c), _) if c.train.has_all(indices) => c.train.load(indices, &plan.device)?,
+                (caches, Some(batch)) => {
+                    let x = images_tensor(&batch, &plan.device)?;
+                    let t = Instant::now();
+                    let features = engine.features(&x)?;
+                    if let Some(c) = caches {
+                        let seconds = t.elapsed().as_secs_f64();
+                        c.train.store(indices, &features, seconds)?;
+                        progress.add_once_seconds(seconds);
+                    }
+                    features
+                }
+                (_, None) => bail!(
+                    "batch {} of epoch {} has neither cached features nor images",
+                    i + 1,
+                    epoch + 1
+                ),
+            };
             let step = adam.step_count() + 1;
-            let loss = engine.train_step(&mut adam, &x)?;
+            let loss = engine.train_step_features(&mut adam, features)?;
             if !loss.is_finite() {
                 bail!(
                     "the loss became {loss} in epoch {}, batch {} of {n_batches} (optimizer step {step}): \
@@ -300,8 +342,9 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                     last_good
                 );
             }
-            progress.batch(batch.n, loss);
+            progress.batch(indices.len(), loss);
         }
+        drop(images);
         let summary = progress.finish();
         append_json_line(&run.train_log(), &summary)?;
         let done = epoch + 1;
@@ -316,11 +359,12 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                 );
             }
             let (weights_bytes, optimizer_bytes) = engine.checkpoint_bytes(&adam)?;
-            let eval = evaluate_loader(&engine, &test).with_context(|| {
-                format!(
+            let eval = evaluate_cached(&engine, &test, caches.as_mut().map(|c| &mut c.test))
+                .with_context(|| {
+                    format!(
                     "the evaluation after epoch {done} failed, so it was not saved; {last_good}"
                 )
-            })?;
+                })?;
             // Undefined metrics count as 0: the test set, and so which
             // metrics exist, is the same at every evaluation of the run.
             let score = [
@@ -395,7 +439,10 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         Some(e) => e,
         // Nothing left to train (resumed at or past the last epoch): the final
         // evaluation is of the checkpoint as it is.
-        None => (start_epoch, evaluate_loader(&engine, &test)?),
+        None => (
+            start_epoch,
+            evaluate_cached(&engine, &test, caches.as_mut().map(|c| &mut c.test))?,
+        ),
     };
     let md = markdown_report(
         &ReportContext {
@@ -438,6 +485,62 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         evaluation,
         train_seconds,
     })
+}
+
+/// The feature caches of one run: training and test images.
+struct Caches {
+    train: FeatureStore,
+    test: FeatureStore,
+}
+
+/// Decides, announces and creates the run's feature caches (`None`: off).
+fn feature_caches(
+    plan: &TrainPlan,
+    engine: &Engine,
+    loader: &Loader,
+    run: &RunDir,
+    n_test: usize,
+) -> Result<Option<Caches>> {
+    let mut choice = plan.feature_cache;
+    if loader.augments() && choice != FeatureCacheArg::Off {
+        println!("note: augmentation is on, so each epoch sees different images: no feature cache");
+        choice = FeatureCacheArg::Off;
+    }
+    let shapes = engine.model.head().feature_shapes().to_vec();
+    let per_image = feature_cache::bytes_per_image(&shapes);
+    let budget = plan
+        .feature_cache_mb
+        .map_or_else(feature_cache::default_budget, |mb| mb << 20);
+    let n_train = loader.len();
+    let Some(cache) =
+        feature_cache::plan(choice, budget, per_image, n_train + n_test, plan.batch_size)?
+    else {
+        println!("feature cache: off (the backbone runs on every batch)");
+        return Ok(None);
+    };
+    let train_path = run.root.join("feature-cache.train.bin");
+    let test_path = run.root.join("feature-cache.test.bin");
+    let place = match cache.placement {
+        Placement::Ram => format!(
+            "in memory (budget {})",
+            feature_cache::human_bytes(cache.budget)
+        ),
+        Placement::Disk => format!(
+            "on disk in '{}' and '{}', removed at the end (memory budget {})",
+            train_path.display(),
+            test_path.display(),
+            feature_cache::human_bytes(cache.budget)
+        ),
+    };
+    println!(
+        "feature cache: {n_train} training + {n_test} test images x {} = {}, {place}",
+        feature_cache::human_bytes(per_image),
+        feature_cache::human_bytes(cache.bytes),
+    );
+    Ok(Some(Caches {
+        train: FeatureStore::new(n_train, &shapes, cache.placement, &train_path)?,
+        test: FeatureStore::new(n_test, &shapes, cache.placement, &test_path)?,
+    }))
 }
 
 /// The checkpoint a failed run can be resumed from, as its error messages say it.
@@ -508,6 +611,8 @@ mod tests {
             resume: None,
             json: None,
             device: candle_core::Device::Cpu,
+            feature_cache: FeatureCacheArg::Auto,
+            feature_cache_mb: None,
         }
     }
 

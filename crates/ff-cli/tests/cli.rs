@@ -1087,3 +1087,86 @@ fn odd_but_valid_data_trains_evaluates_and_predicts() {
         .count();
     assert_eq!(heatmaps, 1);
 }
+
+/// The feature cache changes nothing but speed: runs with it in memory, on
+/// disk and off write bit-identical checkpoints, equal to the fixture's
+/// uninterrupted run (cache on by default) and to its resumed run (cache
+/// rebuilt after the resume). With 3-image batches over 4 images the last
+/// image is first needed in epoch 2, which then fills it.
+#[test]
+fn the_feature_cache_gives_bit_identical_checkpoints() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = ["last.safetensors", "last.optim.safetensors"];
+    let read = |run: &Path, file: &str| {
+        std::fs::read(run.join("checkpoints").join(file)).expect("checkpoint file")
+    };
+    for mode in ["off", "disk", "ram"] {
+        let run = dir.path().join(mode);
+        let mut a = train_args(f, "2", &run);
+        a.extend(args!["--feature-cache", mode]);
+        let out = fastflow(a);
+        assert_ok(&out);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match mode {
+            "off" => assert!(stdout.contains("feature cache: off"), "{stdout}"),
+            "disk" => assert!(stdout.contains("on disk in"), "{stdout}"),
+            _ => assert!(stdout.contains("in memory (budget"), "{stdout}"),
+        }
+        if mode != "off" {
+            assert!(
+                stdout.contains("epoch 1/2 (filling the feature cache)"),
+                "{stdout}"
+            );
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(&run)
+            .expect("run dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("feature-cache"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "{mode}: cache files left: {leftovers:?}"
+        );
+        for file in files {
+            assert!(
+                read(&run, file) == read(&f.run_a, file),
+                "{mode}: {file} differs from the uninterrupted run"
+            );
+            assert!(
+                read(&run, file) == read(&f.run_b, file),
+                "{mode}: {file} differs from the resumed run"
+            );
+        }
+    }
+
+    let batches_of_3 = |mode: &str| {
+        let run = dir.path().join(format!("b3-{mode}"));
+        let mut a = train_args(f, "3", &run);
+        let at = a
+            .iter()
+            .position(|x| x == "--batch-size")
+            .expect("--batch-size")
+            + 1;
+        a[at] = "3".into();
+        a.extend(args!["--feature-cache", mode]);
+        assert_ok(&fastflow(a));
+        files.map(|file| read(&run, file))
+    };
+    assert!(batches_of_3("off") == batches_of_3("auto"));
+}
+
+#[test]
+fn a_feature_cache_budget_below_one_batch_is_refused_before_training() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let mut a = train_args(f, "1", &run);
+    a.extend(args!["--feature-cache-mb", "0"]);
+    let out = fastflow(a);
+    assert_fails_with(
+        &out,
+        &["--feature-cache-mb 0 cannot hold one batch of features (2 images x"],
+    );
+    assert!(!run.join("checkpoints/last.json").exists());
+}

@@ -482,3 +482,64 @@ fn vit_reference_pts_evaluate_and_predict_through_the_cli() {
         assert_eq!(csv.lines().count(), 2, "{name}: {csv}");
     }
 }
+
+/// The feature cache with a transformer backbone: DeiT at its native 384 px
+/// (ViTs take no other size) with 2 flow steps, 3 images in batches of 2
+/// over 3 epochs (the third image is first used in epoch 2, whose batches
+/// then mix cached and fresh features). Cache on and off give bit-identical
+/// checkpoints.
+#[test]
+fn deit_feature_cache_gives_bit_identical_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let data = root.join("data");
+    let synth = SynthConfig {
+        image_size: 64,
+        n_train: 3,
+        n_test_good: 1,
+        n_test_defect: 1,
+        seed: 4,
+    };
+    generate_category(&data, CATEGORY, &synth).expect("synthetic data");
+    let config = root.join("deit-2.yaml");
+    std::fs::write(
+        &config,
+        "backbone_name: deit_base_distilled_patch16_384\ninput_size: 384\nflow_step: 2\n\
+         hidden_ratio: 0.16\nconv3x3_only: False\n",
+    )
+    .expect("config");
+    let run = |mode: &str| {
+        let out_dir = root.join(mode);
+        let out = fastflow(args![
+            "train",
+            "--config",
+            config,
+            "--data",
+            data,
+            "--category",
+            CATEGORY,
+            "--epochs",
+            "3",
+            "--batch-size",
+            "2",
+            "--eval-every",
+            "2",
+            "--seed",
+            "5",
+            "--weights",
+            "random",
+            "--out",
+            out_dir,
+            "--feature-cache",
+            mode,
+        ]);
+        assert_ok(&out);
+        ["last.safetensors", "last.optim.safetensors"]
+            .map(|f| std::fs::read(out_dir.join("checkpoints").join(f)).expect("checkpoint file"))
+    };
+    let cached = run("ram");
+    assert!(
+        cached == run("off"),
+        "the cache changed the DeiT checkpoint"
+    );
+}

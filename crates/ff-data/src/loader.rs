@@ -161,6 +161,24 @@ impl Loader {
         order
     }
 
+    /// The sample indices of each batch of an epoch, in the order
+    /// [`Loader::epoch`] yields them (the last short batch left out under
+    /// `drop_last`). Lets a caller that keeps per-sample results (a feature
+    /// cache) follow the same batches without loading the images.
+    pub fn batch_indices(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let b = self.shared.cfg.batch_size.max(1);
+        self.epoch_order(epoch)
+            .chunks(b)
+            .filter(|chunk| !(self.shared.cfg.drop_last && chunk.len() < b))
+            .map(<[usize]>::to_vec)
+            .collect()
+    }
+
+    /// Whether batches are augmented (then a sample differs between epochs).
+    pub fn augments(&self) -> bool {
+        self.shared.cfg.augment.is_some()
+    }
+
     /// The batches of one epoch. The first error ends the epoch after it is
     /// yielded. Dropping the iterator stops the background thread.
     pub fn epoch(&self, epoch: usize) -> EpochIter {
@@ -179,13 +197,9 @@ impl Loader {
                 worker: None,
             };
         }
-        let order = self.epoch_order(epoch);
+        let batches = self.batch_indices(epoch);
         let worker = std::thread::spawn(move || {
-            let b = shared.cfg.batch_size;
-            for chunk in order.chunks(b) {
-                if shared.cfg.drop_last && chunk.len() < b {
-                    break;
-                }
+            for chunk in &batches {
                 let batch = shared.batch(chunk, epoch);
                 let failed = batch.is_err();
                 // A closed channel means the consumer dropped the iterator.

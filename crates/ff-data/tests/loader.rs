@@ -42,9 +42,21 @@ fn batches_have_documented_shapes_and_match_single_image_preprocessing() {
 
     let mut cfg = LoaderConfig::new(3);
     cfg.drop_last = true;
-    let loader = Loader::new(split.train, pre, cfg);
+    cfg.shuffle_seed = Some(9);
+    let loader = Loader::new(split.train.clone(), pre, cfg);
     assert_eq!(loader.num_batches(), 2);
     assert_eq!(loader.epoch(0).count(), 2);
+    // batch_indices names the samples of exactly the batches epoch() yields.
+    for epoch in 0..3 {
+        let indices = loader.batch_indices(epoch);
+        assert_eq!(indices.len(), 2);
+        let paths: Vec<Vec<_>> = loader.epoch(epoch).map(|b| b.unwrap().paths).collect();
+        let named: Vec<Vec<_>> = indices
+            .iter()
+            .map(|b| b.iter().map(|&i| split.train[i].path.clone()).collect())
+            .collect();
+        assert_eq!(paths, named, "epoch {epoch}");
+    }
 }
 
 #[test]
