@@ -41,3 +41,17 @@ pub fn images_tensor(batch: &Batch, device: &Device) -> Result<Tensor> {
     Tensor::from_slice(&batch.images, (batch.n, 3, batch.size, batch.size), device)
         .context("cannot move a batch of images to the device")
 }
+
+/// The images `which` (positions in the batch) of a batch as one tensor.
+///
+/// # Shapes
+/// -> `[which.len(), 3, S, S]`.
+pub fn images_subset_tensor(batch: &Batch, which: &[usize], device: &Device) -> Result<Tensor> {
+    let per_image = 3 * batch.size * batch.size;
+    let mut images = Vec::with_capacity(which.len() * per_image);
+    for &k in which {
+        images.extend_from_slice(&batch.images[k * per_image..(k + 1) * per_image]);
+    }
+    Tensor::from_vec(images, (which.len(), 3, batch.size, batch.size), device)
+        .context("cannot move a batch of images to the device")
+}

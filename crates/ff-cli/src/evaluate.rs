@@ -70,11 +70,9 @@ pub fn evaluate_cached(
         let features = match cache.as_deref_mut() {
             Some(store) if store.has_all(indices) => store.load(indices, &engine.device)?,
             Some(store) => {
-                let x = images_tensor(&batch, &engine.device)?;
-                let features = engine.features(&x)?;
-                let backbone_seconds = start.elapsed().as_secs_f64();
-                store.store(indices, &features, backbone_seconds)?;
-                features
+                let missing = store.missing(indices);
+                store.fill(engine, &batch, indices, &missing, &engine.device)?;
+                store.load(indices, &engine.device)?
             }
             None => engine.features(&images_tensor(&batch, &engine.device)?)?,
         };

@@ -250,6 +250,44 @@ impl FeatureStore {
     }
 }
 
+/// Images per backbone call while filling a cache. Features do not depend
+/// on which images share a call, and small calls keep the backbone's
+/// activations (DeiT's attention maps: 16 MiB per image and block) small.
+pub const FILL_CHUNK: usize = 4;
+
+impl FeatureStore {
+    /// Runs the backbone on the images at `positions` of `batch` (whose
+    /// samples are `indices`) in chunks of [`FILL_CHUNK`] and stores their
+    /// features; returns the backbone's seconds.
+    pub fn fill(
+        &mut self,
+        engine: &crate::engine::Engine,
+        batch: &ff_data::Batch,
+        indices: &[usize],
+        positions: &[usize],
+        device: &Device,
+    ) -> Result<f64> {
+        let mut seconds = 0.0;
+        for chunk in positions.chunks(FILL_CHUNK) {
+            let x = crate::data::images_subset_tensor(batch, chunk, device)?;
+            let t = std::time::Instant::now();
+            let features = engine.features(&x)?;
+            let s = t.elapsed().as_secs_f64();
+            let ids: Vec<usize> = chunk.iter().map(|&k| indices[k]).collect();
+            self.store(&ids, &features, s)?;
+            seconds += s;
+        }
+        Ok(seconds)
+    }
+
+    /// The positions in a batch of samples `indices` whose features are missing.
+    pub fn missing(&self, indices: &[usize]) -> Vec<usize> {
+        (0..indices.len())
+            .filter(|&k| !self.filled[indices[k]])
+            .collect()
+    }
+}
+
 impl Drop for FeatureStore {
     fn drop(&mut self) {
         if let Backing::Disk { path, .. } = &self.backing {

@@ -18,6 +18,9 @@ pub struct EpochProgress {
     /// Seconds of this epoch that later epochs will not repeat (filling the
     /// feature cache), left out of the ETA.
     once_seconds: f64,
+    /// The first epoch of the process also pays one-time costs (memory
+    /// first touched, weights packed): its ETA is an upper bound.
+    warm_up: bool,
 }
 
 impl EpochProgress {
@@ -53,6 +56,7 @@ impl EpochProgress {
             loss_sum: 0.0,
             batches: 0,
             once_seconds: 0.0,
+            warm_up: false,
         }
     }
 
@@ -60,6 +64,13 @@ impl EpochProgress {
     /// while the feature cache fills), so the ETA leaves them out.
     pub fn add_once_seconds(&mut self, seconds: f64) {
         self.once_seconds += seconds;
+    }
+
+    /// Marks this epoch as the process's first, whose ETA is printed as an
+    /// upper bound (`ETA <= ...`).
+    pub fn first_of_process(mut self) -> Self {
+        self.warm_up = true;
+        self
     }
 
     fn img_per_s(&self) -> f64 {
@@ -96,12 +107,17 @@ impl EpochProgress {
         let per_epoch = (summary.seconds - self.once_seconds).max(0.0);
         let remaining = per_epoch * (self.epochs - self.epoch.min(self.epochs)) as f64;
         let line = format!(
-            "epoch {}/{}  loss {:.4}  {:.1} img/s  {:.1} s  ETA {}",
+            "epoch {}/{}  loss {:.4}  {:.1} img/s  {:.1} s  ETA {}{}",
             self.epoch,
             self.epochs,
             summary.mean_loss,
             summary.img_per_s,
             summary.seconds,
+            if self.warm_up && remaining > 0.0 {
+                "<= "
+            } else {
+                ""
+            },
             format_duration(remaining)
         );
         if let Some(bar) = self.bar {

@@ -299,32 +299,43 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
             .is_some_and(|c| batches.iter().all(|b| c.train.has_all(b)));
         let note = (caches.is_some() && !cached).then_some("filling the feature cache");
         let mut progress = EpochProgress::start(epoch + 1, plan.epochs, n_batches, note);
+        if epoch == start_epoch {
+            progress = progress.first_of_process();
+        }
         // Images are loaded only while some of their features are missing.
         let mut images = (!cached).then(|| loader.epoch(epoch));
         for (i, indices) in batches.iter().enumerate() {
             // In an epoch that loads images, every batch takes its images
             // from the loader, cached or not, so the two stay in step.
             let loaded = match images.as_mut() {
-                Some(it) => Some(
-                    it.next()
+                Some(it) => {
+                    let wait = Instant::now();
+                    let batch = it
+                        .next()
                         .context("the loader ended before its last batch")?
-                        .context("cannot load a training batch")?,
-                ),
+                        .context("cannot load a training batch")?;
+                    if caches.is_some() {
+                        // Waiting for images is work cached epochs skip.
+                        progress.add_once_seconds(wait.elapsed().as_secs_f64());
+                    }
+                    Some(batch)
+                }
                 None => None,
             };
             let features = match (caches.as_mut(), loaded) {
                 (Some(c), _) if c.train.has_all(indices) => c.train.load(indices, &plan.device)?,
-                (caches, Some(batch)) => {
-                    let x = images_tensor(&batch, &plan.device)?;
-                    let t = Instant::now();
-                    let features = engine.features(&x)?;
-                    if let Some(c) = caches {
-                        let seconds = t.elapsed().as_secs_f64();
-                        c.train.store(indices, &features, seconds)?;
-                        progress.add_once_seconds(seconds);
-                    }
-                    features
+                // Only the images without features go through the backbone;
+                // the batch is then read back whole from the cache (features
+                // do not depend on which images share a batch).
+                (Some(c), Some(batch)) => {
+                    let missing = c.train.missing(indices);
+                    let seconds = c
+                        .train
+                        .fill(&engine, &batch, indices, &missing, &plan.device)?;
+                    progress.add_once_seconds(seconds);
+                    c.train.load(indices, &plan.device)?
                 }
+                (None, Some(batch)) => engine.features(&images_tensor(&batch, &plan.device)?)?,
                 (_, None) => bail!(
                     "batch {} of epoch {} has neither cached features nor images",
                     i + 1,
