@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use common::{det_input, rel_err, requested_keys, resnet_fixture_path};
+use common::{det_input, dev, rel_err, requested_keys, resnet_fixture_path, route_note};
 use ff_backbone::det_init::det_var_builder;
 use ff_backbone::{Backbone, BackboneKind, ResNet};
 
@@ -29,7 +29,7 @@ fn fixture() -> std::collections::HashMap<String, Tensor> {
 /// three layers with timm.
 fn check_case(kind: BackboneKind, case: &str, dims: [usize; 4]) {
     let fx = fixture();
-    let vb = det_var_builder(DType::F32, &Device::Cpu);
+    let vb = det_var_builder(DType::F32, &dev());
     let resnet = match kind {
         BackboneKind::ResNet18 => ResNet::resnet18(vb),
         BackboneKind::WideResNet50_2 => ResNet::wide_resnet50_2(vb),
@@ -112,8 +112,7 @@ fn resnets_ask_for_exactly_timms_keys_and_shapes() {
 #[test]
 fn backbone_scales_follow_kind_channels_and_strides() {
     for kind in [BackboneKind::ResNet18, BackboneKind::WideResNet50_2] {
-        let backbone =
-            Backbone::new(kind, det_var_builder(DType::F32, &Device::Cpu)).expect("build");
+        let backbone = Backbone::new(kind, det_var_builder(DType::F32, &dev())).expect("build");
         assert_eq!(backbone.kind(), kind);
         let x = det_input("scales", &[1, 3, 64, 96]);
         let feats = backbone.features(&x).expect("forward");
@@ -127,16 +126,21 @@ fn backbone_scales_follow_kind_channels_and_strides() {
 /// A batch that is not `[b, 3, h, w]` is refused with a shape error, not a panic.
 #[test]
 fn wrong_input_shape_is_an_error() {
-    let backbone = Backbone::new(
-        BackboneKind::ResNet18,
-        det_var_builder(DType::F32, &Device::Cpu),
-    )
-    .expect("build");
+    let backbone =
+        Backbone::new(BackboneKind::ResNet18, det_var_builder(DType::F32, &dev())).expect("build");
     for dims in [vec![2, 1, 64, 64], vec![3, 64, 64], vec![1, 3, 8, 8]] {
-        let x = Tensor::zeros(dims.as_slice(), DType::F32, &Device::Cpu).expect("zeros");
+        let x = Tensor::zeros(dims.as_slice(), DType::F32, &dev()).expect("zeros");
         match backbone.features(&x) {
             Err(ff_backbone::Error::InputShape { found, .. }) => assert_eq!(found, dims),
             other => panic!("{dims:?}: expected InputShape, got {other:?}"),
         }
     }
+}
+
+/// Names the route this run checks (run with `--nocapture` to see it).
+#[test]
+fn route_of_this_run() {
+    let note = route_note();
+    println!("ff-backbone parity {note}");
+    assert!(note.starts_with("route: "));
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use common::{small_cait, small_deit};
+use common::{dev, route_note, small_cait, small_deit};
 use ff_backbone::det_init::{det_uniform, det_var_builder};
 use ff_backbone::vit::cait::Cait;
 use ff_backbone::vit::deit::Deit;
@@ -38,7 +38,7 @@ fn vit_input(name: &str, dims: (usize, usize, usize, usize)) -> Tensor {
         .into_iter()
         .map(|u| (u * 4.0) as f32)
         .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).expect("input tensor")
+    Tensor::from_vec(v, dims, &dev()).expect("input tensor")
 }
 
 /// Asserts max |actual - expected| <= REL_TOL * max |expected|.
@@ -104,7 +104,7 @@ fn assert_matches_full(features: &Tensor, fx: &HashMap<String, Tensor>, what: &s
 
 #[test]
 fn deit_small_matches_timm() {
-    let vb = det_var_builder(DType::F32, &Device::Cpu);
+    let vb = det_var_builder(DType::F32, &dev());
     let deit = Deit::with_config(&small_deit(), vb).expect("build");
     let x = vit_input("vit_input.deit_small", (2, 3, 64, 64));
     let y = deit.features(&x).expect("forward");
@@ -119,7 +119,7 @@ fn deit_small_matches_timm() {
 
 #[test]
 fn cait_small_matches_timm() {
-    let vb = det_var_builder(DType::F32, &Device::Cpu);
+    let vb = det_var_builder(DType::F32, &dev());
     let cait = Cait::with_config(&small_cait(), vb).expect("build");
     let x = vit_input("vit_input.cait_small", (2, 3, 64, 64));
     let y = cait.features(&x).expect("forward");
@@ -134,7 +134,7 @@ fn cait_small_matches_timm() {
 
 #[test]
 fn deit_base_distilled_384_matches_timm() {
-    let vb = det_var_builder(DType::F32, &Device::Cpu);
+    let vb = det_var_builder(DType::F32, &dev());
     let deit = Deit::new(vb).expect("build");
     let x = vit_input("vit_input.deit_full", (1, 3, 384, 384));
     let y = deit.features(&x).expect("forward");
@@ -147,9 +147,17 @@ fn deit_base_distilled_384_matches_timm() {
 
 #[test]
 fn cait_m48_448_matches_timm() {
-    let vb = det_var_builder(DType::F32, &Device::Cpu);
+    let vb = det_var_builder(DType::F32, &dev());
     let cait = Cait::new(vb).expect("build");
     let x = vit_input("vit_input.cait_full", (1, 3, 448, 448));
     let y = cait.features(&x).expect("forward");
     assert_matches_full(&y, &fixture("cait_full.safetensors"), "cait_m48_448");
+}
+
+/// Names the route this run checks (run with `--nocapture` to see it).
+#[test]
+fn route_of_this_run() {
+    let note = route_note();
+    println!("ff-backbone parity {note}");
+    assert!(note.starts_with("route: "));
 }

@@ -72,6 +72,17 @@ pub(crate) fn conv2d_same_nhwc(
         };
         return Ok(x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?);
     }
+    if x.device().is_cuda() {
+        // candle's convolution: cuDNN in builds with the `cudnn` feature.
+        let x1 = x.narrow(3, 0, c)?;
+        let x1 = if relu { x1.relu()? } else { x1 };
+        let y = x1
+            .permute((0, 3, 1, 2))?
+            .contiguous()?
+            .conv2d(weight, k / 2, 1, 1, 1)?
+            .broadcast_add(&bias.reshape((1, o, 1, 1))?)?;
+        return Ok(y.permute((0, 2, 3, 1))?.contiguous()?);
+    }
     // Row (ky k + kx) C + c of the matrix holds weight[:, c, ky, kx], the
     // order in which im2col lays out each pixel's neighbourhood.
     let wmat = weight.permute((2, 3, 1, 0))?.reshape((k * k * c, o))?; // [k k C, O]

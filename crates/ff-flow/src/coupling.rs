@@ -472,12 +472,12 @@ pub(crate) fn split_log_det_column(out: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((out.narrow(3, 0, c)?, log_det))
 }
 
-/// Whether a map takes the fused CPU path ([`AllInOneBlock::forward_nhwc`]).
-/// Off with `FASTFLOW_KERNELS=generic`, which forces candle's op-by-op route.
+/// Whether a map takes the fused coupling ([`AllInOneBlock::forward_nhwc`]):
+/// f32 on the CPU, and on CUDA in builds with the `cuda` feature. Off with
+/// `FASTFLOW_KERNELS=generic`, which forces candle's op-by-op route.
 pub(crate) fn fused_path(x: &Tensor) -> bool {
-    x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && ff_kernels::Route::current() == ff_kernels::Route::Kernels
+    let device = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+    device && x.dtype() == DType::F32 && ff_kernels::Route::current() == ff_kernels::Route::Kernels
 }
 
 /// `[b, C, h, w]` -> contiguous `[b, h, w, C]`.

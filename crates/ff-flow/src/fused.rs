@@ -6,8 +6,10 @@
 //! passes over the feature map forward and as many backward, each allocating
 //! a fresh tensor, plus reductions over leading dimensions for the global
 //! affine's gradients (single-threaded in candle). Fused, it is one parallel
-//! pass each way. [`crate::coupling::AllInOneBlock`] keeps the op-by-op
-//! version for other devices and dtypes, and the tests check both agree.
+//! pass each way. With the `cuda` feature the same op runs on the GPU with
+//! ff-kernels' CUDA kernels. [`crate::coupling::AllInOneBlock`] keeps the
+//! op-by-op version for other devices and dtypes, and the tests check both
+//! agree.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use ff_kernels::NhwcRef;
@@ -110,6 +112,56 @@ impl CustomOp3 for CouplingOp {
         Ok((CpuStorage::F32(out), Shape::from((b, h, w, oc))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let name = self.name();
+        let (b, h, w, x_c) = l1.shape().dims4()?;
+        let c = self.perm.len();
+        let n = b * h * w;
+        let Some((x_off, x_rs)) = row_view(l1) else {
+            candle_core::bail!("{name}: x must have contiguous channels")
+        };
+        let (Some((a0, a1)), Some((f0, _))) = (l2.contiguous_offsets(), l3.contiguous_offsets())
+        else {
+            candle_core::bail!("{name}: a and affine must be contiguous")
+        };
+        let dev = s1.device.clone();
+        let stream = dev.cuda_stream();
+        let (x, a, affine) = (
+            s1.as_cuda_slice::<f32>()?,
+            s2.as_cuda_slice::<f32>()?,
+            s3.as_cuda_slice::<f32>()?,
+        );
+        let perm = stream
+            .clone_htod(&self.perm)
+            .map_err(candle_core::Error::wrap)?;
+        let mut out = dev.alloc_zeros::<f32>(n * (c + 1))?;
+        let dims = cuda_dims(n, c, x_c, x_rs);
+        ff_kernels::cuda::coupling_forward(
+            &stream,
+            &dims,
+            &x.slice(x_off..),
+            &a.slice(a0..a1),
+            &perm.slice(..),
+            &affine.slice(f0..f0 + c),
+            &affine.slice(f0 + c..f0 + 2 * c),
+            &mut out,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from((b, h, w, c + 1)),
+        ))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -122,15 +174,22 @@ impl CustomOp3 for CouplingOp {
         let c = self.perm.len();
         let c2 = c / 2;
         let n = b * h * w;
-        let scale = affine.get(0)?.to_vec1::<f32>()?;
-        let offset = affine.get(1)?.to_vec1::<f32>()?;
+        // On the CPU the kernel reads the affine from host memory; on a GPU
+        // it stays on the device (no copy back to the host in the step).
+        let affine = if affine.device().is_cpu() {
+            AffineValues::Host {
+                scale: affine.get(0)?.to_vec1::<f32>()?,
+                offset: affine.get(1)?.to_vec1::<f32>()?,
+            }
+        } else {
+            AffineValues::Device(affine.contiguous()?)
+        };
         let packed = x.apply_op3_no_bwd(
             &a.contiguous()?,
             &grad_res.contiguous()?,
             &CouplingBackward {
                 perm: self.perm.clone(),
-                scale,
-                offset,
+                affine,
             },
         )?;
         // The packed result is [gx (n x_c) | ga (n 2 c2) | g_affine (2 C)].
@@ -149,8 +208,30 @@ impl CustomOp3 for CouplingOp {
 /// `[b, h, w, C + 1]`; output the flat packing `[gx | ga | g_affine]`.
 struct CouplingBackward {
     perm: Vec<u32>,
-    scale: Vec<f32>,
-    offset: Vec<f32>,
+    affine: AffineValues,
+}
+
+/// The global affine (`[2, C]`: scales, offsets) as a backward kernel reads it.
+enum AffineValues {
+    Host {
+        scale: Vec<f32>,
+        offset: Vec<f32>,
+    },
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device(Tensor),
+}
+
+/// The launch shapes of a CUDA coupling call.
+#[cfg(feature = "cuda")]
+fn cuda_dims(pixels: usize, c: usize, x_c: usize, x_rs: usize) -> ff_kernels::cuda::CouplingDims {
+    ff_kernels::cuda::CouplingDims {
+        pixels,
+        channels: c,
+        x_channels: x_c,
+        x_pixel_stride: x_rs,
+        clamp: AFFINE_CLAMPING as f32,
+        subnet_scale: SUBNET_SCALE,
+    }
 }
 
 impl CustomOp3 for CouplingBackward {
@@ -191,9 +272,12 @@ impl CustomOp3 for CouplingBackward {
         }
         let xv = NhwcRef::strided(&x[x_off..], [b, h, w, x_c], x_rs)
             .map_err(candle_core::Error::wrap)?;
+        let AffineValues::Host { scale, offset } = &self.affine else {
+            candle_core::bail!("{name}: the affine of a CPU step is on another device")
+        };
         let mut gx = ff_kernels::zeroed(n * x_c);
         let mut ga = ff_kernels::zeroed(n * 2 * c2);
-        let cp = coupling(&self.perm, &self.scale, &self.offset);
+        let cp = coupling(&self.perm, scale, offset);
         let g_affine = ff_kernels::coupling_backward(&cp, xv, a, g, &mut gx, &mut ga)
             .map_err(candle_core::Error::wrap)?;
         let mut out = gx;
@@ -201,5 +285,71 @@ impl CustomOp3 for CouplingBackward {
         out.extend(g_affine.iter().map(|&v| v as f32));
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let name = self.name();
+        let (b, h, w, x_c) = l1.shape().dims4()?;
+        let c = self.perm.len();
+        let c2 = c / 2;
+        let n = b * h * w;
+        let Some((x_off, x_rs)) = row_view(l1) else {
+            candle_core::bail!("{name}: x must have contiguous channels")
+        };
+        let (Some((a0, a1)), Some((g0, g1))) = (l2.contiguous_offsets(), l3.contiguous_offsets())
+        else {
+            candle_core::bail!("{name}: a and the gradient must be contiguous")
+        };
+        let AffineValues::Device(affine) = &self.affine else {
+            candle_core::bail!("{name}: the affine of a CUDA step is in host memory")
+        };
+        let (affine_storage, affine_layout) = affine.storage_and_layout();
+        let candle_core::Storage::Cuda(affine_storage) = &*affine_storage else {
+            candle_core::bail!("{name}: the affine is not on the GPU")
+        };
+        let f0 = affine_layout.start_offset();
+        let dev = s1.device.clone();
+        let stream = dev.cuda_stream();
+        let (x, a, g, affine) = (
+            s1.as_cuda_slice::<f32>()?,
+            s2.as_cuda_slice::<f32>()?,
+            s3.as_cuda_slice::<f32>()?,
+            affine_storage.as_cuda_slice::<f32>()?,
+        );
+        let perm = stream
+            .clone_htod(&self.perm)
+            .map_err(candle_core::Error::wrap)?;
+        let len = n * x_c + n * 2 * c2 + 2 * c;
+        let mut packed = dev.alloc_zeros::<f32>(len)?;
+        {
+            let (mut gx, mut rest) = packed.split_at_mut(n * x_c);
+            let (mut ga, mut g_affine) = rest.split_at_mut(n * 2 * c2);
+            ff_kernels::cuda::coupling_backward(
+                &stream,
+                &cuda_dims(n, c, x_c, x_rs),
+                &x.slice(x_off..),
+                &a.slice(a0..a1),
+                &g.slice(g0..g1),
+                &perm.slice(..),
+                &affine.slice(f0..f0 + c),
+                &mut gx,
+                &mut ga,
+                &mut g_affine,
+            )
+            .map_err(candle_core::Error::wrap)?;
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(packed, dev),
+            Shape::from(len),
+        ))
     }
 }

@@ -33,7 +33,7 @@ fn build_model(
             file: backbone_tensors,
         }),
         DType::F32,
-        Device::Cpu,
+        dev(),
     );
     let backbone = Backbone::new(BackboneKind::ResNet18, vb).unwrap();
     FastFlow::new(cfg, backbone, fresh_vb(varmap), 3).unwrap()
@@ -244,7 +244,7 @@ fn safetensors_round_trip_restores_weights_and_permutations() {
     let backbone = || {
         Backbone::new(
             BackboneKind::ResNet18,
-            ff_backbone::det_init::det_var_builder(DType::F32, &Device::Cpu),
+            ff_backbone::det_init::det_var_builder(DType::F32, &dev()),
         )
         .unwrap()
     };
@@ -405,7 +405,7 @@ fn model_rejects_a_backbone_of_another_kind() {
     };
     let backbone = Backbone::new(
         BackboneKind::ResNet18,
-        ff_backbone::det_init::det_var_builder(DType::F32, &Device::Cpu),
+        ff_backbone::det_init::det_var_builder(DType::F32, &dev()),
     )
     .unwrap();
     let err = FastFlow::new(&cfg, backbone, fresh_vb(&VarMap::new()), 0).unwrap_err();
@@ -422,7 +422,7 @@ fn a_non_trainable_builder_is_refused() {
         flow_step: 1,
         ..FastFlowConfig::resnet18()
     };
-    let vb = ff_backbone::det_init::det_var_builder(DType::F32, &Device::Cpu);
+    let vb = ff_backbone::det_init::det_var_builder(DType::F32, &dev());
     let err = FastFlowHead::new(&cfg, cfg.feature_shapes().unwrap(), true, vb, 0).unwrap_err();
     assert!(matches!(err, Error::NotTrainable { .. }), "{err}");
 }

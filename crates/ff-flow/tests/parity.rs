@@ -124,7 +124,7 @@ fn model_part(name: &str) {
     let case = load_case(name);
     let cfg = config_of(&case.doc);
     let kind = BackboneKind::from_timm_name(&cfg.backbone_name).unwrap();
-    let backbone = Backbone::new(kind, det_var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let backbone = Backbone::new(kind, det_var_builder(DType::F32, &dev())).unwrap();
     let varmap = VarMap::new();
     let mut model = FastFlow::new(&cfg, backbone, fresh_vb(&varmap), 7).unwrap();
     let sd = fixture_state_dict(model.head(), &case.doc["permutations"]);
@@ -330,4 +330,12 @@ fn transformer_head_has_flows_only() {
     let out = head.forward(vec![x]).unwrap();
     assert_eq!(out.z[0].dims(), &[1, 768, 24, 24]);
     assert_eq!(head.anomaly_map(&out).unwrap().dims(), &[1, 1, 384, 384]);
+}
+
+/// Names the route this run checks (run with `--nocapture` to see it).
+#[test]
+fn route_of_this_run() {
+    let note = route_note();
+    println!("ff-flow parity {note}");
+    assert!(note.starts_with("route: "));
 }

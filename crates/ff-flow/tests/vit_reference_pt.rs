@@ -111,7 +111,7 @@ fn check_reference_pt(name: &str) {
             file: parts.backbone,
         }),
         DType::F32,
-        Device::Cpu,
+        dev(),
     );
     let backbone = Backbone::new(kind, vb).unwrap();
     let varmap = VarMap::new();

@@ -13,6 +13,10 @@ pub enum Error {
         /// What was passed.
         found: String,
     },
+    /// A CUDA driver call failed (module loading or a kernel launch).
+    #[cfg(feature = "cuda")]
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// `Result` with this crate's [`Error`].

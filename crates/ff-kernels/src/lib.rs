@@ -19,6 +19,8 @@
 pub mod alloc;
 pub mod conv;
 pub mod coupling;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod elementwise;
 mod error;
 mod isa;

@@ -14,25 +14,34 @@ use candle_nn::{Init, VarBuilder};
 use ff_backbone::det_init::{det_backend, det_uniform, det_value};
 use ff_backbone::{Backbone, BackboneKind};
 
+#[path = "../route/mod.rs"]
+mod route;
+#[allow(unused_imports)] // not every test binary names its route
+pub use route::{dev, route_note};
+
 /// The fixture written by `data-scripts/make_backbone_fixtures.py`.
 pub fn resnet_fixture_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests-fixtures/backbone/resnet.safetensors")
 }
 
 /// The input of fixture case `case`: `4 * det_uniform("input.<case>")` cast
-/// to f32, as `cnn_input` in the fixture script computes it.
+/// to f32, as `cnn_input` in the fixture script computes it, on the route's
+/// device.
 pub fn det_input(case: &str, dims: &[usize]) -> Tensor {
     let n: usize = dims.iter().product();
     let values: Vec<f32> = det_uniform(&format!("input.{case}"), n)
         .into_iter()
         .map(|u| (4.0 * u) as f32)
         .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).expect("input tensor")
+    Tensor::from_vec(values, dims, &dev()).expect("input tensor")
 }
 
-/// `max |a - b| / max |b|`, the relative error the parity tests bound.
+/// `max |a - b| / max |b|`, the relative error the parity tests bound
+/// (computed on the CPU, wherever `a` lives).
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = &a.to_device(&Device::Cpu).expect("to the CPU");
+    let b = &b.to_device(&Device::Cpu).expect("to the CPU");
     let diff = (a - b)
         .and_then(|d| d.abs())
         .and_then(|d| d.flatten_all())

@@ -13,6 +13,11 @@ use ff_backbone::det_init::{det_uniform, det_value};
 use ff_flow::{FastFlowConfig, FastFlowHead, Permutation};
 use serde_json::Value;
 
+#[path = "../../../ff-backbone/tests/route/mod.rs"]
+mod route;
+#[allow(unused_imports)] // not every test binary names its route
+pub use route::{dev, route_note};
+
 /// The folder of the flow fixtures.
 pub fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests-fixtures/flow")
@@ -38,14 +43,15 @@ pub fn config_of(doc: &Value) -> FastFlowConfig {
     serde_json::from_value(doc["config"].clone()).expect("fixture config is a FastFlowConfig")
 }
 
-/// `scale * det_uniform(key)` as the fixture script makes its inputs.
+/// `scale * det_uniform(key)` as the fixture script makes its inputs, on the
+/// route's device.
 pub fn det_input(key: &str, dims: &[usize], scale: f64) -> Tensor {
     let n: usize = dims.iter().product();
     let v: Vec<f32> = det_uniform(key, n)
         .into_iter()
         .map(|u| (scale * u) as f32)
         .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    Tensor::from_vec(v, dims, &dev()).unwrap()
 }
 
 /// The state dict the fixture's reference model had before training: det
@@ -56,7 +62,7 @@ pub fn fixture_state_dict(head: &FastFlowHead, perms: &Value) -> HashMap<String,
         let v = det_value(&p.key, p.tensor.dims());
         sd.insert(
             p.key.clone(),
-            Tensor::from_vec(v, p.tensor.dims(), &Device::Cpu).unwrap(),
+            Tensor::from_vec(v, p.tensor.dims(), &dev()).unwrap(),
         );
     }
     for (i, scale) in perms.as_array().unwrap().iter().enumerate() {
@@ -68,7 +74,7 @@ pub fn fixture_state_dict(head: &FastFlowHead, perms: &Value) -> HashMap<String,
                 .map(|v| v.as_u64().unwrap() as u32)
                 .collect();
             let key = format!("nf_flows.{i}.module_list.{k}.w_perm");
-            let p = Permutation::new(idx, &Device::Cpu, &key).unwrap();
+            let p = Permutation::new(idx, &dev(), &key).unwrap();
             sd.insert(key.clone(), p.matrix(DType::F32).unwrap());
             sd.insert(format!("{key}_inv"), p.inverse_matrix(DType::F32).unwrap());
         }
@@ -78,7 +84,7 @@ pub fn fixture_state_dict(head: &FastFlowHead, perms: &Value) -> HashMap<String,
 
 /// A trainable builder over a fresh VarMap.
 pub fn fresh_vb(varmap: &VarMap) -> VarBuilder<'static> {
-    VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu)
+    VarBuilder::from_varmap(varmap, DType::F32, &dev())
 }
 
 pub fn to_f64(t: &Tensor) -> Vec<f64> {
