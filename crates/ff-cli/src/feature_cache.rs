@@ -10,6 +10,8 @@
 //! budget, beyond it in a file of the run directory that is read and written
 //! at offsets (the OS page cache keeps it in memory when there is room, and
 //! it does not count against the process's memory) and removed at the end.
+//! Training on a GPU, `auto` keeps them as tensors in GPU memory, so a
+//! cached step copies nothing between host and device.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -25,6 +27,8 @@ use crate::cli::FeatureCacheArg;
 pub enum Placement {
     Ram,
     Disk,
+    /// Tensors on the training device (a GPU): no copies to and from the host.
+    Device,
 }
 
 /// How one scale's features are laid out in memory.
@@ -55,7 +59,12 @@ pub struct FeatureStore {
 
 enum Backing {
     Ram(Vec<f32>),
-    Disk { file: File, path: PathBuf },
+    Disk {
+        file: File,
+        path: PathBuf,
+    },
+    /// Per image, its `[1, C, h, w]` feature map of each scale.
+    Device(Vec<Option<Vec<Tensor>>>),
 }
 
 impl std::fmt::Debug for FeatureStore {
@@ -85,6 +94,7 @@ impl FeatureStore {
         }
         let backing = match placement {
             Placement::Ram => Backing::Ram(vec![0.0; n * per_image]),
+            Placement::Device => Backing::Device(vec![None; n]),
             Placement::Disk => {
                 let file = File::options()
                     .read(true)
@@ -116,6 +126,7 @@ impl FeatureStore {
         match self.backing {
             Backing::Ram(_) => Placement::Ram,
             Backing::Disk { .. } => Placement::Disk,
+            Backing::Device(_) => Placement::Device,
         }
     }
 
@@ -164,13 +175,29 @@ impl FeatureStore {
             }
             Some(_) => {}
         }
-        let mut block = vec![0f32; b * self.per_image];
-        for (s, (f, order)) in features.iter().zip(&orders).enumerate() {
+        for (s, f) in features.iter().enumerate() {
             let [c, h, w] = self.shapes[s];
             let dims = f.dims();
             if dims != [b, c, h, w] {
                 bail!("feature cache: scale {s} has shape {dims:?}, expected [{b}, {c}, {h}, {w}]");
             }
+        }
+        if let Backing::Device(all) = &mut self.backing {
+            for (k, &i) in indices.iter().enumerate() {
+                all[i] = Some(
+                    features
+                        .iter()
+                        .map(|f| f.narrow(0, k, 1))
+                        .collect::<candle_core::Result<_>>()?,
+                );
+                self.filled[i] = true;
+            }
+            self.backbone_seconds += backbone_seconds;
+            return Ok(());
+        }
+        let mut block = vec![0f32; b * self.per_image];
+        for (s, (f, order)) in features.iter().zip(&orders).enumerate() {
+            let [c, h, w] = self.shapes[s];
             let physical = match order {
                 Order::Nhwc => f.permute((0, 2, 3, 1))?,
                 Order::Nchw => f.contiguous()?,
@@ -193,6 +220,7 @@ impl FeatureStore {
                     .with_context(|| {
                         format!("cannot write to the feature cache '{}'", path.display())
                     })?,
+                Backing::Device(_) => unreachable!("device features are stored above"),
             }
             self.filled[i] = true;
         }
@@ -206,12 +234,24 @@ impl FeatureStore {
         let Some(orders) = &self.orders else {
             bail!("feature cache: nothing stored yet");
         };
+        if let Some(i) = indices.iter().find(|&&i| !self.filled[i]) {
+            bail!("feature cache: image {i} has no stored features");
+        }
+        if let Backing::Device(all) = &self.backing {
+            // Concatenated where they live: no trip through host memory.
+            return (0..self.shapes.len())
+                .map(|s| {
+                    let parts: Vec<&Tensor> = indices
+                        .iter()
+                        .filter_map(|&i| all[i].as_ref().map(|f| &f[s]))
+                        .collect();
+                    Ok(Tensor::cat(&parts, 0)?.to_device(device)?)
+                })
+                .collect();
+        }
         let b = indices.len();
         let mut block = vec![0f32; b * self.per_image];
         for (k, &i) in indices.iter().enumerate() {
-            if !self.filled[i] {
-                bail!("feature cache: image {i} has no stored features");
-            }
             let dest = &mut block[k * self.per_image..(k + 1) * self.per_image];
             match &self.backing {
                 Backing::Ram(all) => {
@@ -227,6 +267,7 @@ impl FeatureStore {
                         *d = f32::from_ne_bytes([q[0], q[1], q[2], q[3]]);
                     }
                 }
+                Backing::Device(_) => unreachable!("device features are loaded above"),
             }
         }
         let mut out = Vec::with_capacity(self.shapes.len());
@@ -330,12 +371,15 @@ pub struct CachePlan {
 ///
 /// `Ok(None)` when the cache is off. A budget that cannot hold one batch of
 /// features (what a step holds in memory in any case) is an error.
+/// With `on_gpu` (training on a GPU), `auto` keeps the features in GPU
+/// memory; the budget is host memory's.
 pub fn plan(
     choice: FeatureCacheArg,
     budget: u64,
     per_image: u64,
     n_images: usize,
     batch_size: usize,
+    on_gpu: bool,
 ) -> Result<Option<CachePlan>> {
     if choice == FeatureCacheArg::Off {
         return Ok(None);
@@ -360,6 +404,7 @@ pub fn plan(
         ),
         FeatureCacheArg::Ram => Placement::Ram,
         FeatureCacheArg::Disk => Placement::Disk,
+        FeatureCacheArg::Auto if on_gpu => Placement::Device,
         FeatureCacheArg::Auto if bytes <= budget => Placement::Ram,
         FeatureCacheArg::Auto => Placement::Disk,
         FeatureCacheArg::Off => unreachable!("handled above"),
@@ -406,7 +451,8 @@ mod tests {
     #[test]
     fn features_round_trip_in_any_batch_grouping() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        for placement in [Placement::Ram, Placement::Disk] {
+        // Device placement on the CPU device exercises the same code a GPU runs.
+        for placement in [Placement::Ram, Placement::Disk, Placement::Device] {
             for nhwc in [false, true] {
                 let path = dir.path().join("cache.bin");
                 let mut store = FeatureStore::new(4, &[[2, 3, 3], [4, 1, 1]], placement, &path)?;
@@ -424,7 +470,11 @@ mod tests {
                         want.flatten_all()?.to_vec1::<f32>()?
                     );
                     assert_eq!(got[s].dims(), a[s].dims());
-                    assert_eq!(got[s].is_contiguous(), a[s].is_contiguous(), "strides");
+                    if placement != Placement::Device {
+                        // Host copies keep the backbone's strides; device
+                        // features are concatenated (contiguous, same values).
+                        assert_eq!(got[s].is_contiguous(), a[s].is_contiguous(), "strides");
+                    }
                 }
                 assert_eq!(path.exists(), placement == Placement::Disk);
                 drop(store);
@@ -437,21 +487,25 @@ mod tests {
     #[test]
     fn plans_follow_the_choice_and_the_budget() -> Result<()> {
         let mib = 1u64 << 20;
-        let auto = |budget| plan(FeatureCacheArg::Auto, budget, mib, 100, 8);
+        let auto = |budget| plan(FeatureCacheArg::Auto, budget, mib, 100, 8, false);
         assert_eq!(auto(200 * mib)?.map(|p| p.placement), Some(Placement::Ram));
         assert_eq!(auto(50 * mib)?.map(|p| p.placement), Some(Placement::Disk));
-        assert_eq!(plan(FeatureCacheArg::Off, 0, mib, 100, 8)?, None);
-        let err = plan(FeatureCacheArg::Auto, 4 * mib, mib, 100, 8).unwrap_err();
+        assert_eq!(plan(FeatureCacheArg::Off, 0, mib, 100, 8, false)?, None);
+        let err = plan(FeatureCacheArg::Auto, 4 * mib, mib, 100, 8, false).unwrap_err();
         assert!(
             err.to_string()
                 .contains("cannot hold one batch of features (8 images x 1.0 MiB = 8.0 MiB)"),
             "{err}"
         );
-        let err = plan(FeatureCacheArg::Ram, 50 * mib, mib, 100, 8).unwrap_err();
+        let err = plan(FeatureCacheArg::Ram, 50 * mib, mib, 100, 8, false).unwrap_err();
         assert!(err.to_string().contains("more than the budget"), "{err}");
         assert_eq!(
-            plan(FeatureCacheArg::Disk, 500 * mib, mib, 100, 8)?.map(|p| p.placement),
+            plan(FeatureCacheArg::Disk, 500 * mib, mib, 100, 8, false)?.map(|p| p.placement),
             Some(Placement::Disk)
+        );
+        assert_eq!(
+            plan(FeatureCacheArg::Auto, 50 * mib, mib, 100, 8, true)?.map(|p| p.placement),
+            Some(Placement::Device)
         );
         Ok(())
     }

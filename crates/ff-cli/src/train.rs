@@ -523,8 +523,14 @@ fn feature_caches(
         .feature_cache_mb
         .map_or_else(feature_cache::default_budget, |mb| mb << 20);
     let n_train = loader.len();
-    let Some(cache) =
-        feature_cache::plan(choice, budget, per_image, n_train + n_test, plan.batch_size)?
+    let Some(cache) = feature_cache::plan(
+        choice,
+        budget,
+        per_image,
+        n_train + n_test,
+        plan.batch_size,
+        plan.device.is_cuda(),
+    )?
     else {
         println!("feature cache: off (the backbone runs on every batch)");
         return Ok(None);
@@ -536,6 +542,7 @@ fn feature_caches(
             "in memory (budget {})",
             feature_cache::human_bytes(cache.budget)
         ),
+        Placement::Device => "in GPU memory".to_string(),
         Placement::Disk => format!(
             "on disk in '{}' and '{}', removed at the end (memory budget {})",
             train_path.display(),
