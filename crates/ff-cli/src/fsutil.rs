@@ -35,6 +35,19 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// The (not yet written) temporary sibling of `path`, its folder created.
+    fn beside(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create directory '{}'", dir.display()))?;
+        }
+        Ok(Self {
+            tmp: temp_sibling(path),
+            path: path.to_path_buf(),
+            committed: false,
+        })
+    }
+
     /// Moves the file onto its final path and syncs the directory, so that
     /// the rename itself survives a power cut.
     pub fn commit(mut self) -> Result<()> {
@@ -63,15 +76,7 @@ impl Drop for Staged {
 
 /// Writes `bytes` to the temporary sibling of `path` (see [`Staged`]).
 pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory '{}'", dir.display()))?;
-    }
-    let staged = Staged {
-        tmp: temp_sibling(path),
-        path: path.to_path_buf(),
-        committed: false,
-    };
+    let staged = Staged::beside(path)?;
     let written = std::fs::File::create(&staged.tmp).and_then(|mut file| {
         file.write_all(bytes)?;
         fault::check()?;
@@ -120,15 +125,7 @@ pub fn write_atomic_with(
     path: &Path,
     write: impl FnOnce(&Path) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>,
 ) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create directory '{}'", dir.display()))?;
-    }
-    let staged = Staged {
-        tmp: temp_sibling(path),
-        path: path.to_path_buf(),
-        committed: false,
-    };
+    let staged = Staged::beside(path)?;
     write(&staged.tmp)
         .map_err(|e| anyhow::anyhow!(e))
         .with_context(|| format!("cannot write '{}'", path.display()))?;

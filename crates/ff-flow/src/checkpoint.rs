@@ -24,13 +24,7 @@ pub fn save_checkpoint(
     extra: &HashMap<String, Tensor>,
 ) -> Result<()> {
     let path = path.as_ref();
-    let bytes = checkpoint_bytes(model, extra).map_err(|e| match e {
-        Error::Candle(source) => Error::SerializeCheckpoint {
-            path: path.to_path_buf(),
-            source,
-        },
-        e => e,
-    })?;
+    let bytes = checkpoint_bytes(model, extra).map_err(serialize_error(path))?;
     write_file_atomically(path, &bytes)
 }
 
@@ -65,14 +59,19 @@ pub fn tensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
 
 /// Writes `tensors` to `path` as safetensors through a temporary file and a rename.
 pub fn save_tensors_atomically(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let bytes = tensors_bytes(tensors).map_err(|e| match e {
+    let bytes = tensors_bytes(tensors).map_err(serialize_error(path))?;
+    write_file_atomically(path, &bytes)
+}
+
+/// A tensor failure while serialising for `path`, named as such.
+fn serialize_error(path: &Path) -> impl Fn(Error) -> Error + '_ {
+    move |e| match e {
         Error::Candle(source) => Error::SerializeCheckpoint {
             path: path.to_path_buf(),
             source,
         },
         e => e,
-    })?;
-    write_file_atomically(path, &bytes)
+    }
 }
 
 /// `bytes` to `path` through a synced temporary sibling and a rename.

@@ -36,6 +36,50 @@ pub(crate) fn row_view(layout: &Layout) -> Option<(usize, usize)> {
     (consistent && rs >= dims[3]).then_some((layout.start_offset(), rs))
 }
 
+/// Where the three operands of a coupling op lie: `x` `[b, h, w, x_c]` as
+/// rows (start, pixel stride), the other two contiguous (start, end).
+struct Operands {
+    dims: [usize; 4],
+    x_rows: (usize, usize),
+    second: (usize, usize),
+    third: (usize, usize),
+}
+
+impl Operands {
+    /// Reads the layouts of an op `name` on a `c`-channel step, whose second
+    /// and third operands are called `what`.
+    fn of(
+        name: &str,
+        c: usize,
+        l1: &Layout,
+        l2: &Layout,
+        l3: &Layout,
+        what: &str,
+    ) -> candle_core::Result<Self> {
+        let (b, h, w, x_c) = l1.shape().dims4()?;
+        if x_c != c && x_c != c + 1 {
+            candle_core::bail!("{name}: {x_c} input channels for a {c}-channel step")
+        }
+        let Some(x_rows) = row_view(l1) else {
+            candle_core::bail!("{name}: x must have contiguous channels")
+        };
+        let (Some(second), Some(third)) = (l2.contiguous_offsets(), l3.contiguous_offsets()) else {
+            candle_core::bail!("{name}: {what} must be contiguous")
+        };
+        Ok(Self {
+            dims: [b, h, w, x_c],
+            x_rows,
+            second,
+            third,
+        })
+    }
+
+    /// Pixels `b h w`.
+    fn pixels(&self) -> usize {
+        self.dims[0] * self.dims[1] * self.dims[2]
+    }
+}
+
 /// The step's elementwise part. Inputs: `x` `[b, h, w, C]` or
 /// `[b, h, w, C + 1]` (the step input, optionally followed by the log-det per
 /// pixel accumulated so far), `a` `[b, h, w, 2 (C/2)]` (the raw subnet
@@ -81,24 +125,12 @@ impl CustomOp3 for CouplingOp {
             f32_data(s2, name)?,
             f32_data(s3, name)?,
         );
-        let (b, h, w, x_c) = l1.shape().dims4()?;
         let c = self.perm.len();
-        if x_c != c && x_c != c + 1 {
-            candle_core::bail!("{name}: {x_c} input channels for a {c}-channel step")
-        }
+        let ops = Operands::of(name, c, l1, l2, l3, "a and affine")?;
+        let ([b, h, w, x_c], (x_off, x_rs), n) = (ops.dims, ops.x_rows, ops.pixels());
         let c2 = c / 2;
-        let n = b * h * w;
-        let Some((x_off, x_rs)) = row_view(l1) else {
-            candle_core::bail!("{name}: x must have contiguous channels")
-        };
-        let Some((a_start, a_end)) = l2.contiguous_offsets() else {
-            candle_core::bail!("{name}: a must be contiguous")
-        };
-        let Some((f_start, f_end)) = l3.contiguous_offsets() else {
-            candle_core::bail!("{name}: affine must be contiguous")
-        };
-        let a = &a[a_start..a_end];
-        let affine = &affine[f_start..f_end];
+        let a = &a[ops.second.0..ops.second.1];
+        let affine = &affine[ops.third.0..ops.third.1];
         if a.len() != n * 2 * c2 || affine.len() != 2 * c || self.perm.len() != c {
             candle_core::bail!("{name}: inconsistent shapes")
         }
@@ -122,17 +154,10 @@ impl CustomOp3 for CouplingOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let name = self.name();
-        let (b, h, w, x_c) = l1.shape().dims4()?;
         let c = self.perm.len();
-        let n = b * h * w;
-        let Some((x_off, x_rs)) = row_view(l1) else {
-            candle_core::bail!("{name}: x must have contiguous channels")
-        };
-        let (Some((a0, a1)), Some((f0, _))) = (l2.contiguous_offsets(), l3.contiguous_offsets())
-        else {
-            candle_core::bail!("{name}: a and affine must be contiguous")
-        };
+        let ops = Operands::of(self.name(), c, l1, l2, l3, "a and affine")?;
+        let ([b, h, w, x_c], (x_off, x_rs), n) = (ops.dims, ops.x_rows, ops.pixels());
+        let ((a0, a1), (f0, _)) = (ops.second, ops.third);
         let dev = s1.device.clone();
         let stream = dev.cuda_stream();
         let (x, a, affine) = (
@@ -254,18 +279,11 @@ impl CustomOp3 for CouplingBackward {
             f32_data(s2, name)?,
             f32_data(s3, name)?,
         );
-        let (b, h, w, x_c) = l1.shape().dims4()?;
         let c = self.perm.len();
+        let ops = Operands::of(name, c, l1, l2, l3, "a and the gradient")?;
+        let ([b, h, w, x_c], (x_off, x_rs), n) = (ops.dims, ops.x_rows, ops.pixels());
         let c2 = c / 2;
-        let n = b * h * w;
-        let Some((x_off, x_rs)) = row_view(l1) else {
-            candle_core::bail!("{name}: x must have contiguous channels")
-        };
-        let (Some((a0, a1)), Some((g0, g1))) = (l2.contiguous_offsets(), l3.contiguous_offsets())
-        else {
-            candle_core::bail!("{name}: a and the gradient must be contiguous")
-        };
-        let (a, g) = (&a[a0..a1], &g[g0..g1]);
+        let (a, g) = (&a[ops.second.0..ops.second.1], &g[ops.third.0..ops.third.1]);
         let oc = c + 1;
         if a.len() != n * 2 * c2 || g.len() != n * oc || self.perm.len() != c {
             candle_core::bail!("{name}: inconsistent shapes")
@@ -298,17 +316,11 @@ impl CustomOp3 for CouplingBackward {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let name = self.name();
-        let (b, h, w, x_c) = l1.shape().dims4()?;
         let c = self.perm.len();
+        let ops = Operands::of(name, c, l1, l2, l3, "a and the gradient")?;
+        let ([_, _, _, x_c], (x_off, x_rs), n) = (ops.dims, ops.x_rows, ops.pixels());
         let c2 = c / 2;
-        let n = b * h * w;
-        let Some((x_off, x_rs)) = row_view(l1) else {
-            candle_core::bail!("{name}: x must have contiguous channels")
-        };
-        let (Some((a0, a1)), Some((g0, g1))) = (l2.contiguous_offsets(), l3.contiguous_offsets())
-        else {
-            candle_core::bail!("{name}: a and the gradient must be contiguous")
-        };
+        let ((a0, a1), (g0, g1)) = (ops.second, ops.third);
         let AffineValues::Device(affine) = &self.affine else {
             candle_core::bail!("{name}: the affine of a CUDA step is in host memory")
         };
