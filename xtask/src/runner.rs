@@ -166,7 +166,7 @@ impl FastflowRunner {
     }
 }
 
-/// The `fastflow train` arguments for a cell, with the flag names issue 5 fixes.
+/// The `fastflow train` arguments for a cell, with the CLI's flag names.
 /// With `resume`, training continues from that checkpoint.
 pub fn train_args(job: &CellJob, device: &str, resume: Option<&Path>) -> Vec<String> {
     let mut args: Vec<String> = vec![
