@@ -14,7 +14,6 @@
 //! cached step copies nothing between host and device.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -215,11 +214,12 @@ impl FeatureStore {
                 Backing::Ram(all) => {
                     all[i * self.per_image..(i + 1) * self.per_image].copy_from_slice(image)
                 }
-                Backing::Disk { file, path } => file
-                    .write_all_at(&as_bytes(image), (i * self.per_image * 4) as u64)
-                    .with_context(|| {
-                        format!("cannot write to the feature cache '{}'", path.display())
-                    })?,
+                Backing::Disk { file, path } => {
+                    write_all_at(file, &as_bytes(image), (i * self.per_image * 4) as u64)
+                        .with_context(|| {
+                            format!("cannot write to the feature cache '{}'", path.display())
+                        })?
+                }
                 Backing::Device(_) => unreachable!("device features are stored above"),
             }
             self.filled[i] = true;
@@ -259,10 +259,9 @@ impl FeatureStore {
                 }
                 Backing::Disk { file, path } => {
                     let mut bytes = vec![0u8; self.per_image * 4];
-                    file.read_exact_at(&mut bytes, (i * self.per_image * 4) as u64)
-                        .with_context(|| {
-                            format!("cannot read the feature cache '{}'", path.display())
-                        })?;
+                    read_exact_at(file, &mut bytes, (i * self.per_image * 4) as u64).with_context(
+                        || format!("cannot read the feature cache '{}'", path.display()),
+                    )?;
                     for (d, q) in dest.iter_mut().zip(bytes.chunks_exact(4)) {
                         *d = f32::from_ne_bytes([q[0], q[1], q[2], q[3]]);
                     }
@@ -337,6 +336,45 @@ impl Drop for FeatureStore {
             // that would change what they do.
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// Writes all of `buf` at byte `offset` of `file` (no shared cursor).
+fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let (mut buf, mut offset) = (buf, offset);
+        while !buf.is_empty() {
+            let n = std::os::windows::fs::FileExt::seek_write(file, buf, offset)?;
+            buf = &buf[n..];
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Fills `buf` from byte `offset` of `file` (no shared cursor).
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let (mut buf, mut offset) = (buf, offset);
+        while !buf.is_empty() {
+            let n = std::os::windows::fs::FileExt::seek_read(file, buf, offset)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf = &mut std::mem::take(&mut buf)[n..];
+            offset += n as u64;
+        }
+        Ok(())
     }
 }
 

@@ -133,7 +133,7 @@ pub fn write_atomic_with(
 }
 
 /// Write failures on demand, for tests of what a full disk does to a run:
-/// [`fault::fail_write`]`(n)` makes the `n`-th next staged write on this
+/// `fault::fail_write(n)` (in test builds) makes the `n`-th next staged write on this
 /// thread fail with "No space left on device" after its bytes went out.
 /// Outside tests this is a no-op.
 pub mod fault {

@@ -7,7 +7,7 @@
 //! kernel on flipped, transposed weights (no col2im), and the weight gradient
 //! is accumulated per thread over L2-sized column tiles; no im2col matrix of
 //! the whole batch ever exists. Each convolution keeps its packed weights in
-//! a [`PackCache`] keyed by a fingerprint of the weights, so inference packs
+//! a `PackCache` keyed by a fingerprint of the weights, so inference packs
 //! once and training once per step. Other devices and dtypes, and
 //! `FASTFLOW_KERNELS=generic`, take an im2col route built from candle's
 //! differentiable ops.
