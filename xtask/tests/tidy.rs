@@ -1,4 +1,5 @@
-//! Tidy checks over the whole workspace: every Rust file says what it is for.
+//! Tidy checks over the whole workspace: every Rust file says what it is for
+//! (a `//!` doc, or for a crate root its README included as the crate doc).
 
 use std::path::{Path, PathBuf};
 
@@ -31,7 +32,17 @@ fn every_rust_file_opens_with_a_module_doc() {
         .iter()
         .filter(|p| {
             let text = std::fs::read_to_string(p).unwrap_or_default();
-            !text.trim_start().starts_with("//!")
+            let text = text.trim_start();
+            // A crate root may open with its README, which says what it is for.
+            let readme = p
+                .parent()
+                .and_then(Path::parent)
+                .map(|c| c.join("README.md"));
+            let opens_with_readme = text.starts_with("#![doc = include_str!(\"../README.md\")]")
+                && readme.is_some_and(|r| {
+                    std::fs::read_to_string(r).is_ok_and(|t| t.trim().len() > 100)
+                });
+            !(text.starts_with("//!") || opens_with_readme)
         })
         .collect();
     assert!(

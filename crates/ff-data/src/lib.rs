@@ -1,3 +1,5 @@
+#![doc = include_str!("../README.md")]
+//!
 //! ff-data: datasets (MVTec AD, user folders), torchvision-faithful preprocessing, parallel batch loading, synthetic defects.
 //!
 //! The crate knows nothing about candle: it hands out `f32` buffers in NCHW

@@ -1,3 +1,5 @@
+#![doc = include_str!("../README.md")]
+//!
 //! FastFlow's trainable part in candle: 2D normalizing flows with FrEIA 0.2
 //! `AllInOneBlock` semantics, the LayerNorms over CNN features, the model
 //! around a frozen backbone, its loss and anomaly map, PyTorch-exact Adam, and

@@ -1,3 +1,5 @@
+#![doc = include_str!("../README.md")]
+//!
 //! ff-metrics: the anomaly-detection metrics of the MVTec AD benchmark, exact
 //! and fast enough to run at every evaluation.
 //!
