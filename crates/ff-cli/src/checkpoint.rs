@@ -108,6 +108,22 @@ impl CheckpointPaths {
         }
     }
 
+    /// The files of the checkpoint a user named: any of its files, or a run
+    /// directory (or its `checkpoints` folder), which names its checkpoint
+    /// `name` (`best` to evaluate, `last` to resume).
+    pub fn from_user_path_or_run(path: &Path, name: &str) -> Self {
+        if path.is_dir() {
+            let inner = path.join("checkpoints");
+            let dir = if inner.is_dir() {
+                inner
+            } else {
+                path.to_path_buf()
+            };
+            return Self::new(&dir, name);
+        }
+        Self::from_user_path(path)
+    }
+
     /// The files of the checkpoint a user named by any of its files.
     pub fn from_user_path(path: &Path) -> Self {
         let dir = path.parent().unwrap_or(Path::new(""));
@@ -133,13 +149,15 @@ pub enum CheckpointKind {
 }
 
 impl CheckpointKind {
+    /// What `--checkpoint` names: a reference `.pt`, or one of ours by any
+    /// of its files or by its run directory (then its `best` checkpoint).
     pub fn of(path: &Path) -> Self {
         let ext = path
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase());
         match ext.as_deref() {
             Some("pt") | Some("pth") | Some("tar") => Self::Reference(path.to_path_buf()),
-            _ => Self::Ours(CheckpointPaths::from_user_path(path)),
+            _ => Self::Ours(CheckpointPaths::from_user_path_or_run(path, "best")),
         }
     }
 }
@@ -289,6 +307,25 @@ mod tests {
             CheckpointKind::of(Path::new("a/b.safetensors")),
             CheckpointKind::Ours(_)
         ));
+    }
+
+    #[test]
+    fn a_run_directory_names_its_best_or_last_checkpoint() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let run = dir.path().join("run");
+        std::fs::create_dir_all(run.join("checkpoints"))?;
+        let expected = CheckpointPaths::new(&run.join("checkpoints"), "best");
+        for p in [run.clone(), run.join("checkpoints")] {
+            match CheckpointKind::of(&p) {
+                CheckpointKind::Ours(paths) => assert_eq!(paths, expected, "{}", p.display()),
+                CheckpointKind::Reference(_) => panic!("{} read as a .pt", p.display()),
+            }
+        }
+        assert_eq!(
+            CheckpointPaths::from_user_path_or_run(&run, "last"),
+            CheckpointPaths::new(&run.join("checkpoints"), "last")
+        );
+        Ok(())
     }
 
     #[test]

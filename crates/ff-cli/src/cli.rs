@@ -126,7 +126,8 @@ pub struct TrainArgs {
     /// Run directory (checkpoints, logs, report). Default: `runs/<config>-<category>`.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Continue exactly from a checkpoint written by `fastflow train`.
+    /// Continue exactly from a checkpoint written by `fastflow train` (or from
+    /// a run directory's last checkpoint).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Write the final evaluation's metrics as JSON to this file.
@@ -147,8 +148,9 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A checkpoint of ours (`.safetensors`, with its `.json` beside it) or a
-    /// reference `.pt` file (then `--config` is required).
+    /// A checkpoint of ours (`.safetensors`, with its `.json` beside it; or a
+    /// run directory, for its best checkpoint) or a reference `.pt` file
+    /// (then `--config` is required).
     #[arg(long)]
     pub checkpoint: PathBuf,
     #[command(flatten)]
@@ -172,7 +174,8 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
-    /// A checkpoint of ours or a reference `.pt` file (then `--config` is required).
+    /// A checkpoint of ours (or a run directory, for its best checkpoint) or a
+    /// reference `.pt` file (then `--config` is required).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Images, or folders of images, to score.

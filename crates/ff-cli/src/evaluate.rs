@@ -122,7 +122,9 @@ pub fn eval_report_path(checkpoint: &Path, category: &str) -> PathBuf {
 /// `fastflow eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
     let device = device(args.device)?;
-    let (engine, facts, split_seed) = match CheckpointKind::of(&args.checkpoint) {
+    // The report goes beside the checkpoint file (also when a run directory
+    // named it).
+    let (engine, facts, split_seed, anchor) = match CheckpointKind::of(&args.checkpoint) {
         CheckpointKind::Reference(path) => {
             let engine = Engine::open_reference(
                 &path,
@@ -134,7 +136,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
                 "checkpoint".to_string(),
                 format!("{} (reference .pt)", path.display()),
             )];
-            (engine, facts, 0)
+            (engine, facts, 0, path)
         }
         CheckpointKind::Ours(paths) => {
             let (meta, engine) = load_our_checkpoint(&paths, args.weights.as_deref(), &device)?;
@@ -161,7 +163,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
             ];
             // A folder dataset holds out good images for testing by the run's
             // seed; the same seed keeps training images out of the test set.
-            (engine, facts, meta.seed)
+            (engine, facts, meta.seed, paths.weights.clone())
         }
     };
     let split = load_split(&args.data, split_seed)?;
@@ -180,7 +182,7 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         },
         &eval.metrics,
     );
-    let md_path = eval_report_path(&args.checkpoint, &args.data.category);
+    let md_path = eval_report_path(&anchor, &args.data.category);
     crate::fsutil::write_atomic(&md_path, md.as_bytes())?;
     println!("report: {}", md_path.display());
     if let Some(json) = &args.json {

@@ -84,7 +84,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
     let resume = args
         .resume
         .as_ref()
-        .map(|p| CheckpointPaths::from_user_path(p));
+        .map(|p| CheckpointPaths::from_user_path_or_run(p, "last"));
     let cfg = args.config.as_deref().map(load_model_config).transpose()?;
     // Settings not given on the command line come from the checkpoint when
     // resuming (so that the run continues exactly), else the reference's.

@@ -1170,3 +1170,55 @@ fn a_feature_cache_budget_below_one_batch_is_refused_before_training() {
     );
     assert!(!run.join("checkpoints/last.json").exists());
 }
+
+/// `--checkpoint` takes a run directory (its best checkpoint) and `--resume`
+/// one too (its last).
+#[test]
+fn run_directories_stand_for_their_checkpoints() {
+    let f = fixture();
+    let out = fastflow(args![
+        "eval",
+        "--checkpoint",
+        f.run_a,
+        "--data",
+        f.data,
+        "--category",
+        CATEGORY
+    ]);
+    assert_ok(&out);
+    let report = f.run_a.join("checkpoints/best.eval-tiny.md");
+    assert!(
+        text(&out).contains(&report.display().to_string()),
+        "{}",
+        text(&out)
+    );
+    assert!(report.exists());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    copy_dir(&f.run_a.join("checkpoints"), &run.join("checkpoints"));
+    let out = fastflow(args![
+        "train",
+        "--resume",
+        run,
+        "--data",
+        f.data,
+        "--category",
+        CATEGORY,
+        "--epochs",
+        "3",
+    ]);
+    assert_ok(&out);
+    assert!(
+        text(&out).contains("after epoch 2"),
+        "did not resume from the last checkpoint:\n{}",
+        text(&out)
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
