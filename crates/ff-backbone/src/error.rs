@@ -45,14 +45,6 @@ pub enum Error {
     )]
     InvalidWeightSource { value: String },
 
-    /// A weight source that this backbone kind cannot use (yet).
-    #[error("backbone '{kind}' cannot use weight source {source_name}: {message}")]
-    UnsupportedWeightSource {
-        kind: String,
-        source_name: String,
-        message: String,
-    },
-
     /// An input tensor whose shape the backbone cannot process.
     #[error("backbone input has shape {found:?}: {message}")]
     InputShape { found: Vec<usize>, message: String },

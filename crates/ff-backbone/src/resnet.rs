@@ -308,17 +308,6 @@ impl ResNet {
         Self::build(BackboneKind::WideResNet50_2, spec, &vb)
     }
 
-    /// The ResNet of a CNN `kind`; an error for the transformer kinds.
-    pub fn new(kind: BackboneKind, vb: VarBuilder) -> Result<Self> {
-        match kind {
-            BackboneKind::ResNet18 => Self::resnet18(vb),
-            BackboneKind::WideResNet50_2 => Self::wide_resnet50_2(vb),
-            other => Err(Error::UnknownBackbone {
-                name: format!("{} is not a ResNet", other.timm_name()),
-            }),
-        }
-    }
-
     /// Which of the two ResNets this is.
     pub fn kind(&self) -> BackboneKind {
         self.kind

@@ -80,11 +80,6 @@ impl Adam {
         self.cfg
     }
 
-    /// Changes the learning rate (schedules, or a resumed run with a new one).
-    pub fn set_lr(&mut self, lr: f64) {
-        self.cfg.lr = lr;
-    }
-
     /// How many times [`Adam::step`] ran (including before a resume).
     pub fn step_count(&self) -> u64 {
         self.step_count
