@@ -51,6 +51,10 @@ pub struct TrainMeta {
     /// The total number of epochs the run was started for.
     pub epochs: usize,
     pub eval_every: usize,
+    /// Whether training images were augmented (`--augment`); absent in
+    /// checkpoints from before the flag, which never augmented.
+    #[serde(default)]
+    pub augment: bool,
 }
 
 /// The JSON half of a checkpoint.

@@ -144,6 +144,12 @@ pub struct TrainArgs {
     /// memory available when training starts].
     #[arg(long)]
     pub feature_cache_mb: Option<u64>,
+    /// Augment the training images: random flips, 90-degree turns and a
+    /// colour jitter of 0.1, drawn from (seed, epoch, image). Off by default,
+    /// as in the reference; turns the feature cache off. For textures and
+    /// parts without a preferred orientation.
+    #[arg(long)]
+    pub augment: bool,
 }
 
 #[derive(Debug, Args)]

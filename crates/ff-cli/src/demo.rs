@@ -97,6 +97,7 @@ pub fn run_demo(args: DemoArgs) -> Result<()> {
         device: device.clone(),
         feature_cache: FeatureCacheArg::Auto,
         feature_cache_mb: None,
+        augment: false,
     };
     println!(
         "[2/4] training ResNet18 FastFlow at {} px for {} epochs (backbone: {})",

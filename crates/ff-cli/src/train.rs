@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use ff_backbone::WeightSource;
-use ff_data::{Loader, LoaderConfig, Preprocess};
+use ff_data::{AugmentConfig, Loader, LoaderConfig, Preprocess};
 use ff_flow::{AdamConfig, FastFlowConfig};
 use serde::Serialize;
 
@@ -48,6 +48,8 @@ pub struct TrainPlan {
     pub feature_cache: FeatureCacheArg,
     /// Memory budget of the feature cache in MiB (default: half of what is available).
     pub feature_cache_mb: Option<u64>,
+    /// Augment training images (flips, 90-degree turns, a little colour jitter).
+    pub augment: bool,
 }
 
 /// What a finished run leaves behind.
@@ -178,6 +180,8 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         device,
         feature_cache: args.feature_cache,
         feature_cache_mb: args.feature_cache_mb,
+        // A resumed run keeps augmenting if it did.
+        augment: args.augment || prev.is_some_and(|m| m.train.augment),
     };
     let outcome = train(&plan)?;
     println!("{}", metrics_table(&outcome.evaluation.metrics));
@@ -215,6 +219,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
     let mut loader_cfg = LoaderConfig::new(plan.batch_size);
     loader_cfg.shuffle_seed = Some(plan.seed);
     loader_cfg.cache = true;
+    loader_cfg.augment = plan.augment.then(|| AugmentConfig::standard(plan.seed));
     // The reference drops the last incomplete batch; with fewer images than one
     // batch that would leave nothing to train on, so it is kept then.
     loader_cfg.drop_last = n_train >= plan.batch_size;
@@ -283,6 +288,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
         batch_size: plan.batch_size,
         epochs: plan.epochs,
         eval_every: plan.eval_every,
+        augment: plan.augment,
     };
     let mut caches = feature_caches(plan, &engine, &loader, &run, split.test.len())?;
     let start = Instant::now();
@@ -631,6 +637,7 @@ mod tests {
             device: candle_core::Device::Cpu,
             feature_cache: FeatureCacheArg::Auto,
             feature_cache_mb: None,
+            augment: false,
         }
     }
 

@@ -1222,3 +1222,28 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
     }
 }
+
+/// `--augment` trains on augmented images: the feature cache is off with a
+/// note, the checkpoint records it, and the first epoch's loss differs from
+/// the same run without augmentation.
+#[test]
+fn augment_is_reachable_and_recorded() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("aug");
+    let mut a = train_args(f, "1", &run);
+    a.extend(args!["--augment"]);
+    let out = fastflow(a);
+    assert_ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("augmentation is on"), "{stdout}");
+    assert!(stdout.contains("feature cache: off"), "{stdout}");
+    let meta = read_json(&run.join("checkpoints/last.json"));
+    assert_eq!(meta["train"]["augment"], true);
+    let first_loss = |run: &Path| -> serde_json::Value {
+        let log = std::fs::read_to_string(run.join("train_log.jsonl")).expect("train log");
+        let line = log.lines().next().expect("one epoch");
+        serde_json::from_str::<serde_json::Value>(line).expect("json")["mean_loss"].clone()
+    };
+    assert_ne!(first_loss(&run), first_loss(&f.run_a));
+}
