@@ -25,11 +25,10 @@ mod results;
 mod runner;
 mod synth;
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 use ff_data::synth::SynthConfig;
 
@@ -169,8 +168,8 @@ struct BenchArgs {
     /// Directory of the model configs (`<backbone>.yaml`).
     #[arg(long)]
     configs: Option<PathBuf>,
-    /// Train at this input size instead of the config's (CNN backbones; a
-    /// derived config is written to `<out>/configs/`).
+    /// Train at this input size instead of the config's (CNN backbones;
+    /// passed to `fastflow train --input-size`).
     #[arg(long)]
     input_size: Option<usize>,
     /// `fastflow train --batch-size`; default: fastflow's (the reference's 32).
@@ -309,11 +308,7 @@ fn bench_all(a: BenchArgs) -> anyhow::Result<()> {
                 base.display()
             );
         }
-        let config = match a.input_size {
-            Some(n) => derive_config(&base, &a.out.join("configs"), b, n)?,
-            None => base,
-        };
-        configs.push((b.clone(), config));
+        configs.push((b.clone(), base));
     }
     let run = MatrixRun {
         matrix,
@@ -374,73 +369,15 @@ fn bench_all(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes a copy of a model config with another `input_size`, for quick runs
-/// at small sizes. The config keeps every other line; exactly one top-level
-/// `input_size:` line must be there to replace.
-fn derive_config(
-    base: &Path,
-    dir: &Path,
-    backbone: &str,
-    input_size: usize,
-) -> anyhow::Result<PathBuf> {
-    let text =
-        fs::read_to_string(base).with_context(|| format!("cannot read {}", base.display()))?;
-    let mut replaced = 0;
-    let lines: Vec<String> = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("input_size:") {
-                replaced += 1;
-                format!("input_size: {input_size}")
-            } else {
-                l.to_string()
-            }
-        })
-        .collect();
-    if replaced != 1 {
-        bail!(
-            "{} has {replaced} top-level `input_size:` lines; cannot derive a config with input size {input_size}",
-            base.display()
-        );
-    }
-    let path = dir.join(format!("{backbone}-input{input_size}.yaml"));
-    let body = format!(
-        "# Derived by cargo xtask bench-all from {} with input_size {input_size}.\n{}\n",
-        base.display(),
-        lines.join("\n")
-    );
-    results::write_atomic(&path, body.as_bytes())?;
-    Ok(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn derived_config_changes_only_the_input_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let base = dir.path().join("resnet18.yaml");
-        fs::write(
-            &base,
-            "# comment\nbackbone_name: resnet18\ninput_size: 256\nflow_step: 8\n",
-        )
-        .unwrap();
-        let p = derive_config(&base, &dir.path().join("out"), "resnet18", 64).unwrap();
-        let text = fs::read_to_string(&p).unwrap();
-        assert!(text.contains("\ninput_size: 64\n"), "{text}");
-        assert!(text.contains("backbone_name: resnet18\n") && text.contains("flow_step: 8"));
-        assert!(!text.contains("256"));
-        fs::write(&base, "backbone_name: resnet18\n").unwrap();
-        assert!(derive_config(&base, dir.path(), "resnet18", 64).is_err());
-    }
-
-    #[test]
-    fn the_repository_configs_can_be_derived() {
-        let dir = tempfile::tempdir().unwrap();
+    fn the_repository_has_every_paper_config() {
         for b in PAPER_BACKBONES {
-            let base = workspace_root().join("configs").join(format!("{b}.yaml"));
-            derive_config(&base, dir.path(), b, 64).unwrap();
+            let path = workspace_root().join("configs").join(format!("{b}.yaml"));
+            assert!(path.is_file(), "{}", path.display());
         }
     }
 

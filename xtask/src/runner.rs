@@ -17,8 +17,8 @@ use crate::results::{write_atomic, CellMetrics, RunSettings};
 #[derive(Debug, Clone)]
 pub struct CellJob {
     pub cell: Cell,
-    /// The model config (`configs/<backbone>.yaml`, or a derived one with
-    /// another input size).
+    /// The model config (`configs/<backbone>.yaml`); `settings.input_size`
+    /// may override its input size.
     pub config: PathBuf,
     /// The dataset root holding `<category>/`.
     pub data: PathBuf,
@@ -190,6 +190,9 @@ pub fn train_args(job: &CellJob, device: &str, resume: Option<&Path>) -> Vec<Str
     ];
     if let Some(b) = job.settings.batch_size {
         args.extend(["--batch-size".into(), b.to_string()]);
+    }
+    if let Some(n) = job.settings.input_size {
+        args.extend(["--input-size".into(), n.to_string()]);
     }
     if device != "cpu" {
         args.extend(["--device".into(), device.to_string()]);

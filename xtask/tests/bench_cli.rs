@@ -25,11 +25,12 @@ while [ "$#" -gt 0 ]; do
     --json) json="$2"; shift 2 ;;
     --weights) weights="$2"; shift 2 ;;
     --seed) seed="$2"; shift 2 ;;
+    --input-size) input_size="$2"; shift 2 ;;
     *) echo "unexpected argument $1" >&2; exit 2 ;;
   esac
 done
 [ -f "$config" ] || { echo "no config $config" >&2; exit 3; }
-grep -q "^input_size: 32$" "$config" || { echo "config $config is not the derived one" >&2; exit 3; }
+[ "$input_size" = "32" ] || { echo "expected --input-size 32, got '$input_size'" >&2; exit 3; }
 [ -d "$data/$category/train/good" ] || { echo "no data in $data/$category" >&2; exit 3; }
 [ "$epochs" = "1" ] && [ "$weights" = "random" ] || { echo "wrong epochs/weights" >&2; exit 3; }
 [ -n "$out" ] && [ -n "$seed" ] || exit 3

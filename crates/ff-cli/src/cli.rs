@@ -150,6 +150,11 @@ pub struct TrainArgs {
     /// parts without a preferred orientation.
     #[arg(long)]
     pub augment: bool,
+    /// Side of the square input in pixels, instead of the config's
+    /// `input_size` (CNN backbones only; a multiple of 16). Recorded in the
+    /// checkpoint's config.
+    #[arg(long)]
+    pub input_size: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -87,7 +87,11 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         .resume
         .as_ref()
         .map(|p| CheckpointPaths::from_user_path_or_run(p, "last"));
-    let cfg = args.config.as_deref().map(load_model_config).transpose()?;
+    let mut cfg = args.config.as_deref().map(load_model_config).transpose()?;
+    if let (Some(cfg), Some(n)) = (cfg.as_mut(), args.input_size) {
+        cfg.input_size = n;
+        cfg.validate().context("invalid --input-size")?;
+    }
     // Settings not given on the command line come from the checkpoint when
     // resuming (so that the run continues exactly), else the reference's.
     let (cfg, seed, weights, previous) = match (&resume, cfg) {
@@ -98,6 +102,13 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         (None, None) => bail!("--config is required unless --resume is given"),
         (Some(paths), cfg) => {
             let meta = read_meta(paths)?;
+            if let Some(n) = args.input_size.filter(|&n| n != meta.config.input_size) {
+                bail!(
+                    "--input-size {n} differs from the checkpoint's input size {} ('{}')",
+                    meta.config.input_size,
+                    paths.meta.display()
+                );
+            }
             if let (Some(cfg), Some(path)) = (cfg, &args.config) {
                 if meta.config != cfg {
                     bail!(

@@ -1247,3 +1247,61 @@ fn augment_is_reachable_and_recorded() {
     };
     assert_ne!(first_loss(&run), first_loss(&f.run_a));
 }
+
+/// `--input-size` replaces the config's input size (recorded in the
+/// checkpoint); a transformer refuses a size other than its own, and a resume
+/// refuses a size other than the checkpoint's.
+#[test]
+fn input_size_overrides_the_config() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let train = |config: PathBuf, size: &str, out: &Path| {
+        fastflow(args![
+            "train",
+            "--config",
+            config,
+            "--data",
+            f.data,
+            "--category",
+            CATEGORY,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--weights",
+            "random",
+            "--input-size",
+            size,
+            "--out",
+            out,
+        ])
+    };
+    assert_ok(&train(reference.join("resnet18.yaml"), "64", &run));
+    let meta = read_json(&run.join("checkpoints/last.json"));
+    assert_eq!(meta["config"]["input_size"], 64);
+    assert_eq!(
+        meta["config"]["flow_step"], 8,
+        "the rest of the config is kept"
+    );
+    let out = train(reference.join("deit.yaml"), "64", &dir.path().join("deit"));
+    assert_fails_with(&out, &["--input-size", "input_size", "384"]);
+    let out = fastflow(args![
+        "train",
+        "--resume",
+        run,
+        "--data",
+        f.data,
+        "--category",
+        CATEGORY,
+        "--epochs",
+        "2",
+        "--input-size",
+        "96",
+    ]);
+    assert_fails_with(
+        &out,
+        &["--input-size 96 differs from the checkpoint's input size 64"],
+    );
+}
