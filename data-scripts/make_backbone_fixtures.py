@@ -3,7 +3,7 @@ parity tests (crates/ff-backbone/tests/resnet_parity.rs) compare against.
 
 Run from the repository root (about a minute, needs no network):
 
-    OMP_NUM_THREADS=1 /work/venv/ff/bin/python data-scripts/make_backbone_fixtures.py
+    OMP_NUM_THREADS=1 venv/bin/python data-scripts/make_backbone_fixtures.py
 
 The models are exactly what the FastFlow reference (gathierry/FastFlow
 ``fastflow.py``) builds for its CNN backbones:

@@ -2,7 +2,7 @@
 
 Run from the repository root (takes a few seconds, needs no network):
 
-    OMP_NUM_THREADS=1 /work/venv/ff/bin/python data-scripts/make_data_fixtures.py
+    OMP_NUM_THREADS=1 venv/bin/python data-scripts/make_data_fixtures.py
 
 Outputs go to ``tests-fixtures/data/``:
 

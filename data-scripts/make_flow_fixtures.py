@@ -2,7 +2,7 @@
 
 Run from the repository root (about a minute on 2 cores, needs no network):
 
-    OMP_NUM_THREADS=1 /work/venv/ff/bin/python data-scripts/make_flow_fixtures.py
+    OMP_NUM_THREADS=1 venv/bin/python data-scripts/make_flow_fixtures.py
 
 The model is the reference's (gathierry/FastFlow ``fastflow.py``) rebuilt from
 timm 0.5.4 and FrEIA 0.2 exactly as that file does: a timm

@@ -28,7 +28,7 @@ labels and masks as strings of '0'/'1'.
 
 Run from the repository root (takes a few seconds, needs numpy, scipy, scikit-learn):
 
-    OMP_NUM_THREADS=1 /work/venv/ff/bin/python data-scripts/make_metrics_fixtures.py
+    OMP_NUM_THREADS=1 venv/bin/python data-scripts/make_metrics_fixtures.py
 
 Writes tests-fixtures/metrics/ranking.json and tests-fixtures/metrics/aupro.json,
 read by crates/ff-metrics/tests/parity.rs.

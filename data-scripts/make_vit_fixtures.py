@@ -4,7 +4,7 @@ transformer parity tests compare against.
 Run from the repository root (about a minute and 3 GB of memory, mostly
 the full-size CaiT-M48 in float64; needs no network):
 
-    OMP_NUM_THREADS=1 /work/venv/ff/bin/python data-scripts/make_vit_fixtures.py
+    OMP_NUM_THREADS=1 venv/bin/python data-scripts/make_vit_fixtures.py
 
 Every weight comes from ``detweights.fill_module`` (the twin of
 ``crates/ff-backbone/src/det_init.rs``) and every input from

@@ -4,7 +4,7 @@ backbones, and the anomaly maps the reference computes with them.
 Run from the repository root (about two minutes and 4 GB of memory, mostly the
 full-size CaiT-M48; needs no network):
 
-    OMP_NUM_THREADS=1 /work/venv/ff/bin/python data-scripts/make_vit_pt_fixtures.py
+    OMP_NUM_THREADS=1 venv/bin/python data-scripts/make_vit_pt_fixtures.py
 
 The model is the reference's (gathierry/FastFlow ``fastflow.py``) transformer
 branch: ``timm.create_model(name, pretrained=False)`` as ``feature_extractor``

@@ -175,12 +175,7 @@ pub fn file_hash(path: &Path) -> Result<String> {
 
 /// [`file_hash`] of a file holding `bytes`.
 pub fn bytes_hash(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    format!("{:016x}", ff_data::hash::fnv1a64(bytes))
 }
 
 /// Writes checkpoint `paths` without ever damaging the one already there:

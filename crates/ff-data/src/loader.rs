@@ -102,13 +102,7 @@ impl std::fmt::Debug for Loader {
     }
 }
 
-/// splitmix64: decorrelates (seed, epoch, index) into independent RNG seeds.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+use crate::hash::splitmix64 as mix;
 
 impl Loader {
     /// A loader over `samples`. A zero batch size or input size is reported

@@ -102,17 +102,10 @@ impl SynthKind {
     }
 }
 
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+use crate::hash::splitmix64 as mix;
 
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+fn fnv1a(s: &str) -> u64 {
+    crate::hash::fnv1a64(s.as_bytes())
 }
 
 fn hsv(h: f32, s: f32, v: f32) -> [f32; 3] {
