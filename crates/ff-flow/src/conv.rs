@@ -404,8 +404,9 @@ mod tests {
             let weight =
                 Var::from_tensor(&Tensor::randn(0f32, 1.0, (o, c, k, k), &dev).unwrap()).unwrap();
             let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, o, &dev).unwrap()).unwrap();
-            let x = full.narrow(3, 1, c).unwrap(); // strided channels
-                                                   // Only the first c of these are read: the rest get no gradient.
+            // strided channels
+            let x = full.narrow(3, 1, c).unwrap();
+            // Only the first c of these are read: the rest get no gradient.
             let wide = full.narrow(3, 1, c + 1).unwrap();
             let act = if relu {
                 Activation::Relu

@@ -430,8 +430,9 @@ impl AllInOneBlock {
         let op = CouplingOp {
             perm: self.permutation.indices().to_vec(),
         };
-        let out = x.apply_op3(&a, &affine, op)?; // [b, h, w, C + 1]
-                                                 // FrEIA adds n_pixels * sum(log scale) for the global scaling.
+        // [b, h, w, C + 1]
+        let out = x.apply_op3(&a, &affine, op)?;
+        // FrEIA adds n_pixels * sum(log scale) for the global scaling.
         let scale_log_det = (scale.log()?.sum_all()? * (h * w) as f64)?;
         Ok((out, scale_log_det))
     }

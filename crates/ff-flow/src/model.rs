@@ -75,9 +75,10 @@ pub fn anomaly_map(out: &FlowOutput, input_size: usize) -> Result<Tensor> {
         // The channel mean over the last dimension of a channels-last view
         // (the flows' own layout on the CPU), a contiguous reduction.
         let (b, _, h, w) = z.dims4()?;
-        let log_prob = (z.permute((0, 2, 3, 1))?.sqr()?.mean_keepdim(3)? * -0.5)?; // [b, h, w, 1]
-                                                                                   // candle's bilinear upsampling misreads strided views, so the map is
-                                                                                   // contiguous (and [b, 1, h, w] has the same order as [b, h, w, 1]).
+        // [b, h, w, 1]
+        let log_prob = (z.permute((0, 2, 3, 1))?.sqr()?.mean_keepdim(3)? * -0.5)?;
+        // candle's bilinear upsampling misreads strided views, so the map is
+        // contiguous (and [b, 1, h, w] has the same order as [b, h, w, 1]).
         let neg_prob = log_prob.exp()?.neg()?.reshape((b, 1, h, w))?;
         let up = neg_prob.upsample_bilinear2d(input_size, input_size, false)?;
         sum = Some(match sum {

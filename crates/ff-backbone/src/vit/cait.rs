@@ -116,8 +116,9 @@ impl TalkingHeadAttn {
     /// # Shapes
     /// `x`: [b, n, c] -> [b, n, c].
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.n_heads)?; // [b, h, n, d]
-                                                                           // timm scales q before the product (not the logits after it); keep its order.
+        // [b, h, n, d]
+        let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.n_heads)?;
+        // timm scales q before the product (not the logits after it); keep its order.
         let q = (q * self.scale)?;
         let attn = q.matmul(&k.transpose(D::Minus2, D::Minus1)?)?; // [b, h, n, n]
         let attn = self.proj_l.forward(&attn)?;
