@@ -9,11 +9,13 @@ pub mod backbone;
 pub mod det_init;
 pub mod error;
 pub mod hub;
+pub mod kind;
 pub mod resnet;
 pub mod vit;
 pub mod weights;
 
-pub use backbone::{Backbone, BackboneKind};
+pub use backbone::Backbone;
 pub use error::{Error, Result};
+pub use kind::BackboneKind;
 pub use resnet::{ResNet, ResNetFeatures};
 pub use weights::{backbone_var_builder, get_checked, safetensors_var_builder, WeightSource};

@@ -17,12 +17,15 @@
 //! kernel. Other devices and dtypes, and `FASTFLOW_KERNELS=generic`, take
 //! candle's operations.
 
+mod init;
+pub use init::resnet_random_value;
+
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use ff_kernels::{Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedConv2d, Route};
 
-use crate::backbone::BackboneKind;
 use crate::error::{Error, Result};
+use crate::kind::BackboneKind;
 use crate::weights::get_checked;
 
 /// PyTorch `BatchNorm2d`'s default epsilon, used by timm's ResNets.
