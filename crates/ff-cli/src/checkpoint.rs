@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use ff_flow::FastFlowConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::DatasetFormat;
+use crate::data::DatasetFormat;
 use crate::fsutil::stage;
 use crate::report::Metrics;
 

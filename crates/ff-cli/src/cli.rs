@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::data::DatasetFormat;
+
 /// FastFlow anomaly detection (Yu et al. 2021): train, evaluate and apply
 /// models on MVTec AD or your own images.
 #[derive(Debug, Parser)]
@@ -47,18 +49,6 @@ pub enum FeatureCacheArg {
     Disk,
     /// Run the backbone on every batch of every epoch.
     Off,
-}
-
-/// How the images under `--data` are laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DatasetFormat {
-    /// `<data>/<category>/{train/good, test/<defect>, ground_truth/<defect>}`.
-    Mvtec,
-    /// A folder of your own (anomalib `Folder` semantics): under `<data>/<category>`,
-    /// good images in `--normal-dir`, defective ones in `--abnormal-dir`, optional
-    /// good test images in `--normal-test-dir` and masks in `--mask-dir`.
-    Folder,
 }
 
 /// Flags shared by every command that reads a dataset.

@@ -5,7 +5,21 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use ff_data::{Batch, FolderConfig, Split};
 
-use crate::cli::{DataArgs, DatasetFormat};
+use crate::cli::DataArgs;
+
+/// How the images under `--data` are laid out.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetFormat {
+    /// `<data>/<category>/{train/good, test/<defect>, ground_truth/<defect>}`.
+    Mvtec,
+    /// A folder of your own (anomalib `Folder` semantics): under `<data>/<category>`,
+    /// good images in `--normal-dir`, defective ones in `--abnormal-dir`, optional
+    /// good test images in `--normal-test-dir` and masks in `--mask-dir`.
+    Folder,
+}
 
 /// Lists the train and test samples that `args` describe.
 pub fn load_split(args: &DataArgs, seed: u64) -> Result<Split> {

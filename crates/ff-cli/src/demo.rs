@@ -12,7 +12,8 @@ use ff_flow::FastFlowConfig;
 
 use crate::checkpoint::read_meta;
 use crate::cli::FeatureCacheArg;
-use crate::cli::{DataArgs, DatasetFormat, DemoArgs};
+use crate::cli::{DataArgs, DemoArgs};
+use crate::data::DatasetFormat;
 use crate::engine::{device, load_backbone, load_our_checkpoint};
 use crate::predict::{predict, PredictSettings};
 use crate::report::{metrics_table, predictions_csv};

@@ -602,8 +602,8 @@ fn fmt_opt(v: Option<f64>) -> String {
 mod tests {
     use super::*;
     use crate::checkpoint::CheckpointPaths;
-    use crate::cli::DatasetFormat;
     use crate::config::parse_yaml;
+    use crate::data::DatasetFormat;
     use crate::fsutil::fault;
     use ff_data::synth::{generate_category, SynthConfig};
 
