@@ -13,9 +13,11 @@ pub mod kind;
 pub mod resnet;
 pub mod vit;
 pub mod weights;
+mod weights_mmap;
 
 pub use backbone::Backbone;
 pub use error::{Error, Result};
 pub use kind::BackboneKind;
 pub use resnet::{ResNet, ResNetFeatures};
-pub use weights::{backbone_var_builder, get_checked, safetensors_var_builder, WeightSource};
+pub use weights::{backbone_var_builder, get_checked, WeightSource};
+pub use weights_mmap::safetensors_var_builder;
