@@ -149,13 +149,24 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Write the metrics as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// The model a command applies, and how: the flags `eval` and `predict`
+/// share.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
     /// A checkpoint of ours (`.safetensors`, with its `.json` beside it; or a
     /// run directory, for its best checkpoint) or a reference `.pt` file
     /// (then `--config` is required).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    #[command(flatten)]
-    pub data: DataArgs,
     /// Model config; required for a reference `.pt`, checked against ours otherwise.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -166,19 +177,14 @@ pub struct EvalArgs {
     /// Images per inference batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Write the metrics as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
 }
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
-    /// A checkpoint of ours (or a run directory, for its best checkpoint) or a
-    /// reference `.pt` file (then `--config` is required).
-    #[arg(long)]
-    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Images, or folders of images, to score.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
@@ -188,17 +194,6 @@ pub struct PredictArgs {
     /// Anomaly-score threshold; default: the one stored in the checkpoint.
     #[arg(long, allow_hyphen_values = true)]
     pub threshold: Option<f32>,
-    /// Model config; required for a reference `.pt`.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Backbone weights override (see `eval --weights`).
-    #[arg(long)]
-    pub weights: Option<String>,
-    /// Images per inference batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
 }
 
 #[derive(Debug, Args)]

@@ -3,7 +3,7 @@
 //! plain buffers, and saving/restoring checkpoints with the optimizer state.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -11,8 +11,8 @@ use candle_nn::{VarBuilder, VarMap};
 use ff_backbone::{Backbone, BackboneKind, WeightSource};
 use ff_flow::{Adam, AdamConfig, FastFlow, FastFlowConfig};
 
-use crate::checkpoint::{read_meta, CheckpointMeta, CheckpointPaths};
-use crate::cli::DeviceArg;
+use crate::checkpoint::{read_meta, CheckpointKind, CheckpointMeta, CheckpointPaths};
+use crate::cli::{DeviceArg, ModelArgs};
 
 /// The device the user asked for; CUDA only in binaries built with `--features cuda`.
 pub fn device(arg: DeviceArg) -> Result<Device> {
@@ -279,6 +279,55 @@ impl Engine {
                 paths.optimizer.display()
             )
         })
+    }
+}
+
+/// A model opened from `--checkpoint`: the engine, the metadata of a
+/// checkpoint of ours (`None` for a reference `.pt`), and the checkpoint
+/// file that was read (reports go beside it).
+pub struct OpenedModel {
+    pub engine: Engine,
+    pub meta: Option<CheckpointMeta>,
+    pub file: PathBuf,
+}
+
+/// Opens what `--checkpoint` names (ours, a run directory, or a reference
+/// `.pt` with `--config`), with `--weights` overriding the backbone; a
+/// `--config` given with a checkpoint of ours must match its config.
+pub fn open_model(args: &ModelArgs) -> Result<OpenedModel> {
+    let device = device(args.device)?;
+    match CheckpointKind::of(&args.checkpoint) {
+        CheckpointKind::Reference(path) => {
+            let engine = Engine::open_reference(
+                &path,
+                args.config.as_deref(),
+                args.weights.as_deref(),
+                &device,
+            )?;
+            Ok(OpenedModel {
+                engine,
+                meta: None,
+                file: path,
+            })
+        }
+        CheckpointKind::Ours(paths) => {
+            let (meta, engine) = load_our_checkpoint(&paths, args.weights.as_deref(), &device)?;
+            if let Some(cfg_path) = &args.config {
+                let cfg = crate::config::load_model_config(cfg_path)?;
+                anyhow::ensure!(
+                    cfg == meta.config,
+                    "config '{}' ({}) differs from the checkpoint's ({})",
+                    cfg_path.display(),
+                    describe_config(&cfg),
+                    describe_config(&meta.config)
+                );
+            }
+            Ok(OpenedModel {
+                engine,
+                meta: Some(meta),
+                file: paths.weights,
+            })
+        }
     }
 }
 

@@ -8,11 +8,9 @@ use anyhow::{Context, Result};
 use ff_data::{Label, Loader, LoaderConfig, Preprocess, Sample};
 use ff_metrics::Evaluator;
 
-use crate::checkpoint::CheckpointKind;
 use crate::cli::EvalArgs;
-use crate::config::load_model_config;
 use crate::data::{images_tensor, load_split};
-use crate::engine::{describe_config, device, load_our_checkpoint, Engine};
+use crate::engine::{describe_config, open_model, Engine};
 use crate::feature_cache::FeatureStore;
 use crate::report::{markdown_report, metrics_table, write_metrics_json, Metrics, ReportContext};
 
@@ -121,55 +119,28 @@ pub fn eval_report_path(checkpoint: &Path, category: &str) -> PathBuf {
 
 /// `fastflow eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
-    let device = device(args.device)?;
-    // The report goes beside the checkpoint file (also when a run directory
-    // named it).
-    let (engine, facts, split_seed, anchor) = match CheckpointKind::of(&args.checkpoint) {
-        CheckpointKind::Reference(path) => {
-            let engine = Engine::open_reference(
-                &path,
-                args.config.as_deref(),
-                args.weights.as_deref(),
-                &device,
-            )?;
-            let facts = vec![(
-                "checkpoint".to_string(),
-                format!("{} (reference .pt)", path.display()),
-            )];
-            (engine, facts, 0, path)
-        }
-        CheckpointKind::Ours(paths) => {
-            let (meta, engine) = load_our_checkpoint(&paths, args.weights.as_deref(), &device)?;
-            if let Some(cfg_path) = &args.config {
-                let cfg = load_model_config(cfg_path)?;
-                anyhow::ensure!(
-                    cfg == meta.config,
-                    "config '{}' ({}) differs from the checkpoint's ({})",
-                    cfg_path.display(),
-                    describe_config(&cfg),
-                    describe_config(&meta.config)
-                );
-            }
-            let facts = vec![
-                (
-                    "checkpoint".to_string(),
-                    paths.weights.display().to_string(),
-                ),
-                ("epoch".to_string(), meta.epoch.to_string()),
-                (
-                    "backbone weights".to_string(),
-                    meta.backbone_weights.clone(),
-                ),
-            ];
-            // A folder dataset holds out good images for testing by the run's
-            // seed; the same seed keeps training images out of the test set.
-            (engine, facts, meta.seed, paths.weights.clone())
-        }
+    let opened = open_model(&args.model)?;
+    let engine = &opened.engine;
+    let mut facts = match &opened.meta {
+        None => vec![(
+            "checkpoint".to_string(),
+            format!("{} (reference .pt)", opened.file.display()),
+        )],
+        Some(meta) => vec![
+            ("checkpoint".to_string(), opened.file.display().to_string()),
+            ("epoch".to_string(), meta.epoch.to_string()),
+            (
+                "backbone weights".to_string(),
+                meta.backbone_weights.clone(),
+            ),
+        ],
     };
+    // A folder dataset holds out good images for testing by the run's seed;
+    // the same seed keeps training images out of the test set.
+    let split_seed = opened.meta.as_ref().map_or(0, |m| m.seed);
     let split = load_split(&args.data, split_seed)?;
-    let eval = evaluate(&engine, &split.test, args.batch_size)?;
+    let eval = evaluate(engine, &split.test, args.model.batch_size)?;
     println!("{}", metrics_table(&eval.metrics));
-    let mut facts = facts;
     facts.push((
         "data".into(),
         format!("{} / {}", args.data.data.display(), args.data.category),
@@ -182,7 +153,9 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
         },
         &eval.metrics,
     );
-    let md_path = eval_report_path(&anchor, &args.data.category);
+    // The report goes beside the checkpoint file (also when a run directory
+    // named it).
+    let md_path = eval_report_path(&opened.file, &args.data.category);
     crate::fsutil::write_atomic(&md_path, md.as_bytes())?;
     println!("report: {}", md_path.display());
     if let Some(json) = &args.json {

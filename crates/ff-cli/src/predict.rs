@@ -11,9 +11,8 @@ use ff_data::{decode_rgb, Preprocess};
 use image::RgbImage;
 use rayon::prelude::*;
 
-use crate::checkpoint::CheckpointKind;
 use crate::cli::PredictArgs;
-use crate::engine::{device, load_our_checkpoint, Engine};
+use crate::engine::{open_model, Engine};
 use crate::heatmap::{binary_mask, overlay, resize_bilinear, save_png};
 use crate::report::{predictions_csv, PredictionRow};
 
@@ -38,52 +37,35 @@ pub struct PredictOutcome {
 
 /// `fastflow predict`.
 pub fn run_predict(args: PredictArgs) -> Result<()> {
-    let device = device(args.device)?;
     // Before the model is loaded: an unwritable --out fails at once.
     crate::fsutil::ensure_writable_dir(&args.out, "output directory")?;
-    let (engine, settings) = match CheckpointKind::of(&args.checkpoint) {
-        CheckpointKind::Reference(path) => {
-            let engine = Engine::open_reference(
-                &path,
-                args.config.as_deref(),
-                args.weights.as_deref(),
-                &device,
-            )?;
-            if args.threshold.is_none() {
-                eprintln!(
-                    "note: a reference .pt file carries no threshold; labels stay 'n/a' unless you pass --threshold"
-                );
-            }
-            let settings = PredictSettings {
-                threshold: args.threshold,
-                pixel_threshold: args.threshold,
-                map_range: None,
-                batch_size: args.batch_size,
-            };
-            (engine, settings)
-        }
-        CheckpointKind::Ours(paths) => {
-            let (meta, engine) = load_our_checkpoint(&paths, args.weights.as_deref(), &device)?;
-            let threshold = args.threshold.or(meta.threshold.map(|t| t as f32));
-            if threshold.is_none() {
-                eprintln!("note: the checkpoint carries no threshold; labels stay 'n/a' unless you pass --threshold");
-            }
-            let settings = PredictSettings {
-                threshold,
-                // An explicit --threshold applies to masks too; otherwise the
-                // pixel F1-max threshold of the checkpoint's evaluation.
-                pixel_threshold: args
-                    .threshold
-                    .or(meta.pixel_threshold.map(|t| t as f32))
-                    .or(threshold),
-                map_range: meta.map_range,
-                batch_size: args.batch_size,
-            };
-            (engine, settings)
-        }
+    let opened = open_model(&args.model)?;
+    let engine = &opened.engine;
+    let meta = opened.meta.as_ref();
+    let threshold = args
+        .threshold
+        .or(meta.and_then(|m| m.threshold).map(|t| t as f32));
+    if threshold.is_none() {
+        let source = if meta.is_some() {
+            "the checkpoint carries"
+        } else {
+            "a reference .pt file carries"
+        };
+        eprintln!("note: {source} no threshold; labels stay 'n/a' unless you pass --threshold");
+    }
+    let settings = PredictSettings {
+        threshold,
+        // An explicit --threshold applies to masks too; otherwise the pixel
+        // F1-max threshold of the checkpoint's evaluation.
+        pixel_threshold: args
+            .threshold
+            .or(meta.and_then(|m| m.pixel_threshold).map(|t| t as f32))
+            .or(threshold),
+        map_range: meta.and_then(|m| m.map_range),
+        batch_size: args.model.batch_size,
     };
     let (images, mut missing) = collect_inputs(&args.inputs);
-    let outcome = predict(&engine, &images, &args.out, &settings)?;
+    let outcome = predict(engine, &images, &args.out, &settings)?;
     let mut rows = outcome.rows;
     rows.append(&mut missing);
     let failed = rows.iter().filter(|r| !r.error.is_empty()).count();
