@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use ff_backbone::WeightSource;
 use ff_data::{AugmentConfig, Loader, LoaderConfig, Preprocess};
-use ff_flow::{AdamConfig, FastFlowConfig};
+use ff_flow::{Adam, AdamConfig, FastFlowConfig};
 use serde::Serialize;
 
 use crate::checkpoint::{
@@ -24,7 +24,7 @@ use crate::engine::{
 use crate::evaluate::{evaluate_cached, test_loader, Evaluation};
 use crate::feature_cache::{self, FeatureStore, Placement};
 use crate::fsutil::{append_json_line, ensure_writable_dir, write_atomic, write_json_atomic};
-use crate::progress::EpochProgress;
+use crate::progress::{EpochProgress, EpochSummary};
 use crate::report::{markdown_report, metrics_table, Metrics, ReportContext};
 
 /// Everything a training run needs, resolved from flags, a config file, a
@@ -207,120 +207,174 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
 
 /// Trains per `plan`; see the module doc.
 pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
-    anyhow::ensure!(plan.batch_size > 0, "--batch-size must be at least 1");
-    anyhow::ensure!(plan.eval_every > 0, "--eval-every must be at least 1");
-    anyhow::ensure!(plan.epochs > 0, "--epochs must be at least 1");
-    plan.cfg.validate().context("invalid model config")?;
-    let kind = plan.cfg.backbone_kind()?;
-    let run = RunDir::new(plan.run_dir.clone());
-    // An output that cannot be written fails now, not after the first epochs.
-    ensure_writable_dir(&run.checkpoints(), "run directory")?;
-    if let Some(dir) = plan
-        .json
-        .as_deref()
-        .and_then(Path::parent)
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        ensure_writable_dir(dir, "folder of --json")?;
-    }
-
-    let split = load_split(&plan.data, plan.seed)?;
-    anyhow::ensure!(!split.train.is_empty(), "no training images found");
-    let n_train = split.train.len();
-    let mut loader_cfg = LoaderConfig::new(plan.batch_size);
-    loader_cfg.shuffle_seed = Some(plan.seed);
-    loader_cfg.cache = true;
-    loader_cfg.augment = plan.augment.then(|| AugmentConfig::standard(plan.seed));
-    // The reference drops the last incomplete batch; with fewer images than one
-    // batch that would leave nothing to train on, so it is kept then.
-    loader_cfg.drop_last = n_train >= plan.batch_size;
-    let loader = Loader::new(
-        split.train.clone(),
-        Preprocess::imagenet(plan.cfg.input_size),
-        loader_cfg,
-    );
-
-    // Test images are decoded once and kept for every evaluation of the run.
-    let test = test_loader(&split.test, plan.cfg.input_size, plan.batch_size, true);
-
-    let backbone = load_backbone(kind, &plan.weights, &plan.device)?;
-    let adam_cfg = AdamConfig {
-        lr: plan.lr,
-        weight_decay: plan.weight_decay,
-        ..AdamConfig::default()
-    };
-    let (engine, mut adam, start_epoch, mut best_score, prior_seconds) = match &plan.resume {
-        None => {
-            let engine = Engine::new(&plan.cfg, backbone, plan.seed, &plan.device)?;
-            let adam = engine.optimizer(adam_cfg)?;
-            (engine, adam, 0, None, 0.0)
-        }
-        Some(paths) => {
-            let meta = read_meta(paths)?;
-            let engine = Engine::from_checkpoint(&meta, paths, backbone, &plan.device)?;
-            let mut adam = engine.optimizer(adam_cfg)?;
-            engine.restore_optimizer(&mut adam, paths, meta.optimizer.step)?;
-            println!(
-                "resuming from '{}' after epoch {} (optimizer step {})",
-                paths.meta.display(),
-                meta.epoch,
-                meta.optimizer.step
-            );
-            (
-                engine,
-                adam,
-                meta.epoch,
-                meta.best_score,
-                meta.train_seconds,
-            )
-        }
-    };
-    if start_epoch >= plan.epochs {
-        println!(
-            "the checkpoint has already trained {start_epoch} of {} epochs; evaluating only",
-            plan.epochs
-        );
-    }
-    println!(
-        "training {} on '{}' ({} images, batch {}, epochs {}..{}), backbone: {}",
-        describe_config(&plan.cfg),
-        plan.data.category,
-        n_train,
-        plan.batch_size,
-        start_epoch + 1,
-        plan.epochs,
-        plan.weights.describe()
-    );
-
-    let train_meta = TrainMeta {
-        data: plan.data.data.clone(),
-        category: plan.data.category.clone(),
-        format: plan.data.format,
-        batch_size: plan.batch_size,
-        epochs: plan.epochs,
-        eval_every: plan.eval_every,
-        augment: plan.augment,
-    };
-    let mut caches = feature_caches(plan, &engine, &loader, &run, split.test.len())?;
-    let start = Instant::now();
+    let mut session = Session::open(plan)?;
     let mut last_eval: Option<(usize, Evaluation)> = None;
-    // The newest checkpoint this run can be resumed from, for error messages.
-    let mut last_good = LastGood(plan.resume.as_ref().map(|p| (p.meta.clone(), start_epoch)));
-    for epoch in start_epoch..plan.epochs {
+    for epoch in session.start_epoch..plan.epochs {
+        let summary = session.train_epoch(epoch)?;
+        append_json_line(&session.run.train_log(), &summary)?;
+        let done = epoch + 1;
+        if done % plan.eval_every == 0 || done == plan.epochs {
+            last_eval = Some((done, session.evaluate_and_save(done)?));
+        }
+    }
+    session.finish(last_eval)
+}
+
+/// One training run in progress: what [`train`] sets up once and each epoch,
+/// evaluation and the final report work on.
+struct Session<'a> {
+    plan: &'a TrainPlan,
+    run: RunDir,
+    loader: Loader,
+    /// Test images, decoded once and kept for every evaluation of the run.
+    test: Loader,
+    engine: Engine,
+    adam: Adam,
+    adam_cfg: AdamConfig,
+    caches: Option<Caches>,
+    start_epoch: usize,
+    best_score: Option<[f64; 2]>,
+    /// Training seconds of the run's earlier parts (before a resume).
+    prior_seconds: f64,
+    train_meta: TrainMeta,
+    /// The newest checkpoint this run can be resumed from, for error messages.
+    last_good: LastGood,
+    start: Instant,
+}
+
+impl<'a> Session<'a> {
+    /// Checks the plan and the output, loads the data, builds or restores
+    /// the model and its optimizer, and decides the feature cache.
+    fn open(plan: &'a TrainPlan) -> Result<Self> {
+        anyhow::ensure!(plan.batch_size > 0, "--batch-size must be at least 1");
+        anyhow::ensure!(plan.eval_every > 0, "--eval-every must be at least 1");
+        anyhow::ensure!(plan.epochs > 0, "--epochs must be at least 1");
+        plan.cfg.validate().context("invalid model config")?;
+        let kind = plan.cfg.backbone_kind()?;
+        let run = RunDir::new(plan.run_dir.clone());
+        // An output that cannot be written fails now, not after the first epochs.
+        ensure_writable_dir(&run.checkpoints(), "run directory")?;
+        if let Some(dir) = plan
+            .json
+            .as_deref()
+            .and_then(Path::parent)
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            ensure_writable_dir(dir, "folder of --json")?;
+        }
+
+        let split = load_split(&plan.data, plan.seed)?;
+        anyhow::ensure!(!split.train.is_empty(), "no training images found");
+        let n_train = split.train.len();
+        let mut loader_cfg = LoaderConfig::new(plan.batch_size);
+        loader_cfg.shuffle_seed = Some(plan.seed);
+        loader_cfg.cache = true;
+        loader_cfg.augment = plan.augment.then(|| AugmentConfig::standard(plan.seed));
+        // The reference drops the last incomplete batch; with fewer images
+        // than one batch that would leave nothing to train on, so it is kept then.
+        loader_cfg.drop_last = n_train >= plan.batch_size;
+        let loader = Loader::new(
+            split.train.clone(),
+            Preprocess::imagenet(plan.cfg.input_size),
+            loader_cfg,
+        );
+        let test = test_loader(&split.test, plan.cfg.input_size, plan.batch_size, true);
+
+        let backbone = load_backbone(kind, &plan.weights, &plan.device)?;
+        let adam_cfg = AdamConfig {
+            lr: plan.lr,
+            weight_decay: plan.weight_decay,
+            ..AdamConfig::default()
+        };
+        let (engine, adam, start_epoch, best_score, prior_seconds) = match &plan.resume {
+            None => {
+                let engine = Engine::new(&plan.cfg, backbone, plan.seed, &plan.device)?;
+                let adam = engine.optimizer(adam_cfg)?;
+                (engine, adam, 0, None, 0.0)
+            }
+            Some(paths) => {
+                let meta = read_meta(paths)?;
+                let engine = Engine::from_checkpoint(&meta, paths, backbone, &plan.device)?;
+                let mut adam = engine.optimizer(adam_cfg)?;
+                engine.restore_optimizer(&mut adam, paths, meta.optimizer.step)?;
+                println!(
+                    "resuming from '{}' after epoch {} (optimizer step {})",
+                    paths.meta.display(),
+                    meta.epoch,
+                    meta.optimizer.step
+                );
+                (
+                    engine,
+                    adam,
+                    meta.epoch,
+                    meta.best_score,
+                    meta.train_seconds,
+                )
+            }
+        };
+        if start_epoch >= plan.epochs {
+            println!(
+                "the checkpoint has already trained {start_epoch} of {} epochs; evaluating only",
+                plan.epochs
+            );
+        }
+        println!(
+            "training {} on '{}' ({} images, batch {}, epochs {}..{}), backbone: {}",
+            describe_config(&plan.cfg),
+            plan.data.category,
+            n_train,
+            plan.batch_size,
+            start_epoch + 1,
+            plan.epochs,
+            plan.weights.describe()
+        );
+        let train_meta = TrainMeta {
+            data: plan.data.data.clone(),
+            category: plan.data.category.clone(),
+            format: plan.data.format,
+            batch_size: plan.batch_size,
+            epochs: plan.epochs,
+            eval_every: plan.eval_every,
+            augment: plan.augment,
+        };
+        let caches = feature_caches(plan, &engine, &loader, &run, split.test.len())?;
+        Ok(Self {
+            plan,
+            run,
+            loader,
+            test,
+            engine,
+            adam,
+            adam_cfg,
+            caches,
+            start_epoch,
+            best_score,
+            prior_seconds,
+            train_meta,
+            last_good: LastGood(plan.resume.as_ref().map(|p| (p.meta.clone(), start_epoch))),
+            start: Instant::now(),
+        })
+    }
+
+    /// Trains one epoch (0-based `epoch`): its batches in the (seed, epoch)
+    /// order, features from the cache where it has them.
+    fn train_epoch(&mut self, epoch: usize) -> Result<EpochSummary> {
+        let plan = self.plan;
         // The data order depends only on (seed, epoch), so a resumed run sees
         // the same batches as an uninterrupted one.
-        let batches = loader.batch_indices(epoch);
+        let batches = self.loader.batch_indices(epoch);
         let n_batches = batches.len();
-        let cached = caches
+        let cached = self
+            .caches
             .as_ref()
             .is_some_and(|c| batches.iter().all(|b| c.train.has_all(b)));
-        let note = (caches.is_some() && !cached).then_some("filling the feature cache");
+        let note = (self.caches.is_some() && !cached).then_some("filling the feature cache");
         let mut progress = EpochProgress::start(epoch + 1, plan.epochs, n_batches, note);
-        if epoch == start_epoch {
+        if epoch == self.start_epoch {
             progress = progress.first_of_process();
         }
         // Images are loaded only while some of their features are missing.
-        let mut images = (!cached).then(|| loader.epoch(epoch));
+        let mut images = (!cached).then(|| self.loader.epoch(epoch));
         for (i, indices) in batches.iter().enumerate() {
             // In an epoch that loads images, every batch takes its images
             // from the loader, cached or not, so the two stay in step.
@@ -331,7 +385,7 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                         .next()
                         .context("the loader ended before its last batch")?
                         .context("cannot load a training batch")?;
-                    if caches.is_some() {
+                    if self.caches.is_some() {
                         // Waiting for images is work cached epochs skip.
                         progress.add_once_seconds(wait.elapsed().as_secs_f64());
                     }
@@ -339,180 +393,200 @@ pub fn train(plan: &TrainPlan) -> Result<TrainOutcome> {
                 }
                 None => None,
             };
-            let features = match (caches.as_mut(), loaded) {
+            let features = match (self.caches.as_mut(), loaded) {
                 (Some(c), _) if c.train.has_all(indices) => c.train.load(indices, &plan.device)?,
                 // Only the images without features go through the backbone;
                 // the batch is then read back whole from the cache (features
                 // do not depend on which images share a batch).
                 (Some(c), Some(batch)) => {
                     let missing = c.train.missing(indices);
-                    let seconds = c
-                        .train
-                        .fill(&engine, &batch, indices, &missing, &plan.device)?;
+                    let seconds =
+                        c.train
+                            .fill(&self.engine, &batch, indices, &missing, &plan.device)?;
                     progress.add_once_seconds(seconds);
                     c.train.load(indices, &plan.device)?
                 }
-                (None, Some(batch)) => engine.features(&images_tensor(&batch, &plan.device)?)?,
+                (None, Some(batch)) => self
+                    .engine
+                    .features(&images_tensor(&batch, &plan.device)?)?,
                 (_, None) => bail!(
                     "batch {} of epoch {} has neither cached features nor images",
                     i + 1,
                     epoch + 1
                 ),
             };
-            let step = adam.step_count() + 1;
-            let loss = engine.train_step_features(&mut adam, features)?;
+            let step = self.adam.step_count() + 1;
+            let loss = self.engine.train_step_features(&mut self.adam, features)?;
             if !loss.is_finite() {
                 bail!(
                     "the loss became {loss} in epoch {}, batch {} of {n_batches} (optimizer step {step}): \
                      the training diverged (try a lower --lr); {}",
                     epoch + 1,
                     i + 1,
-                    last_good
+                    self.last_good
                 );
             }
             progress.batch(indices.len(), loss);
         }
         drop(images);
-        let summary = progress.finish();
-        append_json_line(&run.train_log(), &summary)?;
-        let done = epoch + 1;
-        if done % plan.eval_every == 0 || done == plan.epochs {
-            // Parameters are checked before the evaluation, whose anomaly
-            // maps would only be the symptom of non-finite weights.
-            if let Some(what) = engine.first_non_finite(&adam)? {
-                bail!(
-                    "the training diverged in epoch {done} (optimizer step {}): {what} \
-                     (try a lower --lr); {last_good}",
-                    adam.step_count()
-                );
-            }
-            let (weights_bytes, optimizer_bytes) = engine.checkpoint_bytes(&adam)?;
-            let eval = evaluate_cached(&engine, &test, caches.as_mut().map(|c| &mut c.test))
-                .with_context(|| {
-                    format!(
-                    "the evaluation after epoch {done} failed, so it was not saved; {last_good}"
-                )
-                })?;
-            // Undefined metrics count as 0: the test set, and so which
-            // metrics exist, is the same at every evaluation of the run.
-            let score = [
-                eval.metrics.image_auroc.unwrap_or(0.0),
-                eval.metrics.pixel_auroc.unwrap_or(0.0),
-            ];
-            let is_best =
-                best_score.is_none_or(|b| score[0] > b[0] || (score[0] == b[0] && score[1] > b[1]));
-            if is_best {
-                best_score = Some(score);
-            }
-            println!(
-                "eval @ epoch {done}: image AUROC {}, pixel AUROC {}, AU-PRO {}{}",
-                fmt_opt(eval.metrics.image_auroc),
-                fmt_opt(eval.metrics.pixel_auroc),
-                fmt_opt(eval.metrics.aupro),
-                if is_best { "  (best so far)" } else { "" }
-            );
-            append_json_line(
-                &run.eval_log(),
-                &EvalLogLine {
-                    epoch: done,
-                    optimizer_step: adam.step_count(),
-                    metrics: &eval.metrics,
-                    map_range: eval.map_range,
-                    best: is_best,
-                },
-            )?;
-            let meta = |name: &str, weights_hash: String, optimizer_hash: String| CheckpointMeta {
-                format: FORMAT.to_string(),
-                config: plan.cfg.clone(),
-                backbone_weights: weights_to_string(&plan.weights),
-                epoch: done,
-                seed: plan.seed,
-                metrics: Some(eval.metrics.clone()),
-                threshold: eval.metrics.threshold,
-                pixel_threshold: eval.metrics.pixel_threshold,
-                map_range: Some(eval.map_range),
-                best_score,
-                optimizer: OptimizerMeta {
-                    kind: "adam".into(),
-                    step: adam.step_count(),
-                    lr: adam_cfg.lr,
-                    weight_decay: adam_cfg.weight_decay,
-                    beta1: adam_cfg.beta1,
-                    beta2: adam_cfg.beta2,
-                    eps: adam_cfg.eps,
-                },
-                train: train_meta.clone(),
-                train_seconds: prior_seconds + start.elapsed().as_secs_f64(),
-                weights_file: format!("{name}.safetensors"),
-                weights_hash,
-                optimizer_file: format!("{name}.optim.safetensors"),
-                optimizer_hash,
-            };
-            let last = run.last();
-            write_checkpoint(&last, &weights_bytes, &optimizer_bytes, |w, o| {
-                meta("last", w, o)
-            })?;
-            last_good = LastGood(Some((last.meta.clone(), done)));
-            if is_best {
-                write_checkpoint(&run.best(), &weights_bytes, &optimizer_bytes, |w, o| {
-                    meta("best", w, o)
-                })?;
-            }
-            last_eval = Some((done, eval));
-        }
+        Ok(progress.finish())
     }
-    // Training time over the whole run, resumed parts included.
-    let train_seconds = prior_seconds + start.elapsed().as_secs_f64();
-    let (epoch, evaluation) = match last_eval {
-        Some(e) => e,
-        // Nothing left to train (resumed at or past the last epoch): the final
-        // evaluation is of the checkpoint as it is.
-        None => (
-            start_epoch,
-            evaluate_cached(&engine, &test, caches.as_mut().map(|c| &mut c.test))?,
-        ),
-    };
-    let md = markdown_report(
-        &ReportContext {
-            title: format!("FastFlow training: {}", plan.data.category),
-            facts: vec![
-                (
-                    "data".into(),
-                    format!("{} / {}", plan.data.data.display(), plan.data.category),
-                ),
-                ("config".into(), describe_config(&plan.cfg)),
-                ("backbone weights".into(), plan.weights.describe()),
-                ("epochs".into(), epoch.to_string()),
-                ("batch size".into(), plan.batch_size.to_string()),
-                ("seed".into(), plan.seed.to_string()),
-                (
-                    "training time incl. evaluations (s)".into(),
-                    format!("{train_seconds:.1}"),
-                ),
-                (
-                    "checkpoints".into(),
-                    run.checkpoints().display().to_string(),
-                ),
-            ],
-        },
-        &evaluation.metrics,
-    );
-    write_atomic(&run.report(), md.as_bytes())?;
-    if let Some(json) = &plan.json {
-        write_json_atomic(
-            json,
-            &TrainJson {
-                metrics: &evaluation.metrics,
-                epochs: epoch,
-                train_seconds,
+
+    /// After `done` epochs: refuses non-finite weights, evaluates, logs, and
+    /// writes `last` (and `best` when it is the best so far).
+    fn evaluate_and_save(&mut self, done: usize) -> Result<Evaluation> {
+        let plan = self.plan;
+        let last_good = &self.last_good;
+        // Parameters are checked before the evaluation, whose anomaly maps
+        // would only be the symptom of non-finite weights.
+        if let Some(what) = self.engine.first_non_finite(&self.adam)? {
+            bail!(
+                "the training diverged in epoch {done} (optimizer step {}): {what} \
+                 (try a lower --lr); {last_good}",
+                self.adam.step_count()
+            );
+        }
+        let (weights_bytes, optimizer_bytes) = self.engine.checkpoint_bytes(&self.adam)?;
+        let eval = evaluate_cached(
+            &self.engine,
+            &self.test,
+            self.caches.as_mut().map(|c| &mut c.test),
+        )
+        .with_context(|| {
+            format!("the evaluation after epoch {done} failed, so it was not saved; {last_good}")
+        })?;
+        // Undefined metrics count as 0: the test set, and so which metrics
+        // exist, is the same at every evaluation of the run.
+        let score = [
+            eval.metrics.image_auroc.unwrap_or(0.0),
+            eval.metrics.pixel_auroc.unwrap_or(0.0),
+        ];
+        let is_best = self
+            .best_score
+            .is_none_or(|b| score[0] > b[0] || (score[0] == b[0] && score[1] > b[1]));
+        if is_best {
+            self.best_score = Some(score);
+        }
+        println!(
+            "eval @ epoch {done}: image AUROC {}, pixel AUROC {}, AU-PRO {}{}",
+            fmt_opt(eval.metrics.image_auroc),
+            fmt_opt(eval.metrics.pixel_auroc),
+            fmt_opt(eval.metrics.aupro),
+            if is_best { "  (best so far)" } else { "" }
+        );
+        append_json_line(
+            &self.run.eval_log(),
+            &EvalLogLine {
+                epoch: done,
+                optimizer_step: self.adam.step_count(),
+                metrics: &eval.metrics,
+                map_range: eval.map_range,
+                best: is_best,
             },
         )?;
+        let adam_cfg = self.adam_cfg;
+        let meta = |name: &str, weights_hash: String, optimizer_hash: String| CheckpointMeta {
+            format: FORMAT.to_string(),
+            config: plan.cfg.clone(),
+            backbone_weights: weights_to_string(&plan.weights),
+            epoch: done,
+            seed: plan.seed,
+            metrics: Some(eval.metrics.clone()),
+            threshold: eval.metrics.threshold,
+            pixel_threshold: eval.metrics.pixel_threshold,
+            map_range: Some(eval.map_range),
+            best_score: self.best_score,
+            optimizer: OptimizerMeta {
+                kind: "adam".into(),
+                step: self.adam.step_count(),
+                lr: adam_cfg.lr,
+                weight_decay: adam_cfg.weight_decay,
+                beta1: adam_cfg.beta1,
+                beta2: adam_cfg.beta2,
+                eps: adam_cfg.eps,
+            },
+            train: self.train_meta.clone(),
+            train_seconds: self.prior_seconds + self.start.elapsed().as_secs_f64(),
+            weights_file: format!("{name}.safetensors"),
+            weights_hash,
+            optimizer_file: format!("{name}.optim.safetensors"),
+            optimizer_hash,
+        };
+        let last = self.run.last();
+        write_checkpoint(&last, &weights_bytes, &optimizer_bytes, |w, o| {
+            meta("last", w, o)
+        })?;
+        if is_best {
+            write_checkpoint(
+                &self.run.best(),
+                &weights_bytes,
+                &optimizer_bytes,
+                |w, o| meta("best", w, o),
+            )?;
+        }
+        self.last_good = LastGood(Some((last.meta.clone(), done)));
+        Ok(eval)
     }
-    Ok(TrainOutcome {
-        run,
-        evaluation,
-        train_seconds,
-    })
+
+    /// The final report and `--json`, from the last evaluation (or, when
+    /// nothing was left to train, a fresh one of the checkpoint).
+    fn finish(mut self, last_eval: Option<(usize, Evaluation)>) -> Result<TrainOutcome> {
+        let plan = self.plan;
+        // Training time over the whole run, resumed parts included.
+        let train_seconds = self.prior_seconds + self.start.elapsed().as_secs_f64();
+        let (epoch, evaluation) = match last_eval {
+            Some(e) => e,
+            None => (
+                self.start_epoch,
+                evaluate_cached(
+                    &self.engine,
+                    &self.test,
+                    self.caches.as_mut().map(|c| &mut c.test),
+                )?,
+            ),
+        };
+        let md = markdown_report(
+            &ReportContext {
+                title: format!("FastFlow training: {}", plan.data.category),
+                facts: vec![
+                    (
+                        "data".into(),
+                        format!("{} / {}", plan.data.data.display(), plan.data.category),
+                    ),
+                    ("config".into(), describe_config(&plan.cfg)),
+                    ("backbone weights".into(), plan.weights.describe()),
+                    ("epochs".into(), epoch.to_string()),
+                    ("batch size".into(), plan.batch_size.to_string()),
+                    ("seed".into(), plan.seed.to_string()),
+                    (
+                        "training time incl. evaluations (s)".into(),
+                        format!("{train_seconds:.1}"),
+                    ),
+                    (
+                        "checkpoints".into(),
+                        self.run.checkpoints().display().to_string(),
+                    ),
+                ],
+            },
+            &evaluation.metrics,
+        );
+        write_atomic(&self.run.report(), md.as_bytes())?;
+        if let Some(json) = &plan.json {
+            write_json_atomic(
+                json,
+                &TrainJson {
+                    metrics: &evaluation.metrics,
+                    epochs: epoch,
+                    train_seconds,
+                },
+            )?;
+        }
+        Ok(TrainOutcome {
+            run: self.run,
+            evaluation,
+            train_seconds,
+        })
+    }
 }
 
 /// The feature caches of one run: training and test images.
