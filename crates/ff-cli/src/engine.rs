@@ -76,7 +76,7 @@ impl Engine {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model =
-            FastFlow::new(cfg, backbone, vb, seed).context("cannot build the FastFlow model")?;
+            FastFlow::new(cfg, backbone, seed, vb).context("cannot build the FastFlow model")?;
         Ok(Self {
             model,
             device: device.clone(),

@@ -31,6 +31,8 @@ pub use config::FastFlowConfig;
 pub use coupling::{AllInOneBlock, Permutation};
 pub use error::{Error, Result};
 pub use flow::{Flow, FlowConfig};
-pub use model::{anomaly_map, image_scores, loss, FastFlow, FastFlowHead, FlowOutput};
+pub use model::{
+    anomaly_map, image_scores, loss, FastFlow, FastFlowHead, FeatureNorms, FlowOutput,
+};
 pub use norm::LayerNorm;
 pub use param::Param;

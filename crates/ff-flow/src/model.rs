@@ -128,6 +128,16 @@ pub fn draw_permutations(
 
 /// The trainable part of FastFlow: LayerNorms (CNN features only) and one
 /// flow per scale. Knows nothing about images or backbones: it maps feature
+/// Whether each scale's features pass through a trainable LayerNorm before
+/// its flow: the reference does so for CNN features, not for transformers'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureNorms {
+    /// A LayerNorm over `[C, h, w]` per scale (keys `norms.{i}.*`).
+    LayerNorm,
+    /// Features go to the flows as they are.
+    None,
+}
+
 /// maps of known shapes to latents.
 #[derive(Debug, Clone)]
 pub struct FastFlowHead {
@@ -138,16 +148,16 @@ pub struct FastFlowHead {
 }
 
 impl FastFlowHead {
-    /// Builds norms (if `with_norms`) and flows for features of
+    /// Builds norms (with [`FeatureNorms::LayerNorm`]) and flows for features of
     /// `feature_shapes` (`[C, h, w]` per scale) at the root of `vb`
     /// (keys `norms.{i}.*`, `nf_flows.{i}.module_list.{k}.*`). Permutations
     /// and new parameters are drawn from `seed`.
     pub fn new(
         cfg: &FastFlowConfig,
         feature_shapes: Vec<[usize; 3]>,
-        with_norms: bool,
-        vb: VarBuilder,
+        norms: FeatureNorms,
         seed: u64,
+        vb: VarBuilder,
     ) -> Result<Self> {
         let channels: Vec<usize> = feature_shapes.iter().map(|s| s[0]).collect();
         let perms = draw_permutations(&channels, cfg.flow_step, seed, vb.device())?;
@@ -155,7 +165,7 @@ impl FastFlowHead {
         // permutations do not depend on how many parameters are new.
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(1);
-        let norms = if with_norms {
+        let norms = if norms == FeatureNorms::LayerNorm {
             feature_shapes
                 .iter()
                 .enumerate()
@@ -396,8 +406,8 @@ impl FastFlow {
     pub fn new(
         cfg: &FastFlowConfig,
         backbone: Backbone,
-        vb: VarBuilder,
         perm_seed: u64,
+        vb: VarBuilder,
     ) -> Result<Self> {
         cfg.validate()?;
         let kind = cfg.backbone_kind()?;
@@ -411,7 +421,17 @@ impl FastFlow {
                 ),
             });
         }
-        let head = FastFlowHead::new(cfg, cfg.feature_shapes()?, kind.is_cnn(), vb, perm_seed)?;
+        let head = FastFlowHead::new(
+            cfg,
+            cfg.feature_shapes()?,
+            if kind.is_cnn() {
+                FeatureNorms::LayerNorm
+            } else {
+                FeatureNorms::None
+            },
+            perm_seed,
+            vb,
+        )?;
         Ok(Self {
             cfg: cfg.clone(),
             backbone,

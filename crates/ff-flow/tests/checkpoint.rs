@@ -15,6 +15,7 @@ use ff_backbone::{Backbone, BackboneKind};
 use ff_flow::{
     load_safetensors, load_state_dict, loss, read_reference_pt, save_checkpoint,
     split_reference_state_dict, Adam, AdamConfig, Error, FastFlow, FastFlowConfig, FastFlowHead,
+    FeatureNorms,
 };
 use serde_json::Value;
 
@@ -36,7 +37,7 @@ fn build_model(
         dev(),
     );
     let backbone = Backbone::new(BackboneKind::ResNet18, vb).unwrap();
-    FastFlow::new(cfg, backbone, fresh_vb(varmap), 3).unwrap()
+    FastFlow::new(cfg, backbone, 3, fresh_vb(varmap)).unwrap()
 }
 
 #[test]
@@ -130,7 +131,14 @@ fn reference_pt_with_a_mismatched_config_is_rejected_by_key_and_shape() {
         ..base.clone()
     };
     let varmap = VarMap::new();
-    let mut head = FastFlowHead::new(&cfg, shapes.clone(), true, fresh_vb(&varmap), 0).unwrap();
+    let mut head = FastFlowHead::new(
+        &cfg,
+        shapes.clone(),
+        FeatureNorms::LayerNorm,
+        0,
+        fresh_vb(&varmap),
+    )
+    .unwrap();
     let err = head.load_state_dict(&parts.flow).unwrap_err();
     match &err {
         Error::MissingTensor { key, .. } => assert!(key.contains("module_list.1"), "{err}"),
@@ -143,7 +151,14 @@ fn reference_pt_with_a_mismatched_config_is_rejected_by_key_and_shape() {
         ..base.clone()
     };
     let varmap = VarMap::new();
-    let mut head = FastFlowHead::new(&cfg, shapes.clone(), true, fresh_vb(&varmap), 0).unwrap();
+    let mut head = FastFlowHead::new(
+        &cfg,
+        shapes.clone(),
+        FeatureNorms::LayerNorm,
+        0,
+        fresh_vb(&varmap),
+    )
+    .unwrap();
     let err = head.load_state_dict(&parts.flow).unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -160,9 +175,9 @@ fn reference_pt_with_a_mismatched_config_is_rejected_by_key_and_shape() {
     let mut head = FastFlowHead::new(
         &cfg,
         cfg.feature_shapes().unwrap(),
-        true,
-        fresh_vb(&varmap),
+        FeatureNorms::LayerNorm,
         0,
+        fresh_vb(&varmap),
     )
     .unwrap();
     let err = head.load_state_dict(&parts.flow).unwrap_err();
@@ -173,7 +188,8 @@ fn reference_pt_with_a_mismatched_config_is_rejected_by_key_and_shape() {
 
     // Handing it backbone tensors too is an error naming them.
     let varmap = VarMap::new();
-    let mut head = FastFlowHead::new(&base, shapes, true, fresh_vb(&varmap), 0).unwrap();
+    let mut head =
+        FastFlowHead::new(&base, shapes, FeatureNorms::LayerNorm, 0, fresh_vb(&varmap)).unwrap();
     let mut with_backbone = parts.flow.clone();
     with_backbone.insert(
         "feature_extractor.conv1.weight".into(),
@@ -199,9 +215,9 @@ fn small_head(varmap: &VarMap, seed: u64) -> (FastFlowConfig, FastFlowHead) {
     let head = FastFlowHead::new(
         &cfg,
         cfg.feature_shapes().unwrap(),
-        true,
-        fresh_vb(varmap),
+        FeatureNorms::LayerNorm,
         seed,
+        fresh_vb(varmap),
     )
     .unwrap();
     (cfg, head)
@@ -249,7 +265,7 @@ fn safetensors_round_trip_restores_weights_and_permutations() {
         .unwrap()
     };
     let varmap_a = VarMap::new();
-    let model_a = FastFlow::new(&cfg, backbone(), fresh_vb(&varmap_a), 11).unwrap();
+    let model_a = FastFlow::new(&cfg, backbone(), 11, fresh_vb(&varmap_a)).unwrap();
     save_checkpoint(&path, &model_a, &HashMap::new()).unwrap();
     let sd = load_safetensors(&path).unwrap();
     // Reference keys: norms, trainable flow tensors and both permutation buffers.
@@ -267,7 +283,7 @@ fn safetensors_round_trip_restores_weights_and_permutations() {
 
     // A model drawn from another seed becomes identical after loading.
     let varmap_b = VarMap::new();
-    let mut model_b = FastFlow::new(&cfg, backbone(), fresh_vb(&varmap_b), 12).unwrap();
+    let mut model_b = FastFlow::new(&cfg, backbone(), 12, fresh_vb(&varmap_b)).unwrap();
     assert_ne!(
         model_a.head().flows()[0].steps()[0].permutation().indices(),
         model_b.head().flows()[0].steps()[0].permutation().indices()
@@ -408,7 +424,7 @@ fn model_rejects_a_backbone_of_another_kind() {
         ff_backbone::det_init::det_var_builder(DType::F32, &dev()),
     )
     .unwrap();
-    let err = FastFlow::new(&cfg, backbone, fresh_vb(&VarMap::new()), 0).unwrap_err();
+    let err = FastFlow::new(&cfg, backbone, 0, fresh_vb(&VarMap::new())).unwrap_err();
     assert!(
         err.to_string().contains("resnet18") && err.to_string().contains("wide_resnet50_2"),
         "{err}"
@@ -423,7 +439,14 @@ fn a_non_trainable_builder_is_refused() {
         ..FastFlowConfig::resnet18()
     };
     let vb = ff_backbone::det_init::det_var_builder(DType::F32, &dev());
-    let err = FastFlowHead::new(&cfg, cfg.feature_shapes().unwrap(), true, vb, 0).unwrap_err();
+    let err = FastFlowHead::new(
+        &cfg,
+        cfg.feature_shapes().unwrap(),
+        FeatureNorms::LayerNorm,
+        0,
+        vb,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::NotTrainable { .. }), "{err}");
 }
 

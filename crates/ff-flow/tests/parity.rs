@@ -9,7 +9,9 @@ use candle_nn::VarMap;
 use common::*;
 use ff_backbone::det_init::det_var_builder;
 use ff_backbone::{Backbone, BackboneKind};
-use ff_flow::{image_scores, loss, Adam, AdamConfig, FastFlow, FastFlowHead, FlowOutput};
+use ff_flow::{
+    image_scores, loss, Adam, AdamConfig, FastFlow, FastFlowHead, FeatureNorms, FlowOutput,
+};
 use serde_json::Value;
 
 /// Relative tolerance of every comparison with the reference.
@@ -90,9 +92,9 @@ fn fixture_head(case: &Case, varmap: &VarMap) -> FastFlowHead {
     let mut head = FastFlowHead::new(
         &cfg,
         cfg.feature_shapes().unwrap(),
-        true,
-        fresh_vb(varmap),
+        FeatureNorms::LayerNorm,
         7,
+        fresh_vb(varmap),
     )
     .unwrap();
     let sd = fixture_state_dict(&head, &case.doc["permutations"]);
@@ -126,7 +128,7 @@ fn model_part(name: &str) {
     let kind = BackboneKind::from_timm_name(&cfg.backbone_name).unwrap();
     let backbone = Backbone::new(kind, det_var_builder(DType::F32, &dev())).unwrap();
     let varmap = VarMap::new();
-    let mut model = FastFlow::new(&cfg, backbone, fresh_vb(&varmap), 7).unwrap();
+    let mut model = FastFlow::new(&cfg, backbone, 7, fresh_vb(&varmap)).unwrap();
     let sd = fixture_state_dict(model.head(), &case.doc["permutations"]);
     ff_flow::load_state_dict(&mut model, &sd).unwrap();
     let b = case.doc["batch"].as_u64().unwrap() as usize;
@@ -313,7 +315,7 @@ fn transformer_head_has_flows_only() {
     let shapes = cfg.feature_shapes().unwrap();
     assert_eq!(shapes, vec![[768, 24, 24]]);
     let varmap = VarMap::new();
-    let head = FastFlowHead::new(&cfg, shapes, false, fresh_vb(&varmap), 0).unwrap();
+    let head = FastFlowHead::new(&cfg, shapes, FeatureNorms::None, 0, fresh_vb(&varmap)).unwrap();
     assert!(head.norms().is_empty());
     let sd = head.state_dict().unwrap();
     assert!(sd.keys().all(|k| k.starts_with("nf_flows.0.module_list.")));

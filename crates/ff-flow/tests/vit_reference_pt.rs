@@ -115,7 +115,7 @@ fn check_reference_pt(name: &str) {
     );
     let backbone = Backbone::new(kind, vb).unwrap();
     let varmap = VarMap::new();
-    let mut model = FastFlow::new(&cfg, backbone, fresh_vb(&varmap), 0).unwrap();
+    let mut model = FastFlow::new(&cfg, backbone, 0, fresh_vb(&varmap)).unwrap();
     assert!(
         model.head().norms().is_empty(),
         "{name}: no extra LayerNorm"
