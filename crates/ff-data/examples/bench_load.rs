@@ -78,7 +78,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 1. One thread, decode only and decode + preprocess.
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
-    let (decode_s, full_s) = one.install(|| -> Result<(f64, f64), ff_data::DataError> {
+    let (decode_s, full_s) = one.install(|| -> Result<(f64, f64), ff_data::Error> {
         let t = Instant::now();
         for s in &samples {
             std::hint::black_box(ff_data::decode_rgb(&s.path)?);

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::error::DataError;
+use crate::error::Error;
 
 /// The 15 MVTec AD categories.
 pub const MVTEC_CATEGORIES: [&str; 15] = [
@@ -87,11 +87,11 @@ pub fn is_image_file(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-fn require_dir(path: &Path) -> Result<(), DataError> {
+fn require_dir(path: &Path) -> Result<(), Error> {
     if path.is_dir() {
         Ok(())
     } else {
-        Err(DataError::MissingDir {
+        Err(Error::MissingDir {
             path: path.to_path_buf(),
         })
     }
@@ -103,8 +103,8 @@ fn is_hidden(path: &Path) -> bool {
         .is_some_and(|n| n.to_string_lossy().starts_with('.'))
 }
 
-fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let io_err = |source| DataError::Io {
+fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let io_err = |source| Error::Io {
         path: dir.to_path_buf(),
         source,
     };
@@ -118,7 +118,7 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 
 /// The image files directly inside `dir`, sorted by path; anything else is
 /// skipped with a warning.
-pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     require_dir(dir)?;
     let mut images = Vec::new();
     for path in read_dir_sorted(dir)? {
@@ -145,7 +145,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 /// Samples are sorted by path (defect folders alphabetically, `good`
 /// included among them), so the order is the same on every machine. Every
 /// defect image must have its mask; a missing one is an error naming it.
-pub fn mvtec_category(root: &Path, category: &str) -> Result<Split, DataError> {
+pub fn mvtec_category(root: &Path, category: &str) -> Result<Split, Error> {
     let dir = root.join(category);
     require_dir(&dir)?;
     let train_dir = dir.join("train").join("good");
@@ -159,7 +159,7 @@ pub fn mvtec_category(root: &Path, category: &str) -> Result<Split, DataError> {
         })
         .collect();
     if train.is_empty() {
-        return Err(DataError::EmptyTrainSet { path: train_dir });
+        return Err(Error::EmptyTrainSet { path: train_dir });
     }
     let test_dir = dir.join("test");
     require_dir(&test_dir)?;
@@ -187,7 +187,7 @@ pub fn mvtec_category(root: &Path, category: &str) -> Result<Split, DataError> {
                     .join(&defect)
                     .join(format!("{stem}_mask.png"));
                 if !expected.is_file() {
-                    return Err(DataError::MissingMask {
+                    return Err(Error::MissingMask {
                         image: path,
                         expected,
                     });
@@ -260,7 +260,7 @@ impl FolderConfig {
 }
 
 /// Masks in `mask_dir` by file stem (`<stem>` and `<stem>_mask` both map to it).
-fn index_masks(mask_dir: &Path) -> Result<HashMap<String, PathBuf>, DataError> {
+fn index_masks(mask_dir: &Path) -> Result<HashMap<String, PathBuf>, Error> {
     let mut by_stem = HashMap::new();
     for path in list_images(mask_dir)? {
         let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
@@ -275,9 +275,9 @@ fn index_masks(mask_dir: &Path) -> Result<HashMap<String, PathBuf>, DataError> {
 }
 
 /// Lists a user's folder dataset (layout in [`FolderConfig`]).
-pub fn folder_dataset(cfg: &FolderConfig) -> Result<Split, DataError> {
+pub fn folder_dataset(cfg: &FolderConfig) -> Result<Split, Error> {
     if !(0.0..1.0).contains(&cfg.normal_split_ratio) {
-        return Err(DataError::Config(format!(
+        return Err(Error::Config(format!(
             "normal_split_ratio must be in [0, 1), got {}",
             cfg.normal_split_ratio
         )));
@@ -308,7 +308,7 @@ pub fn folder_dataset(cfg: &FolderConfig) -> Result<Split, DataError> {
         }
     };
     if normals.is_empty() {
-        return Err(DataError::EmptyTrainSet {
+        return Err(Error::EmptyTrainSet {
             path: cfg.normal_dir.clone(),
         });
     }
@@ -332,7 +332,7 @@ pub fn folder_dataset(cfg: &FolderConfig) -> Result<Split, DataError> {
                 match by_stem.get(&stem) {
                     Some(m) => Some(m.clone()),
                     None => {
-                        return Err(DataError::MissingMask {
+                        return Err(Error::MissingMask {
                             expected: dir.join(format!("{stem}.png")),
                             image: path,
                         })

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 /// Everything that can go wrong while listing, decoding or writing data.
 #[derive(Debug, thiserror::Error)]
-pub enum DataError {
+pub enum Error {
     /// A directory the dataset layout requires is absent (or is a file).
     #[error("dataset directory {path} does not exist or is not a directory")]
     MissingDir { path: PathBuf },

@@ -24,7 +24,7 @@ pub use dataset::{
     folder_dataset, is_image_file, list_images, mvtec_category, FolderConfig, Label, Sample, Split,
     IMAGE_EXTENSIONS, MVTEC_CATEGORIES,
 };
-pub use error::DataError;
+pub use error::Error;
 pub use loader::{Batch, EpochIter, Loader, LoaderConfig};
 pub use preprocess::{
     binarize_mask, decode_gray, decode_rgb, ImageTensor, Preprocess, IMAGENET_MEAN, IMAGENET_STD,

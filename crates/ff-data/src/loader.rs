@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::augment::{self, AugmentConfig};
 use crate::dataset::{Label, Sample};
-use crate::error::DataError;
+use crate::error::Error;
 use crate::preprocess::{decode_gray, decode_rgb, Preprocess};
 
 /// A batch ready for the model.
@@ -177,9 +177,9 @@ impl Loader {
     /// yielded. Dropping the iterator stops the background thread.
     pub fn epoch(&self, epoch: usize) -> EpochIter {
         let shared = Arc::clone(&self.shared);
-        let (tx, rx) = sync_channel::<Result<Batch, DataError>>(1);
+        let (tx, rx) = sync_channel::<Result<Batch, Error>>(1);
         let invalid = if shared.cfg.batch_size == 0 {
-            Some(DataError::Config("batch_size must be at least 1".into()))
+            Some(Error::Config("batch_size must be at least 1".into()))
         } else {
             shared.preprocess.check().err()
         };
@@ -211,7 +211,7 @@ impl Loader {
 
 impl Shared {
     /// Decodes and resizes sample `i`, or takes it from the cache.
-    fn prepared(&self, i: usize) -> Result<Arc<Prepared>, DataError> {
+    fn prepared(&self, i: usize) -> Result<Arc<Prepared>, Error> {
         if let Some(p) = self.cache[i].get() {
             return Ok(Arc::clone(p));
         }
@@ -219,13 +219,13 @@ impl Shared {
         let img = decode_rgb(&sample.path)?;
         let mask = if self.cfg.with_masks && sample.label == Label::Anomalous {
             let Some(mask_path) = &sample.mask else {
-                return Err(DataError::NoMaskRecorded {
+                return Err(Error::NoMaskRecorded {
                     image: sample.path.clone(),
                 });
             };
             let mask = decode_gray(mask_path)?;
             if mask.dimensions() != img.dimensions() {
-                return Err(DataError::MaskSizeMismatch {
+                return Err(Error::MaskSizeMismatch {
                     mask: mask_path.clone(),
                     image: sample.path.clone(),
                     mask_width: mask.width(),
@@ -250,7 +250,7 @@ impl Shared {
     }
 
     /// One sample, augmented and normalised: `[3, s, s]` and `[s, s]` mask.
-    fn item(&self, i: usize, epoch: usize) -> Result<(Vec<f32>, Option<Vec<bool>>), DataError> {
+    fn item(&self, i: usize, epoch: usize) -> Result<(Vec<f32>, Option<Vec<bool>>), Error> {
         let s = self.preprocess.input_size;
         let p = self.prepared(i)?;
         let (rgb, mask) = match &self.cfg.augment {
@@ -267,7 +267,7 @@ impl Shared {
         Ok((out, mask))
     }
 
-    fn batch(&self, indices: &[usize], epoch: usize) -> Result<Batch, DataError> {
+    fn batch(&self, indices: &[usize], epoch: usize) -> Result<Batch, Error> {
         let s = self.preprocess.input_size;
         let items: Vec<_> = indices
             .par_iter()
@@ -301,7 +301,7 @@ impl Shared {
 
 /// The batches of one epoch, prepared one ahead by a background thread.
 pub struct EpochIter {
-    rx: Option<Receiver<Result<Batch, DataError>>>,
+    rx: Option<Receiver<Result<Batch, Error>>>,
     worker: Option<JoinHandle<()>>,
 }
 
@@ -312,7 +312,7 @@ impl std::fmt::Debug for EpochIter {
 }
 
 impl Iterator for EpochIter {
-    type Item = Result<Batch, DataError>;
+    type Item = Result<Batch, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
         self.rx.as_ref()?.recv().ok()

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 
-use crate::error::DataError;
+use crate::error::Error;
 use crate::resize::resize_bilinear_antialias_raw;
 
 /// ImageNet channel means, as in the reference's `Normalize`.
@@ -63,7 +63,7 @@ impl Preprocess {
     ///
     /// # Shapes
     /// Returns `[3, input_size, input_size]`.
-    pub fn load_image(&self, path: &Path) -> Result<ImageTensor, DataError> {
+    pub fn load_image(&self, path: &Path) -> Result<ImageTensor, Error> {
         self.check()?;
         let img = decode_rgb(path)?;
         Ok(self.preprocess_rgb(&img))
@@ -74,16 +74,16 @@ impl Preprocess {
     ///
     /// # Shapes
     /// Returns `input_size * input_size` booleans, row-major.
-    pub fn load_mask(&self, path: &Path) -> Result<Vec<bool>, DataError> {
+    pub fn load_mask(&self, path: &Path) -> Result<Vec<bool>, Error> {
         self.check()?;
         let mask = decode_gray(path)?;
         Ok(self.resize_mask(&mask))
     }
 
     /// Rejects an input size of zero (a config error, reported before any work).
-    pub fn check(&self) -> Result<(), DataError> {
+    pub fn check(&self) -> Result<(), Error> {
         if self.input_size == 0 {
-            return Err(DataError::Config("input_size must be at least 1".into()));
+            return Err(Error::Config("input_size must be at least 1".into()));
         }
         Ok(())
     }
@@ -153,12 +153,12 @@ pub fn binarize_mask(resized: &[u8]) -> Vec<bool> {
 }
 
 /// Reads and decodes an image file, guessing the format from its content.
-pub fn decode(path: &Path) -> Result<DynamicImage, DataError> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+pub fn decode(path: &Path) -> Result<DynamicImage, Error> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let decode_err = |source| DataError::Decode {
+    let decode_err = |source| Error::Decode {
         path: path.to_path_buf(),
         source,
     };
@@ -167,7 +167,7 @@ pub fn decode(path: &Path) -> Result<DynamicImage, DataError> {
         .map_err(|e| decode_err(image::ImageError::IoError(e)))?;
     let img = reader.decode().map_err(decode_err)?;
     if img.width() == 0 || img.height() == 0 {
-        return Err(DataError::EmptyImage {
+        return Err(Error::EmptyImage {
             path: path.to_path_buf(),
             width: img.width(),
             height: img.height(),
@@ -184,7 +184,7 @@ pub fn decode(path: &Path) -> Result<DynamicImage, DataError> {
 /// PIL keeps the high byte of 16-bit RGB (at most 1 level apart) and clips
 /// 16-bit grayscale at 255 (nearly all white), which we do not copy.
 /// EXIF orientation is ignored, as PIL and torchvision ignore it.
-pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
+pub fn decode_rgb(path: &Path) -> Result<RgbImage, Error> {
     Ok(decode(path)?.into_rgb8())
 }
 
@@ -193,7 +193,7 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
 /// RGB is converted with PIL's ITU-R 601-2 luma in PIL's fixed point
 /// (`(19595 R + 38470 G + 7471 B + 32768) >> 16`); alpha is dropped; 16-bit
 /// samples are scaled to 8 bits with rounding.
-pub fn decode_gray(path: &Path) -> Result<GrayImage, DataError> {
+pub fn decode_gray(path: &Path) -> Result<GrayImage, Error> {
     Ok(to_gray_pil(decode(path)?))
 }
 

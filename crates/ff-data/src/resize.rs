@@ -89,7 +89,7 @@ fn clip8(acc: i32) -> u8 {
 /// `[new_h, new_w, channels]`. Any channel count works (masks use 1, RGB 3).
 ///
 /// A zero output size gives an empty buffer; an empty source gives a black
-/// output (decoded images are never empty: see `DataError::EmptyImage`).
+/// output (decoded images are never empty: see `Error::EmptyImage`).
 ///
 /// # Panics
 /// Panics if `src.len() != width * height * channels`, a programming error

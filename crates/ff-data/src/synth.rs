@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::error::DataError;
+use crate::error::Error;
 
 /// The defect types written under `test/<defect>`, in round-robin order.
 pub const DEFECTS: [&str; 4] = ["scratch", "hole", "stain", "cut"];
@@ -454,17 +454,15 @@ struct Job {
 /// [`SynthKind::for_name`]); everything else from `cfg.seed`, so equal
 /// arguments write byte-identical files. Existing files of the same names
 /// are overwritten; other files are left alone.
-pub fn generate_category(root: &Path, name: &str, cfg: &SynthConfig) -> Result<(), DataError> {
+pub fn generate_category(root: &Path, name: &str, cfg: &SynthConfig) -> Result<(), Error> {
     if cfg.image_size < 16 {
-        return Err(DataError::Config(format!(
+        return Err(Error::Config(format!(
             "synthetic image_size must be at least 16, got {}",
             cfg.image_size
         )));
     }
     if cfg.n_train == 0 {
-        return Err(DataError::Config(
-            "synthetic n_train must be at least 1".into(),
-        ));
+        return Err(Error::Config("synthetic n_train must be at least 1".into()));
     }
     let style = Style::new(name);
     let dir = root.join(name);
@@ -504,7 +502,7 @@ pub fn generate_category(root: &Path, name: &str, cfg: &SynthConfig) -> Result<(
         }
     }
     for d in &dirs {
-        std::fs::create_dir_all(d).map_err(|source| DataError::Io {
+        std::fs::create_dir_all(d).map_err(|source| Error::Io {
             path: d.clone(),
             source,
         })?;
@@ -536,15 +534,15 @@ pub fn generate_category(root: &Path, name: &str, cfg: &SynthConfig) -> Result<(
                 .join(defect)
                 .join(format!("{:03}_mask.png", job.index));
             gray.save_with_format(&path, image::ImageFormat::Png)
-                .map_err(|source| DataError::Encode { path, source })?;
+                .map_err(|source| Error::Encode { path, source })?;
         }
         Ok(())
     })
 }
 
-fn save(img: &RgbImage, path: &Path) -> Result<(), DataError> {
+fn save(img: &RgbImage, path: &Path) -> Result<(), Error> {
     img.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|source| DataError::Encode {
+        .map_err(|source| Error::Encode {
             path: path.to_path_buf(),
             source,
         })

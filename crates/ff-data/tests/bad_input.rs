@@ -3,8 +3,7 @@
 use std::path::Path;
 
 use ff_data::{
-    folder_dataset, mvtec_category, DataError, FolderConfig, Label, Loader, LoaderConfig,
-    Preprocess,
+    folder_dataset, mvtec_category, Error, FolderConfig, Label, Loader, LoaderConfig, Preprocess,
 };
 use image::{GrayImage, RgbImage};
 
@@ -77,7 +76,7 @@ fn warnings_about(needle: &str) -> usize {
         .count()
 }
 
-fn all_batches(loader: &Loader) -> Result<Vec<ff_data::Batch>, DataError> {
+fn all_batches(loader: &Loader) -> Result<Vec<ff_data::Batch>, Error> {
     loader.epoch(0).collect()
 }
 
@@ -116,7 +115,7 @@ fn missing_category_dir_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let err = mvtec_category(dir.path(), "bottle").unwrap_err();
     assert!(
-        matches!(&err, DataError::MissingDir { path } if path.ends_with("bottle")),
+        matches!(&err, Error::MissingDir { path } if path.ends_with("bottle")),
         "{err}"
     );
     assert!(err.to_string().contains("bottle"));
@@ -133,7 +132,7 @@ fn empty_train_set_is_an_error() {
     std::fs::write(c.join("train/good/notes.txt"), "hello").unwrap();
     let err = mvtec_category(dir.path(), "widget").unwrap_err();
     assert!(
-        matches!(&err, DataError::EmptyTrainSet { path } if path.ends_with("train/good")),
+        matches!(&err, Error::EmptyTrainSet { path } if path.ends_with("train/good")),
         "{err}"
     );
 }
@@ -145,7 +144,7 @@ fn defect_image_without_mask_names_both_paths() {
     std::fs::remove_file(c.join("ground_truth/hole/000_mask.png")).unwrap();
     let err = mvtec_category(dir.path(), "widget").unwrap_err();
     match &err {
-        DataError::MissingMask { image, expected } => {
+        Error::MissingMask { image, expected } => {
             assert!(image.ends_with("test/hole/000.png"));
             assert!(expected.ends_with("ground_truth/hole/000_mask.png"));
         }
@@ -198,7 +197,7 @@ fn unreadable_and_truncated_images_name_the_file() {
     std::fs::write(&truncated, &good[..good.len() / 2]).unwrap();
     let err = pre.load_image(&truncated).unwrap_err();
     assert!(
-        matches!(&err, DataError::Decode { path, .. } if path == &truncated),
+        matches!(&err, Error::Decode { path, .. } if path == &truncated),
         "{err}"
     );
     // Garbage with an image extension.
@@ -209,7 +208,7 @@ fn unreadable_and_truncated_images_name_the_file() {
     // Missing file.
     let err = pre.load_image(&c.join("nope.png")).unwrap_err();
     assert!(
-        matches!(&err, DataError::Io { path, .. } if path.ends_with("nope.png")),
+        matches!(&err, Error::Io { path, .. } if path.ends_with("nope.png")),
         "{err}"
     );
     // Through the loader: the error arrives as a batch item and ends the epoch.
@@ -233,7 +232,7 @@ fn mask_size_mismatch_names_mask_and_image() {
     let loader = Loader::new(split.test, Preprocess::imagenet(16), cfg);
     let err = all_batches(&loader).unwrap_err();
     match &err {
-        DataError::MaskSizeMismatch {
+        Error::MaskSizeMismatch {
             mask,
             image,
             mask_width,
@@ -262,7 +261,7 @@ fn masks_requested_without_recorded_mask_is_an_error() {
     cfg.with_masks = true;
     let err = all_batches(&Loader::new(split.test, Preprocess::imagenet(8), cfg)).unwrap_err();
     assert!(
-        matches!(&err, DataError::NoMaskRecorded { image } if image.ends_with("b.png")),
+        matches!(&err, Error::NoMaskRecorded { image } if image.ends_with("b.png")),
         "{err}"
     );
 }
@@ -339,22 +338,19 @@ fn folder_dataset_follows_anomalib_folder() {
     std::fs::remove_file(masks.join("b2.bmp")).unwrap();
     let err = folder_dataset(&cfg).unwrap_err();
     assert!(
-        matches!(&err, DataError::MissingMask { image, .. } if image.ends_with("b2.PNG")),
+        matches!(&err, Error::MissingMask { image, .. } if image.ends_with("b2.PNG")),
         "{err}"
     );
 
     // Missing and bad settings.
     let err = folder_dataset(&FolderConfig::new(dir.path().join("absent"), &bad)).unwrap_err();
     assert!(
-        matches!(&err, DataError::MissingDir { path } if path.ends_with("absent")),
+        matches!(&err, Error::MissingDir { path } if path.ends_with("absent")),
         "{err}"
     );
     let mut bad_ratio = FolderConfig::new(&normal, &bad);
     bad_ratio.normal_split_ratio = 1.0;
-    assert!(matches!(
-        folder_dataset(&bad_ratio),
-        Err(DataError::Config(_))
-    ));
+    assert!(matches!(folder_dataset(&bad_ratio), Err(Error::Config(_))));
 }
 
 #[test]
@@ -365,16 +361,16 @@ fn zero_sizes_are_errors_not_panics() {
     let loader = Loader::new(split.train, Preprocess::imagenet(8), LoaderConfig::new(0));
     let items: Vec<_> = loader.epoch(0).collect();
     assert_eq!(items.len(), 1);
-    assert!(matches!(items[0], Err(DataError::Config(_))));
+    assert!(matches!(items[0], Err(Error::Config(_))));
     let loader = Loader::new(vec![], Preprocess::imagenet(0), LoaderConfig::new(4));
     assert!(matches!(
         loader.epoch(0).next(),
-        Some(Err(DataError::Config(_)))
+        Some(Err(Error::Config(_)))
     ));
     let err = Preprocess::imagenet(0)
         .load_image(Path::new("x.png"))
         .unwrap_err();
-    assert!(matches!(err, DataError::Config(_)), "{err}");
+    assert!(matches!(err, Error::Config(_)), "{err}");
     // In memory: an empty image or a zero size gives an empty or black tensor, not a panic.
     let t = Preprocess::imagenet(4).preprocess_rgb(&RgbImage::new(0, 0));
     assert_eq!((t.height, t.width, t.data.len()), (4, 4, 48));

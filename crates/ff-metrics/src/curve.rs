@@ -7,7 +7,7 @@
 //! bits, per-sample data in the low 32 bits) so the sort is a parallel radix
 //! sort of integers (`sort.rs`) and the sweep reads memory sequentially.
 
-use crate::MetricsError;
+use crate::Error;
 
 /// Maps a finite `f32` to a `u32` whose descending integer order is the
 /// descending order of the scores, with `-0.0` and `0.0` made equal.
@@ -52,8 +52,8 @@ pub(crate) fn for_each_tie_group(sorted: &[u64], mut on_group: impl FnMut(u32, &
     }
 }
 
-/// Fails with [`MetricsError::NonFiniteScore`] at the first NaN or infinite score.
-pub(crate) fn check_finite(metric: &'static str, scores: &[f32]) -> Result<(), MetricsError> {
+/// Fails with [`Error::NonFiniteScore`] at the first NaN or infinite score.
+pub(crate) fn check_finite(metric: &'static str, scores: &[f32]) -> Result<(), Error> {
     // A branch-free scan over chunks vectorises; the exact position is only
     // looked up once a chunk is known to hold a bad score.
     let bad_chunk = scores
@@ -68,7 +68,7 @@ pub(crate) fn check_finite(metric: &'static str, scores: &[f32]) -> Result<(), M
         .position(|s| !s.is_finite())
         .unwrap_or(0);
     let index = start + offset;
-    Err(MetricsError::NonFiniteScore {
+    Err(Error::NonFiniteScore {
         metric,
         index,
         value: scores[index],
@@ -158,15 +158,15 @@ impl RocF1Sweep {
     /// The F1-max and its threshold.
     ///
     /// # Errors
-    /// [`MetricsError::OneClass`] when the ranking had no anomalous sample,
+    /// [`Error::OneClass`] when the ranking had no anomalous sample,
     /// so recall (and F1) is undefined at every threshold.
-    pub(crate) fn f1_max(&self, metric: &'static str) -> Result<F1Max, MetricsError> {
+    pub(crate) fn f1_max(&self, metric: &'static str) -> Result<F1Max, Error> {
         match self.best {
             Some((tp, fp, key)) if self.positives > 0 => Ok(F1Max {
                 f1: 2.0 * tp as f64 / (tp + fp + self.positives) as f64,
                 threshold: score_of_key(key),
             }),
-            _ => Err(MetricsError::OneClass {
+            _ => Err(Error::OneClass {
                 metric,
                 present: "normal",
             }),
@@ -180,9 +180,9 @@ fn sorted_labelled_keys(
     metric: &'static str,
     scores: &[f32],
     labels: &[bool],
-) -> Result<(Vec<u64>, u64, u64), MetricsError> {
+) -> Result<(Vec<u64>, u64, u64), Error> {
     if scores.len() != labels.len() {
-        return Err(MetricsError::LengthMismatch {
+        return Err(Error::LengthMismatch {
             metric,
             what: "labels",
             expected: scores.len(),
@@ -190,7 +190,7 @@ fn sorted_labelled_keys(
         });
     }
     if scores.is_empty() {
-        return Err(MetricsError::Empty { metric });
+        return Err(Error::Empty { metric });
     }
     check_finite(metric, scores)?;
     let positives = labels.iter().filter(|&&l| l).count() as u64;
@@ -222,10 +222,10 @@ fn sweep_labelled(keys: &[u64], positives: u64, negatives: u64) -> RocF1Sweep {
 /// negative counts one half.
 ///
 /// # Errors
-/// [`MetricsError::LengthMismatch`] when the lengths differ,
-/// [`MetricsError::Empty`] for no samples, [`MetricsError::NonFiniteScore`]
-/// for a NaN or infinite score, [`MetricsError::OneClass`] when all labels are equal.
-pub fn roc_auc(scores: &[f32], labels: &[bool]) -> Result<f64, MetricsError> {
+/// [`Error::LengthMismatch`] when the lengths differ,
+/// [`Error::Empty`] for no samples, [`Error::NonFiniteScore`]
+/// for a NaN or infinite score, [`Error::OneClass`] when all labels are equal.
+pub fn roc_auc(scores: &[f32], labels: &[bool]) -> Result<f64, Error> {
     const METRIC: &str = "roc_auc";
     let (keys, positives, negatives) = sorted_labelled_keys(METRIC, scores, labels)?;
     one_class_check(METRIC, positives, negatives)?;
@@ -244,27 +244,27 @@ pub fn roc_auc(scores: &[f32], labels: &[bool]) -> Result<f64, MetricsError> {
 /// samples is fine (F1 = 1 at the lowest score).
 ///
 /// # Errors
-/// [`MetricsError::LengthMismatch`], [`MetricsError::Empty`],
-/// [`MetricsError::NonFiniteScore`], and [`MetricsError::OneClass`] when no
+/// [`Error::LengthMismatch`], [`Error::Empty`],
+/// [`Error::NonFiniteScore`], and [`Error::OneClass`] when no
 /// label is `true`.
-pub fn f1_max(scores: &[f32], labels: &[bool]) -> Result<F1Max, MetricsError> {
+pub fn f1_max(scores: &[f32], labels: &[bool]) -> Result<F1Max, Error> {
     const METRIC: &str = "f1_max";
     let (keys, positives, negatives) = sorted_labelled_keys(METRIC, scores, labels)?;
     sweep_labelled(&keys, positives, negatives).f1_max(METRIC)
 }
 
-/// Fails with [`MetricsError::OneClass`] unless both classes are present.
+/// Fails with [`Error::OneClass`] unless both classes are present.
 pub(crate) fn one_class_check(
     metric: &'static str,
     positives: u64,
     negatives: u64,
-) -> Result<(), MetricsError> {
+) -> Result<(), Error> {
     match (positives, negatives) {
-        (0, _) => Err(MetricsError::OneClass {
+        (0, _) => Err(Error::OneClass {
             metric,
             present: "normal",
         }),
-        (_, 0) => Err(MetricsError::OneClass {
+        (_, 0) => Err(Error::OneClass {
             metric,
             present: "anomalous",
         }),
@@ -277,7 +277,7 @@ pub(crate) fn roc_auc_and_f1_max(
     metric: &'static str,
     scores: &[f32],
     labels: &[bool],
-) -> Result<(f64, F1Max), MetricsError> {
+) -> Result<(f64, F1Max), Error> {
     let (keys, positives, negatives) = sorted_labelled_keys(metric, scores, labels)?;
     one_class_check(metric, positives, negatives)?;
     let sweep = sweep_labelled(&keys, positives, negatives);
@@ -371,7 +371,7 @@ mod tests {
         let err = roc_auc(&[0.1, 0.2], &[true, true]).unwrap_err();
         assert_eq!(
             err,
-            MetricsError::OneClass {
+            Error::OneClass {
                 metric: "roc_auc",
                 present: "anomalous"
             }
@@ -379,14 +379,14 @@ mod tests {
         let err = roc_auc(&[0.1, 0.2], &[false, false]).unwrap_err();
         assert!(matches!(
             err,
-            MetricsError::OneClass {
+            Error::OneClass {
                 present: "normal",
                 ..
             }
         ));
         assert!(matches!(
             f1_max(&[0.1, 0.2], &[false, false]),
-            Err(MetricsError::OneClass { .. })
+            Err(Error::OneClass { .. })
         ));
         // Only anomalous samples: flagging everything is perfect.
         let f1 = f1_max(&[0.1, 0.2], &[true, true]).unwrap();
@@ -397,21 +397,21 @@ mod tests {
     fn nan_empty_and_mismatched_inputs_are_errors() {
         let err = roc_auc(&[0.1, f32::NAN, 0.3], &[true, false, true]).unwrap_err();
         assert!(
-            matches!(err, MetricsError::NonFiniteScore { index: 1, .. }),
+            matches!(err, Error::NonFiniteScore { index: 1, .. }),
             "{err}"
         );
         let err = f1_max(&[f32::INFINITY], &[true]).unwrap_err();
         assert!(
-            matches!(err, MetricsError::NonFiniteScore { index: 0, .. }),
+            matches!(err, Error::NonFiniteScore { index: 0, .. }),
             "{err}"
         );
         assert_eq!(
             roc_auc(&[], &[]).unwrap_err(),
-            MetricsError::Empty { metric: "roc_auc" }
+            Error::Empty { metric: "roc_auc" }
         );
         assert_eq!(
             roc_auc(&[0.1, 0.2], &[true]).unwrap_err(),
-            MetricsError::LengthMismatch {
+            Error::LengthMismatch {
                 metric: "roc_auc",
                 what: "labels",
                 expected: 2,

@@ -5,7 +5,7 @@
 /// Every variant names the metric (`metric`) that refused the input, so a
 /// caller that evaluates several metrics can tell which one failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum MetricsError {
+pub enum Error {
     /// No sample at all was given, so no curve exists.
     #[error("{metric}: no samples were given")]
     Empty {

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use crate::curve::{check_finite, roc_auc_and_f1_max};
 use crate::pixel::{checked_pixels, pixel_metrics, ImageRun};
-use crate::MetricsError;
+use crate::Error;
 
 /// The MVTec AD integration limit of AU-PRO: false-positive rates up to 30 %.
 pub const AU_PRO_FPR_LIMIT: f64 = 0.3;
@@ -57,7 +57,7 @@ pub struct EvalReport {
 /// assert_eq!(report.image_auroc, Some(1.0));
 /// assert_eq!(report.pixel_auroc, Some(1.0));
 /// assert_eq!(report.n_images, 2);
-/// # Ok::<(), ff_metrics::MetricsError>(())
+/// # Ok::<(), ff_metrics::Error>(())
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Evaluator {
@@ -99,10 +99,10 @@ impl Evaluator {
     /// `image_labels`: `[n]` (`true` = anomalous image).
     ///
     /// # Errors
-    /// [`MetricsError::LengthMismatch`] for a buffer of the wrong length,
-    /// [`MetricsError::EmptyImage`], [`MetricsError::TooLarge`],
-    /// [`MetricsError::NonFiniteScore`] (index within this batch's maps),
-    /// [`MetricsError::MixedMasks`]. A failed update adds nothing.
+    /// [`Error::LengthMismatch`] for a buffer of the wrong length,
+    /// [`Error::EmptyImage`], [`Error::TooLarge`],
+    /// [`Error::NonFiniteScore`] (index within this batch's maps),
+    /// [`Error::MixedMasks`]. A failed update adds nothing.
     pub fn update(
         &mut self,
         anomaly_maps: &[f32],
@@ -111,7 +111,7 @@ impl Evaluator {
         n: usize,
         height: usize,
         width: usize,
-    ) -> Result<(), MetricsError> {
+    ) -> Result<(), Error> {
         const METRIC: &str = "evaluator";
         let (pixels, total) = checked_pixels(METRIC, n, height, width)?;
         let lengths = [
@@ -120,7 +120,7 @@ impl Evaluator {
         ];
         for (what, found, expected) in lengths {
             if found != expected {
-                return Err(MetricsError::LengthMismatch {
+                return Err(Error::LengthMismatch {
                     metric: METRIC,
                     what,
                     expected,
@@ -135,7 +135,7 @@ impl Evaluator {
         }
         let batch_has_masks = !masks.is_empty();
         if batch_has_masks && masks.len() != total {
-            return Err(MetricsError::LengthMismatch {
+            return Err(Error::LengthMismatch {
                 metric: METRIC,
                 what: "masks",
                 expected: total,
@@ -167,16 +167,12 @@ impl Evaluator {
     /// Adds image scores and labels without maps, for image-level evaluation only.
     ///
     /// # Errors
-    /// [`MetricsError::LengthMismatch`], [`MetricsError::NonFiniteScore`], and
-    /// [`MetricsError::MixedMasks`] after batches with masks.
-    pub fn update_image_scores(
-        &mut self,
-        scores: &[f32],
-        labels: &[bool],
-    ) -> Result<(), MetricsError> {
+    /// [`Error::LengthMismatch`], [`Error::NonFiniteScore`], and
+    /// [`Error::MixedMasks`] after batches with masks.
+    pub fn update_image_scores(&mut self, scores: &[f32], labels: &[bool]) -> Result<(), Error> {
         const METRIC: &str = "evaluator";
         if scores.len() != labels.len() {
-            return Err(MetricsError::LengthMismatch {
+            return Err(Error::LengthMismatch {
                 metric: METRIC,
                 what: "labels",
                 expected: scores.len(),
@@ -192,9 +188,9 @@ impl Evaluator {
         Ok(())
     }
 
-    fn check_mask_consistency(&self, batch_has_masks: bool) -> Result<(), MetricsError> {
+    fn check_mask_consistency(&self, batch_has_masks: bool) -> Result<(), Error> {
         match self.has_masks {
-            Some(had) if had != batch_has_masks => Err(MetricsError::MixedMasks {
+            Some(had) if had != batch_has_masks => Err(Error::MixedMasks {
                 batch: self.batches,
                 has_masks: batch_has_masks,
             }),
@@ -208,12 +204,12 @@ impl Evaluator {
     /// metrics are `None` when no masks were given or no pixel is anomalous.
     ///
     /// # Errors
-    /// [`MetricsError::Empty`] before any image, [`MetricsError::OneClass`]
+    /// [`Error::Empty`] before any image, [`Error::OneClass`]
     /// when masks mark every pixel anomalous.
-    pub fn compute(&self) -> Result<EvalReport, MetricsError> {
+    pub fn compute(&self) -> Result<EvalReport, Error> {
         const IMAGE: &str = "image metrics";
         if self.image_scores.is_empty() {
-            return Err(MetricsError::Empty { metric: IMAGE });
+            return Err(Error::Empty { metric: IMAGE });
         }
         let n_anomalous = self.image_labels.iter().filter(|&&l| l).count();
         let image = if n_anomalous == 0 || n_anomalous == self.image_labels.len() {
@@ -417,15 +413,12 @@ mod tests {
     #[test]
     fn bad_batches_are_errors_and_add_nothing() {
         let mut evaluator = Evaluator::new();
-        assert!(matches!(
-            evaluator.compute(),
-            Err(MetricsError::Empty { .. })
-        ));
+        assert!(matches!(evaluator.compute(), Err(Error::Empty { .. })));
         let maps = [0.1, 0.2, 0.3, 0.4];
         let masks = [false, false, true, false];
         assert!(matches!(
             evaluator.update(&maps, &masks, &[false], 2, 1, 2),
-            Err(MetricsError::LengthMismatch {
+            Err(Error::LengthMismatch {
                 what: "image_labels",
                 expected: 2,
                 found: 1,
@@ -434,18 +427,18 @@ mod tests {
         ));
         assert!(matches!(
             evaluator.update(&maps, &masks[..3], &[false, true], 2, 1, 2),
-            Err(MetricsError::LengthMismatch { what: "masks", .. })
+            Err(Error::LengthMismatch { what: "masks", .. })
         ));
         assert!(matches!(
             evaluator.update(&maps, &masks, &[false, true], 2, 2, 2),
-            Err(MetricsError::LengthMismatch {
+            Err(Error::LengthMismatch {
                 what: "anomaly_maps",
                 ..
             })
         ));
         assert!(matches!(
             evaluator.update(&[0.1, f32::NAN, 0.3, 0.4], &masks, &[false, true], 2, 1, 2),
-            Err(MetricsError::NonFiniteScore { index: 1, .. })
+            Err(Error::NonFiniteScore { index: 1, .. })
         ));
         assert_eq!(evaluator.n_images(), 0);
         evaluator
@@ -453,14 +446,14 @@ mod tests {
             .unwrap();
         assert_eq!(
             evaluator.update(&maps, &[], &[false, true], 2, 1, 2),
-            Err(MetricsError::MixedMasks {
+            Err(Error::MixedMasks {
                 batch: 1,
                 has_masks: false
             })
         );
         assert!(matches!(
             evaluator.update_image_scores(&[0.5], &[true]),
-            Err(MetricsError::MixedMasks { .. })
+            Err(Error::MixedMasks { .. })
         ));
         assert_eq!(evaluator.n_images(), 2);
     }

@@ -34,7 +34,7 @@
 //! # Errors
 //! Inputs the metrics are undefined for (no samples, one class only, NaN or
 //! infinite scores, lengths that do not match the shape) give a
-//! [`MetricsError`], never a number and never a panic.
+//! [`Error`], never a number and never a panic.
 //!
 //! # Invariants
 //! No candle dependency: inputs are plain `f32` and `bool` slices. Parity with
@@ -49,7 +49,7 @@ mod regions;
 mod sort;
 
 pub use curve::{f1_max, roc_auc, F1Max};
-pub use error::MetricsError;
+pub use error::Error;
 pub use evaluator::{EvalReport, Evaluator, AU_PRO_FPR_LIMIT};
 pub use pixel::au_pro;
 pub use regions::region_sizes;

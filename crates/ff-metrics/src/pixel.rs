@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::curve::{check_finite, descending_key, for_each_tie_group, one_class_check, RocF1Sweep};
 use crate::regions::{label_regions, RegionScratch};
-use crate::{F1Max, MetricsError};
+use crate::{Error, F1Max};
 
 /// The three pixel-level metrics of one evaluation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,8 +46,8 @@ pub(crate) fn checked_pixels(
     n: usize,
     height: usize,
     width: usize,
-) -> Result<(usize, usize), MetricsError> {
-    let too_large = MetricsError::TooLarge {
+) -> Result<(usize, usize), Error> {
+    let too_large = Error::TooLarge {
         metric,
         n,
         height,
@@ -59,7 +59,7 @@ pub(crate) fn checked_pixels(
         return Err(too_large);
     }
     if per_image == 0 && n > 0 {
-        return Err(MetricsError::EmptyImage {
+        return Err(Error::EmptyImage {
             metric,
             height,
             width,
@@ -177,20 +177,20 @@ impl ProIntegral {
 /// row-major `[n, height, width]`. The caller has checked the buffer lengths.
 ///
 /// # Errors
-/// [`MetricsError::NonFiniteScore`] for a NaN or infinite score,
-/// [`MetricsError::OneClass`] when there is no anomalous or no normal pixel.
+/// [`Error::NonFiniteScore`] for a NaN or infinite score,
+/// [`Error::OneClass`] when there is no anomalous or no normal pixel.
 pub(crate) fn pixel_metrics(
     metric: &'static str,
     maps: &[f32],
     masks: &[bool],
     runs: &[ImageRun],
     fpr_limit: f64,
-) -> Result<PixelMetrics, MetricsError> {
+) -> Result<PixelMetrics, Error> {
     if !(fpr_limit > 0.0 && fpr_limit <= 1.0) {
-        return Err(MetricsError::InvalidFprLimit { fpr_limit });
+        return Err(Error::InvalidFprLimit { fpr_limit });
     }
     if maps.is_empty() {
-        return Err(MetricsError::Empty { metric });
+        return Err(Error::Empty { metric });
     }
     check_finite(metric, maps)?;
 
@@ -262,11 +262,11 @@ pub(crate) fn pixel_metrics(
 /// `maps`: `[n_images, height, width]`, `masks`: `[n_images, height, width]`.
 ///
 /// # Errors
-/// [`MetricsError::LengthMismatch`] for buffers of the wrong length,
-/// [`MetricsError::Empty`] for no pixels, [`MetricsError::EmptyImage`] for a
-/// zero height or width, [`MetricsError::NonFiniteScore`],
-/// [`MetricsError::OneClass`] when no pixel (or every pixel) is anomalous,
-/// [`MetricsError::InvalidFprLimit`] unless `0 < fpr_limit <= 1`.
+/// [`Error::LengthMismatch`] for buffers of the wrong length,
+/// [`Error::Empty`] for no pixels, [`Error::EmptyImage`] for a
+/// zero height or width, [`Error::NonFiniteScore`],
+/// [`Error::OneClass`] when no pixel (or every pixel) is anomalous,
+/// [`Error::InvalidFprLimit`] unless `0 < fpr_limit <= 1`.
 pub fn au_pro(
     maps: &[f32],
     masks: &[bool],
@@ -274,12 +274,12 @@ pub fn au_pro(
     height: usize,
     width: usize,
     fpr_limit: f64,
-) -> Result<f64, MetricsError> {
+) -> Result<f64, Error> {
     const METRIC: &str = "au_pro";
     let (_, total) = checked_pixels(METRIC, n_images, height, width)?;
     for (what, found) in [("maps", maps.len()), ("masks", masks.len())] {
         if found != total {
-            return Err(MetricsError::LengthMismatch {
+            return Err(Error::LengthMismatch {
                 metric: METRIC,
                 what,
                 expected: total,
@@ -356,18 +356,18 @@ mod tests {
         let masks = [false, true];
         assert!(matches!(
             au_pro(&[0.1, f32::NAN], &masks, 1, 1, 2, 0.3),
-            Err(MetricsError::NonFiniteScore { index: 1, .. })
+            Err(Error::NonFiniteScore { index: 1, .. })
         ));
         assert!(matches!(
             au_pro(&[0.1, 0.2], &[false, false], 1, 1, 2, 0.3),
-            Err(MetricsError::OneClass {
+            Err(Error::OneClass {
                 present: "normal",
                 ..
             })
         ));
         assert!(matches!(
             au_pro(&[0.1, 0.2], &[true, true], 1, 1, 2, 0.3),
-            Err(MetricsError::OneClass {
+            Err(Error::OneClass {
                 present: "anomalous",
                 ..
             })
@@ -375,12 +375,12 @@ mod tests {
         for limit in [0.0, -0.1, 1.5, f64::NAN] {
             assert!(matches!(
                 au_pro(&[0.1, 0.2], &masks, 1, 1, 2, limit),
-                Err(MetricsError::InvalidFprLimit { .. })
+                Err(Error::InvalidFprLimit { .. })
             ));
         }
         assert!(matches!(
             au_pro(&[0.1, 0.2, 0.3], &masks, 1, 1, 2, 0.3),
-            Err(MetricsError::LengthMismatch {
+            Err(Error::LengthMismatch {
                 what: "maps",
                 expected: 2,
                 found: 3,
@@ -389,19 +389,19 @@ mod tests {
         ));
         assert!(matches!(
             au_pro(&[0.1, 0.2], &masks[..1], 1, 1, 2, 0.3),
-            Err(MetricsError::LengthMismatch { what: "masks", .. })
+            Err(Error::LengthMismatch { what: "masks", .. })
         ));
         assert!(matches!(
             au_pro(&[], &[], 0, 4, 4, 0.3),
-            Err(MetricsError::Empty { .. })
+            Err(Error::Empty { .. })
         ));
         assert!(matches!(
             au_pro(&[], &[], 3, 0, 4, 0.3),
-            Err(MetricsError::EmptyImage { .. })
+            Err(Error::EmptyImage { .. })
         ));
         assert!(matches!(
             au_pro(&[], &[], usize::MAX, 2, 2, 0.3),
-            Err(MetricsError::TooLarge { .. })
+            Err(Error::TooLarge { .. })
         ));
     }
 }

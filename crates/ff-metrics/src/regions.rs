@@ -2,7 +2,7 @@
 //! `scipy.ndimage.label(mask, structure=np.ones((3, 3)))` finds them for the
 //! MVTec AD evaluation code.
 
-use crate::MetricsError;
+use crate::Error;
 
 /// Reusable buffers for labelling one image after another without
 /// reallocating (one per worker thread).
@@ -72,19 +72,15 @@ pub(crate) fn label_regions(
 /// as in the MVTec AD evaluation code.
 ///
 /// # Errors
-/// [`MetricsError::LengthMismatch`] when `mask.len() != height * width`;
-/// [`MetricsError::TooLarge`] when the image has more than `u32::MAX` pixels.
-pub fn region_sizes(
-    mask: &[bool],
-    height: usize,
-    width: usize,
-) -> Result<Vec<usize>, MetricsError> {
+/// [`Error::LengthMismatch`] when `mask.len() != height * width`;
+/// [`Error::TooLarge`] when the image has more than `u32::MAX` pixels.
+pub fn region_sizes(mask: &[bool], height: usize, width: usize) -> Result<Vec<usize>, Error> {
     const METRIC: &str = "region_sizes";
     let pixels = height
         .checked_mul(width)
         .filter(|&p| p <= u32::MAX as usize);
     let Some(pixels) = pixels else {
-        return Err(MetricsError::TooLarge {
+        return Err(Error::TooLarge {
             metric: METRIC,
             n: 1,
             height,
@@ -92,7 +88,7 @@ pub fn region_sizes(
         });
     };
     if mask.len() != pixels {
-        return Err(MetricsError::LengthMismatch {
+        return Err(Error::LengthMismatch {
             metric: METRIC,
             what: "mask",
             expected: pixels,
@@ -158,7 +154,7 @@ mod tests {
         assert_eq!(region_sizes(&[], 0, 5).unwrap(), Vec::<usize>::new());
         assert!(matches!(
             region_sizes(&[true], 2, 2),
-            Err(MetricsError::LengthMismatch {
+            Err(Error::LengthMismatch {
                 expected: 4,
                 found: 1,
                 ..
