@@ -19,16 +19,28 @@ pub(crate) enum ParamInit {
     Uniform(f64),
 }
 
-/// A trainable tensor and its full state-dict key.
+/// A trainable tensor and its full state-dict key. The tensor is always a
+/// `Var`'s (checked when the parameter is made), so the optimizer updates it
+/// in place; the fields are read through [`Param::key`] and [`Param::tensor`].
 #[derive(Debug, Clone)]
 pub struct Param {
     /// The reference `state_dict` key, e.g. `nf_flows.0.module_list.3.global_scale`.
-    pub key: String,
+    pub(crate) key: String,
     /// The tensor; a `Var`'s tensor, so the optimizer can update it in place.
-    pub tensor: Tensor,
+    pub(crate) tensor: Tensor,
 }
 
 impl Param {
+    /// The reference `state_dict` key, e.g. `nf_flows.0.module_list.3.global_scale`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The current value (shares the `Var`'s storage).
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
     /// The `Var` behind this parameter (sharing its storage).
     pub fn var(&self) -> Result<Var> {
         if !self.tensor.is_variable() {

@@ -59,10 +59,10 @@ pub fn det_input(key: &str, dims: &[usize], scale: f64) -> Tensor {
 pub fn fixture_state_dict(head: &FastFlowHead, perms: &Value) -> HashMap<String, Tensor> {
     let mut sd = HashMap::new();
     for p in head.params() {
-        let v = det_value(&p.key, p.tensor.dims());
+        let v = det_value(p.key(), p.tensor().dims());
         sd.insert(
-            p.key.clone(),
-            Tensor::from_vec(v, p.tensor.dims(), &dev()).unwrap(),
+            p.key().to_string(),
+            Tensor::from_vec(v, p.tensor().dims(), &dev()).unwrap(),
         );
     }
     for (i, scale) in perms.as_array().unwrap().iter().enumerate() {
