@@ -315,7 +315,7 @@ fn permutations_are_seeded_and_not_trainable() {
     assert_eq!(buffers.len(), 3 * 2 * 2);
     // Same seed, same initial weights.
     for (pa, pb) in a.params().iter().zip(b.params()) {
-        assert_eq!(bits(&pa.tensor()), bits(&pb.tensor()), "{}", pa.key());
+        assert_eq!(bits(pa.tensor()), bits(pb.tensor()), "{}", pa.key());
     }
 }
 
@@ -365,8 +365,8 @@ fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
     for (p, q) in head.params().iter().zip(head_b.params()) {
         assert_eq!(p.key(), q.key());
         assert_eq!(
-            bits(&p.tensor()),
-            bits(&q.tensor()),
+            bits(p.tensor()),
+            bits(q.tensor()),
             "{} differs after resume",
             p.key()
         );
@@ -487,6 +487,6 @@ fn existing_varmap_tensors_are_kept() {
         .find(|q| q.key() == key)
         .unwrap()
         .clone();
-    assert!(to_f64(&q.tensor()).iter().all(|&v| v == 1.0));
+    assert!(to_f64(q.tensor()).iter().all(|&v| v == 1.0));
     assert_eq!(varmap.all_vars().len(), a.params().len());
 }
