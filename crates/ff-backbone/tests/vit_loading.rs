@@ -11,8 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::{small_cait, small_deit};
 use ff_backbone::det_init::{det_uniform, det_value, det_var_builder};
-use ff_backbone::vit::cait::{Cait, CaitConfig};
-use ff_backbone::vit::deit::{Deit, DeitConfig};
+use ff_backbone::vit::cait::Cait;
+use ff_backbone::vit::deit::Deit;
+use ff_backbone::vit::VitConfig;
 use ff_backbone::{
     backbone_var_builder, safetensors_var_builder, BackboneKind, Error, WeightSource,
 };
@@ -123,7 +124,7 @@ fn position_embedding_of_another_size_is_a_shape_error() {
     // Weights for 64-px inputs (18 tokens) cannot serve a 128-px model (66 tokens).
     let tensors = det_tensors(&deit_state_dict_shapes(2));
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let cfg = DeitConfig {
+    let cfg = VitConfig {
         img_size: 128,
         ..small_deit()
     };
@@ -163,7 +164,7 @@ fn wrong_input_size_is_an_input_shape_error() {
 #[test]
 fn inconsistent_config_is_rejected() {
     let vb = det_var_builder(DType::F32, &Device::Cpu);
-    let cfg = CaitConfig {
+    let cfg = VitConfig {
         n_blocks_used: 4,
         ..small_cait()
     };

@@ -5,9 +5,9 @@
 //! never built), blocks 0..40 of 48 and the final norm, reshaped to a
 //! 768-channel map at stride 16.
 
+use super::VitConfig;
 use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::weights::get_checked;
@@ -16,45 +16,6 @@ use super::{
     check_config, check_input, layer_norm, merge_heads, softmax_last_dim, split_heads,
     tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
 };
-
-/// The shape of a timm CaiT and how much of its trunk FastFlow runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CaitConfig {
-    /// Token width (768 for CaiT-M).
-    pub embed_dim: usize,
-    /// Number of self-attention blocks of the timm model (48); only `n_blocks_used` are built.
-    pub depth: usize,
-    /// Attention heads per block (also the talking-heads mixing width).
-    pub n_heads: usize,
-    /// MLP hidden width over `embed_dim`.
-    pub mlp_ratio: f64,
-    /// Patch side in pixels (also the feature stride).
-    pub patch: usize,
-    /// Input side in pixels; the position embedding fits only this size.
-    pub img_size: usize,
-    /// Blocks run before the final norm (41: the reference's "block index 40").
-    pub n_blocks_used: usize,
-}
-
-impl CaitConfig {
-    /// `cait_m48_448` as FastFlow uses it: blocks 0..40 at 448 px.
-    pub fn m48_448() -> Self {
-        Self {
-            embed_dim: 768,
-            depth: 48,
-            n_heads: 16,
-            mlp_ratio: 4.0,
-            patch: 16,
-            img_size: 448,
-            n_blocks_used: 41,
-        }
-    }
-
-    /// Patches per side, the feature map's height and width.
-    pub fn grid(&self) -> usize {
-        self.img_size / self.patch
-    }
-}
 
 /// A linear map across the head axis of attention maps (talking heads).
 #[derive(Debug, Clone)]
@@ -141,7 +102,7 @@ struct LayerScaleBlock {
 }
 
 impl LayerScaleBlock {
-    fn new(cfg: &CaitConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.embed_dim;
         let hidden = (dim as f64 * cfg.mlp_ratio) as usize;
         Ok(Self {
@@ -167,7 +128,7 @@ impl LayerScaleBlock {
 /// The frozen CaiT trunk FastFlow extracts features from.
 #[derive(Debug, Clone)]
 pub struct Cait {
-    cfg: CaitConfig,
+    cfg: VitConfig,
     patch_embed: PatchEmbed,
     pos_embed: Tensor,
     blocks: Vec<LayerScaleBlock>,
@@ -177,12 +138,12 @@ pub struct Cait {
 impl Cait {
     /// Builds `cait_m48_448` (blocks 0..40) from timm 0.5.4 keys under `vb`.
     pub fn new(vb: VarBuilder) -> Result<Self> {
-        Self::with_config(&CaitConfig::m48_448(), vb)
+        Self::with_config(&VitConfig::cait_m48_448(), vb)
     }
 
     /// Builds the trunk described by `cfg`, loading `patch_embed.proj`,
     /// `pos_embed`, `blocks.{0..n_blocks_used}` and `norm`.
-    pub fn with_config(cfg: &CaitConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn with_config(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         check_config(
             "CaiT",
             cfg.embed_dim,
@@ -207,7 +168,7 @@ impl Cait {
     }
 
     /// The configuration this trunk was built with.
-    pub fn config(&self) -> &CaitConfig {
+    pub fn config(&self) -> &VitConfig {
         &self.cfg
     }
 

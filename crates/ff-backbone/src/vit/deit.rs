@@ -5,9 +5,9 @@
 //! norm; the two tokens are dropped and the patch tokens become a 768-channel
 //! map at stride 16. Blocks 8..11 and the heads are never built or loaded.
 
+use super::VitConfig;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::weights::get_checked;
@@ -16,45 +16,6 @@ use super::{
     attention_logits, check_config, check_input, layer_norm, merge_heads, softmax_last_dim,
     split_heads, tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
 };
-
-/// The shape of a timm distilled vision transformer and how much of it FastFlow runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeitConfig {
-    /// Token width (768 for DeiT-base).
-    pub embed_dim: usize,
-    /// Number of blocks of the timm model (12); only `n_blocks_used` are built.
-    pub depth: usize,
-    /// Attention heads per block.
-    pub n_heads: usize,
-    /// MLP hidden width over `embed_dim`.
-    pub mlp_ratio: f64,
-    /// Patch side in pixels (also the feature stride).
-    pub patch: usize,
-    /// Input side in pixels; the position embedding fits only this size.
-    pub img_size: usize,
-    /// Blocks run before the final norm (8: the reference's "block index 7").
-    pub n_blocks_used: usize,
-}
-
-impl DeitConfig {
-    /// `deit_base_distilled_patch16_384` as FastFlow uses it: blocks 0..7 at 384 px.
-    pub fn base_distilled_384() -> Self {
-        Self {
-            embed_dim: 768,
-            depth: 12,
-            n_heads: 12,
-            mlp_ratio: 4.0,
-            patch: 16,
-            img_size: 384,
-            n_blocks_used: 8,
-        }
-    }
-
-    /// Patches per side, the feature map's height and width.
-    pub fn grid(&self) -> usize {
-        self.img_size / self.patch
-    }
-}
 
 /// timm's ViT `Attention`: fused qkv, scaled dot-product softmax, output projection.
 #[derive(Debug, Clone)]
@@ -94,7 +55,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &DeitConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         let dim = cfg.embed_dim;
         let hidden = (dim as f64 * cfg.mlp_ratio) as usize;
         Ok(Self {
@@ -116,7 +77,7 @@ impl Block {
 /// The frozen DeiT trunk FastFlow extracts features from.
 #[derive(Debug, Clone)]
 pub struct Deit {
-    cfg: DeitConfig,
+    cfg: VitConfig,
     patch_embed: PatchEmbed,
     cls_token: Tensor,
     dist_token: Tensor,
@@ -128,12 +89,12 @@ pub struct Deit {
 impl Deit {
     /// Builds `deit_base_distilled_patch16_384` (blocks 0..7) from timm 0.5.4 keys under `vb`.
     pub fn new(vb: VarBuilder) -> Result<Self> {
-        Self::with_config(&DeitConfig::base_distilled_384(), vb)
+        Self::with_config(&VitConfig::deit_base_distilled_384(), vb)
     }
 
     /// Builds the trunk described by `cfg`, loading `patch_embed.proj`,
     /// `cls_token`, `dist_token`, `pos_embed`, `blocks.{0..n_blocks_used}` and `norm`.
-    pub fn with_config(cfg: &DeitConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn with_config(cfg: &VitConfig, vb: VarBuilder) -> Result<Self> {
         check_config(
             "DeiT",
             cfg.embed_dim,
@@ -160,7 +121,7 @@ impl Deit {
     }
 
     /// The configuration this trunk was built with.
-    pub fn config(&self) -> &DeitConfig {
+    pub fn config(&self) -> &VitConfig {
         &self.cfg
     }
 

@@ -22,6 +22,60 @@ use crate::det_init::fnv1a32;
 use crate::error::{Error, Result};
 use crate::weights::get_checked;
 
+/// The shape of a DeiT or CaiT as FastFlow uses it: the timm model's
+/// dimensions and how many of its blocks run before the features are taken.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VitConfig {
+    /// Token width (768 for DeiT-base and CaiT-M).
+    pub embed_dim: usize,
+    /// Number of (self-attention) blocks of the timm model; only
+    /// `n_blocks_used` are built.
+    pub depth: usize,
+    /// Attention heads per block (for CaiT also the talking-heads width).
+    pub n_heads: usize,
+    /// MLP hidden width over `embed_dim`.
+    pub mlp_ratio: f64,
+    /// Patch side in pixels (also the feature stride).
+    pub patch: usize,
+    /// Input side in pixels; the position embedding fits only this size.
+    pub img_size: usize,
+    /// Blocks run before the final norm (the reference's block index + 1).
+    pub n_blocks_used: usize,
+}
+
+impl VitConfig {
+    /// `deit_base_distilled_patch16_384` as FastFlow uses it: blocks 0..7 at 384 px.
+    pub fn deit_base_distilled_384() -> Self {
+        Self {
+            embed_dim: 768,
+            depth: 12,
+            n_heads: 12,
+            mlp_ratio: 4.0,
+            patch: 16,
+            img_size: 384,
+            n_blocks_used: 8,
+        }
+    }
+
+    /// `cait_m48_448` as FastFlow uses it: blocks 0..40 at 448 px.
+    pub fn cait_m48_448() -> Self {
+        Self {
+            embed_dim: 768,
+            depth: 48,
+            n_heads: 16,
+            mlp_ratio: 4.0,
+            patch: 16,
+            img_size: 448,
+            n_blocks_used: 41,
+        }
+    }
+
+    /// Patches per side, the feature map's height and width.
+    pub fn grid(&self) -> usize {
+        self.img_size / self.patch
+    }
+}
+
 /// The epsilon of every timm ViT/CaiT LayerNorm (`partial(nn.LayerNorm, eps=1e-6)`).
 pub const LAYER_NORM_EPS: f64 = 1e-6;
 

@@ -120,8 +120,8 @@ pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) {
 
 /// The small DeiT that `data-scripts/make_vit_fixtures.py` builds in timm
 /// (same architecture as deit_base_distilled_patch16_384, 64 wide, 64 px).
-pub fn small_deit() -> ff_backbone::vit::deit::DeitConfig {
-    ff_backbone::vit::deit::DeitConfig {
+pub fn small_deit() -> ff_backbone::vit::VitConfig {
+    ff_backbone::vit::VitConfig {
         embed_dim: 64,
         depth: 3,
         n_heads: 4,
@@ -133,8 +133,8 @@ pub fn small_deit() -> ff_backbone::vit::deit::DeitConfig {
 }
 
 /// The small CaiT that `data-scripts/make_vit_fixtures.py` builds in timm.
-pub fn small_cait() -> ff_backbone::vit::cait::CaitConfig {
-    ff_backbone::vit::cait::CaitConfig {
+pub fn small_cait() -> ff_backbone::vit::VitConfig {
+    ff_backbone::vit::VitConfig {
         embed_dim: 64,
         depth: 3,
         n_heads: 4,
