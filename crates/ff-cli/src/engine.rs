@@ -228,40 +228,25 @@ impl Engine {
         Ok(map.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// The first parameter or optimizer moment that holds a NaN or an
-    /// infinity, as "parameter 'key' holds NaN"; `None` when all are finite.
-    pub fn first_non_finite(&self, adam: &Adam) -> Result<Option<String>> {
-        let weights = self.model.state_dict()?;
-        let optimizer = adam.state_tensors()?;
-        for (what, tensors) in [("parameter", &weights), ("optimizer state", &optimizer)] {
-            let mut keys: Vec<&String> = tensors.keys().collect();
-            keys.sort();
-            for key in keys {
-                let values = tensors[key]
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                if let Some(v) = values.iter().find(|v| !v.is_finite()) {
-                    return Ok(Some(format!("{what} '{key}' holds {v}")));
-                }
-            }
-        }
-        Ok(None)
-    }
-
     /// The two tensor files of a checkpoint as bytes: the model's state dict
-    /// and Adam's state (see [`crate::checkpoint::write_checkpoint`]).
+    /// and Adam's state (see [`crate::checkpoint::write_checkpoint`]). The
+    /// tensors are read once, for the finiteness check and the bytes.
     ///
     /// # Errors
-    /// When a parameter or an optimizer moment holds a NaN or an infinity
-    /// (see [`Engine::first_non_finite`]): such a checkpoint is never written.
+    /// [`NonFinite`] (under "refusing to save a checkpoint") when a parameter
+    /// or an optimizer moment holds a NaN or an infinity: such a checkpoint
+    /// is never written.
     pub fn checkpoint_bytes(&self, adam: &Adam) -> Result<(Vec<u8>, Vec<u8>)> {
-        if let Some(what) = self.first_non_finite(adam)? {
-            bail!("refusing to save a checkpoint: {what}");
+        let weights = self.model.state_dict()?;
+        let optimizer = adam.state_tensors()?;
+        if let Some(what) = first_non_finite_in(&weights, &optimizer)? {
+            return Err(
+                anyhow::Error::new(NonFinite(what)).context("refusing to save a checkpoint")
+            );
         }
         Ok((
-            ff_flow::checkpoint::tensors_bytes(&self.model.state_dict()?)?,
-            ff_flow::checkpoint::tensors_bytes(&adam.state_tensors()?)?,
+            ff_flow::checkpoint::tensors_bytes(&weights)?,
+            ff_flow::checkpoint::tensors_bytes(&optimizer)?,
         ))
     }
 
@@ -329,6 +314,41 @@ pub fn open_model(args: &ModelArgs) -> Result<OpenedModel> {
             })
         }
     }
+}
+
+/// A parameter or optimizer moment holding a NaN or an infinity, named as
+/// "parameter 'key' holds NaN": the training diverged.
+#[derive(Debug)]
+pub struct NonFinite(pub String);
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NonFinite {}
+
+/// The first tensor of `weights` (parameters) or `optimizer` (Adam's
+/// moments), in key order, that holds a NaN or an infinity.
+fn first_non_finite_in(
+    weights: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+) -> Result<Option<String>> {
+    for (what, tensors) in [("parameter", weights), ("optimizer state", optimizer)] {
+        let mut keys: Vec<&String> = tensors.keys().collect();
+        keys.sort();
+        for key in keys {
+            let values = tensors[key]
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                return Ok(Some(format!("{what} '{key}' holds {v}")));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Loads a checkpoint of ours with the backbone it was trained with (or `weights`).

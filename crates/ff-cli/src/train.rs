@@ -19,7 +19,7 @@ use crate::cli::{DataArgs, FeatureCacheArg, TrainArgs};
 use crate::config::load_model_config;
 use crate::data::{images_tensor, load_split};
 use crate::engine::{
-    describe_config, device, load_backbone, parse_weights, weights_to_string, Engine,
+    describe_config, device, load_backbone, parse_weights, weights_to_string, Engine, NonFinite,
 };
 use crate::evaluate::{evaluate_cached, test_loader, Evaluation};
 use crate::feature_cache::{self, FeatureStore, Placement};
@@ -437,16 +437,20 @@ impl<'a> Session<'a> {
     fn evaluate_and_save(&mut self, done: usize) -> Result<Evaluation> {
         let plan = self.plan;
         let last_good = &self.last_good;
-        // Parameters are checked before the evaluation, whose anomaly maps
-        // would only be the symptom of non-finite weights.
-        if let Some(what) = self.engine.first_non_finite(&self.adam)? {
-            bail!(
-                "the training diverged in epoch {done} (optimizer step {}): {what} \
-                 (try a lower --lr); {last_good}",
-                self.adam.step_count()
-            );
-        }
-        let (weights_bytes, optimizer_bytes) = self.engine.checkpoint_bytes(&self.adam)?;
+        // Parameters are checked (while taken for the checkpoint) before the
+        // evaluation, whose anomaly maps would only be the symptom of
+        // non-finite weights.
+        let (weights_bytes, optimizer_bytes) = match self.engine.checkpoint_bytes(&self.adam) {
+            Ok(bytes) => bytes,
+            Err(e) => match e.downcast_ref::<NonFinite>() {
+                Some(NonFinite(what)) => bail!(
+                    "the training diverged in epoch {done} (optimizer step {}): {what} \
+                     (try a lower --lr); {last_good}",
+                    self.adam.step_count()
+                ),
+                None => return Err(e),
+            },
+        };
         let eval = evaluate_cached(
             &self.engine,
             &self.test,
@@ -797,8 +801,12 @@ mod tests {
         let poisoned = var.as_tensor().affine(0.0, f64::NAN)?;
         var.set(&poisoned)?;
         let what = format!("parameter '{key}' holds NaN");
-        assert_eq!(engine.first_non_finite(&adam)?, Some(what.clone()));
-        let err = format!("{:#}", engine.checkpoint_bytes(&adam).unwrap_err());
+        let err = engine.checkpoint_bytes(&adam).unwrap_err();
+        assert_eq!(
+            err.downcast_ref::<NonFinite>().map(|e| e.0.as_str()),
+            Some(what.as_str())
+        );
+        let err = format!("{err:#}");
         assert!(err.contains(&what), "{err}");
         Ok(())
     }
