@@ -156,24 +156,6 @@ impl FeatureStore {
             );
         }
         let b = indices.len();
-        let orders: Vec<Order> = features
-            .iter()
-            .map(|f| {
-                // Channels-last storage shows as a contiguous NHWC permutation.
-                if !f.is_contiguous() && f.permute((0, 2, 3, 1)).is_ok_and(|p| p.is_contiguous()) {
-                    Order::Nhwc
-                } else {
-                    Order::Nchw
-                }
-            })
-            .collect();
-        match &self.orders {
-            None => self.orders = Some(orders.clone()),
-            Some(known) if *known != orders => {
-                bail!("feature cache: the backbone changed its feature layout between batches")
-            }
-            Some(_) => {}
-        }
         for (s, f) in features.iter().enumerate() {
             let [c, h, w] = self.shapes[s];
             let dims = f.dims();
@@ -193,6 +175,25 @@ impl FeatureStore {
             }
             self.backbone_seconds += backbone_seconds;
             return Ok(());
+        }
+        // Host copies keep the backbone's memory order, fixed by the first batch.
+        let orders: Vec<Order> = features
+            .iter()
+            .map(|f| {
+                // Channels-last storage shows as a contiguous NHWC permutation.
+                if !f.is_contiguous() && f.permute((0, 2, 3, 1)).is_ok_and(|p| p.is_contiguous()) {
+                    Order::Nhwc
+                } else {
+                    Order::Nchw
+                }
+            })
+            .collect();
+        match &self.orders {
+            None => self.orders = Some(orders.clone()),
+            Some(known) if *known != orders => {
+                bail!("feature cache: the backbone changed its feature layout between batches")
+            }
+            Some(_) => {}
         }
         let mut block = vec![0f32; b * self.per_image];
         for (s, (f, order)) in features.iter().zip(&orders).enumerate() {
@@ -231,9 +232,6 @@ impl FeatureStore {
     /// The stored features of images `indices` as a batch, one tensor per
     /// scale with the strides the backbone gave them.
     pub fn load(&self, indices: &[usize], device: &Device) -> Result<Vec<Tensor>> {
-        let Some(orders) = &self.orders else {
-            bail!("feature cache: nothing stored yet");
-        };
         if let Some(i) = indices.iter().find(|&&i| !self.filled[i]) {
             bail!("feature cache: image {i} has no stored features");
         }
@@ -249,6 +247,9 @@ impl FeatureStore {
                 })
                 .collect();
         }
+        let Some(orders) = &self.orders else {
+            bail!("feature cache: nothing stored yet");
+        };
         let b = indices.len();
         let mut block = vec![0f32; b * self.per_image];
         for (k, &i) in indices.iter().enumerate() {
