@@ -37,16 +37,12 @@ pub fn test_loader(test: &[Sample], input_size: usize, batch_size: usize, cache:
 /// anomalous samples have one).
 pub fn evaluate(engine: &Engine, test: &[Sample], batch_size: usize) -> Result<Evaluation> {
     let loader = test_loader(test, engine.config().input_size, batch_size, false);
-    evaluate_loader(engine, &loader)
+    evaluate_cached(engine, &loader, None)
 }
 
-/// Evaluates `engine` on the samples of a test loader built by [`test_loader`].
-pub fn evaluate_loader(engine: &Engine, loader: &Loader) -> Result<Evaluation> {
-    evaluate_cached(engine, loader, None)
-}
-
-/// [`evaluate_loader`] with a feature cache of the loader's samples: images
-/// whose features it holds skip the backbone; the others fill it. The
+/// Evaluates `engine` on the samples of a test loader built by
+/// [`test_loader`], with an optional feature cache of the loader's samples:
+/// images whose features it holds skip the backbone; the others fill it. The
 /// reported inference speed then adds the backbone time measured when the
 /// cache was filled to this evaluation's own time, so it stays the speed of
 /// the whole model.
