@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use memmap2::{Mmap, UncheckedAdvice};
+use ff_kernels::mapped::MappedFile;
 use safetensors::{tensor::Metadata, Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
@@ -36,7 +36,7 @@ pub fn safetensors_var_builder(path: &Path, device: &Device) -> Result<VarBuilde
 /// `SimpleBackend` behind [`safetensors_var_builder`], whose errors name the
 /// file, the key and both shapes.
 struct MappedSafetensors {
-    mmap: Mmap,
+    mmap: MappedFile,
     metadata: Metadata,
     /// Where the tensor data starts in the file (after the 8-byte length and
     /// the JSON header); the header's data offsets count from here.
@@ -52,20 +52,9 @@ impl MappedSafetensors {
             path: path.to_path_buf(),
             source,
         };
-        if !path.is_file() {
-            return Err(weights_file(candle_core::Error::Msg(
-                "no such file".to_string(),
-            )));
-        }
-        let file = std::fs::File::open(path).map_err(|e| weights_file(e.into()))?;
-        // SAFETY: the mapping stays valid only while no one truncates or
-        // rewrites the file; weight files are read-only inputs (the hub cache
-        // stores blobs by content hash and never rewrites them), which is the
-        // contract every memory-mapped model loader relies on.
-        #[allow(unsafe_code)]
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| weights_file(e.into()))?;
+        let mmap = MappedFile::open(path).map_err(|e| weights_file(e.into()))?;
         let (header_len, metadata) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| weights_file(e.into()))?;
+            SafeTensors::read_metadata(mmap.bytes()).map_err(|e| weights_file(e.into()))?;
         // `read_metadata` checked that the header and every data range lie
         // inside the file, so these offsets cannot overflow or run past the map.
         let data_start = 8 + header_len;
@@ -124,25 +113,13 @@ impl MappedSafetensors {
         };
         let (begin, end) = info.data_offsets;
         let (begin, end) = (self.data_start + begin, self.data_start + end);
-        let tensor = Tensor::from_raw_buffer(&self.mmap[begin..end], stored, &info.shape, dev)?;
-        if end > begin {
-            // SAFETY: MADV_DONTNEED only drops this process's pages of the
-            // range. The map is read-only and backed by the file (a shared
-            // mapping), so a later access faults the same bytes back in from
-            // the page cache or the file: nothing is zeroed or lost, even on
-            // the boundary pages this range shares with its neighbours. No
-            // slice into the map outlives this call (the tensor above owns a
-            // copy), so no Rust reference observes the pages going away.
-            #[allow(unsafe_code)]
-            let released = unsafe {
-                self.mmap
-                    .unchecked_advise_range(UncheckedAdvice::DontNeed, begin, end - begin)
-            };
-            // Releasing is only a memory saving; a kernel that refuses the
-            // advice leaves the pages mapped and the tensor correct.
-            if let Err(e) = released {
-                log::debug!("madvise(DONTNEED) on '{name}' failed: {e}");
-            }
+        let tensor =
+            Tensor::from_raw_buffer(&self.mmap.bytes()[begin..end], stored, &info.shape, dev)?;
+        // Right after the copy, the range's pages go back to the page cache
+        // (only a memory saving: a kernel that refuses the advice leaves
+        // them mapped and the tensor correct).
+        if let Err(e) = self.mmap.release(begin..end) {
+            log::debug!("madvise(DONTNEED) on '{name}' failed: {e}");
         }
         tensor.to_dtype(dtype)
     }

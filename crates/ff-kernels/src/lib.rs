@@ -5,8 +5,9 @@
 //!
 //! The API takes and returns plain `f32` slices with explicit shapes; it knows
 //! nothing about candle, images or models. This is the only crate of the
-//! workspace with `unsafe` code: the SIMD micro-kernels and the raw-pointer
-//! matrix products, each block with a `SAFETY` comment.
+//! workspace with `unsafe` code: the SIMD micro-kernels, the raw-pointer
+//! matrix products and the memory-mapped file the weights are read through
+//! ([`mapped`]), each block with a `SAFETY` comment.
 //!
 //! Every kernel picks the best instruction set this CPU has at run time
 //! ([`Isa::detect`]): AVX-512, AVX2 with FMA, or portable Rust; the `_with`
@@ -24,7 +25,10 @@ pub mod cuda;
 mod elementwise;
 mod error;
 mod isa;
+mod layout;
 pub mod linear;
+pub mod mapped;
+mod math;
 mod micro;
 pub mod norm;
 pub mod pool;

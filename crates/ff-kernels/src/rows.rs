@@ -3,9 +3,9 @@
 
 use rayon::prelude::*;
 
-use crate::coupling::exp;
 use crate::error::{shape_error, Result};
 use crate::isa::Isa;
+use crate::math::exp;
 
 /// Rows per parallel task (at least this many values' worth).
 const VALUES_PER_TASK: usize = 16 * 1024;

@@ -14,8 +14,8 @@
 
 use rayon::prelude::*;
 
-use crate::conv::{gather_window, Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef};
 use crate::isa::Isa;
+use crate::layout::{gather_window, Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef};
 use crate::micro::{for_each_tile, max_blocks, run_tile, Tile, LANES};
 
 /// Whether a convolution is one Winograd F(2x2, 3x3) covers.
