@@ -1,4 +1,6 @@
-//! Closed-form deterministic weights shared with the PyTorch fixture scripts.
+//! Closed-form deterministic weights shared with the PyTorch fixture scripts
+//! (behind the `test-support` feature: they exist for parity tests, not for
+//! models anyone would use).
 //!
 //! Parity fixtures must not ship the weights of a full ResNet or flow (tens of
 //! MB), so both sides compute them from the tensor's key and shape with the
@@ -10,19 +12,11 @@
 //!   `u_i = raw_i / 2^32 - 0.5`, computed in f64 and cast to f32 at the end;
 //! - the value depends on the key's role (see [`det_value`]).
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-/// The FNV-1a 32-bit hash of a key's UTF-8 bytes.
-pub fn fnv1a32(key: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in key.bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h
-}
+use crate::closed_form::fnv1a32;
+pub use crate::closed_form::ClosedForm;
 
 /// The uniform variates in [-0.5, 0.5) for `n` elements of tensor `key`.
 pub fn det_uniform(key: &str, n: usize) -> Vec<f64> {
@@ -68,60 +62,6 @@ pub fn det_value(key: &str, dims: &[usize]) -> Vec<f32> {
     u.into_iter().map(|u| map(u) as f32).collect()
 }
 
-/// A `VarBuilder` backend whose every tensor is computed from its full key
-/// and shape by `values`: the closed-form fixture weights ([`det_backend`])
-/// and the seeded timm-style random init share it.
-pub struct ClosedForm<F> {
-    what: &'static str,
-    values: F,
-}
-
-impl<F> ClosedForm<F>
-where
-    F: Fn(&str, &[usize]) -> Vec<f32> + Send + Sync,
-{
-    /// `what` names the init in errors (it cannot answer a request without a shape).
-    pub fn new(what: &'static str, values: F) -> Self {
-        Self { what, values }
-    }
-}
-
-impl<F> std::fmt::Debug for ClosedForm<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClosedForm({})", self.what)
-    }
-}
-
-impl<F> SimpleBackend for ClosedForm<F>
-where
-    F: Fn(&str, &[usize]) -> Vec<f32> + Send + Sync,
-{
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let values = (self.values)(name, s.dims());
-        Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        _dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        candle_core::bail!("{} needs the shape of '{name}'", self.what)
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
-}
-
 /// A function from a tensor's key and shape to its values.
 pub type ValuesFn = fn(&str, &[usize]) -> Vec<f32>;
 
@@ -138,14 +78,6 @@ pub fn det_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fnv_matches_known_vectors() {
-        // Published FNV-1a 32-bit test vectors.
-        assert_eq!(fnv1a32(""), 0x811c_9dc5);
-        assert_eq!(fnv1a32("a"), 0xe40c_292c);
-        assert_eq!(fnv1a32("foobar"), 0xbf9c_f968);
-    }
 
     #[test]
     fn roles_have_expected_ranges() {

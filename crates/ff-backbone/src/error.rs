@@ -37,13 +37,18 @@ pub enum Error {
     )]
     UnknownBackbone { name: String },
 
-    /// A `--weights` value that is neither `hub`, `random`, `random:<seed>` nor a
-    /// `.safetensors` path.
+    /// A `--weights` value that is neither `hub`, `hub:<owner/name>`, `random`,
+    /// `random:<seed>` nor a `.safetensors` path.
     #[error(
-        "invalid weight source '{value}': expected 'hub', 'random', 'random:<seed>', \
-         'deterministic' or a path to a .safetensors file"
+        "invalid weight source '{value}': expected 'hub', 'hub:<owner/name>', 'random', \
+         'random:<seed>' or a path to a .safetensors file"
     )]
     InvalidWeightSource { value: String },
+
+    /// A model configuration whose numbers do not fit together (a
+    /// transformer's dimensions), or weights a route cannot run.
+    #[error("invalid backbone configuration: {message}")]
+    Config { message: String },
 
     /// An input tensor whose shape the backbone cannot process.
     #[error("backbone input has shape {found:?}: {message}")]

@@ -1,15 +1,15 @@
 //! Weight sources for the backbones (hub, local safetensors, seeded timm-style
-//! random init, closed-form fixture weights) and key/shape-checked tensor access.
+//! random init, closed-form fixture weights).
 //!
 //! Every source ends as a `VarBuilder` handing out plain `Tensor`s, never
 //! `Var`s, so a backbone is frozen by construction.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use crate::det_init::{det_var_builder, ClosedForm};
+use crate::closed_form::ClosedForm;
 use crate::error::{Error, Result};
 use crate::kind::BackboneKind;
 use crate::resnet::resnet_random_value;
@@ -24,7 +24,8 @@ pub enum WeightSource {
     File(PathBuf),
     /// timm's own initialisation scheme, drawn from a seeded generator.
     Random { seed: u64 },
-    /// The closed-form fixture weights of [`crate::det_init`].
+    /// The closed-form fixture weights of `det_init` (`test-support` feature).
+    #[cfg(feature = "test-support")]
     Deterministic,
 }
 
@@ -40,7 +41,7 @@ impl WeightSource {
     ///
     /// - `hub`: the kind's pretrained hub repository; `hub:<owner/name>`: another repository;
     /// - `random`: seeded timm-style init with seed 0; `random:<seed>`: with that seed;
-    /// - `deterministic`: the closed-form fixture weights;
+    /// - `deterministic`: the closed-form fixture weights (`test-support` feature only);
     /// - anything ending in `.safetensors`: that local file.
     pub fn parse(value: &str, kind: BackboneKind) -> Result<Self> {
         let invalid = || Error::InvalidWeightSource {
@@ -65,6 +66,7 @@ impl WeightSource {
             let seed = seed.parse::<u64>().map_err(|_| invalid())?;
             return Ok(WeightSource::Random { seed });
         }
+        #[cfg(feature = "test-support")]
         if v == "deterministic" {
             return Ok(WeightSource::Deterministic);
         }
@@ -83,7 +85,20 @@ impl WeightSource {
             WeightSource::Hub { repo } => format!("hub repository {repo}"),
             WeightSource::File(p) => format!("file {}", p.display()),
             WeightSource::Random { seed } => format!("random timm-style init (seed {seed})"),
+            #[cfg(feature = "test-support")]
             WeightSource::Deterministic => "deterministic fixture weights".to_string(),
+        }
+    }
+
+    /// The source in `--weights` syntax: [`WeightSource::parse`] of it gives
+    /// the source back (`random` with its seed spelled out).
+    pub fn to_arg(&self) -> String {
+        match self {
+            WeightSource::Hub { repo } => format!("hub:{repo}"),
+            WeightSource::File(p) => p.display().to_string(),
+            WeightSource::Random { seed } => format!("random:{seed}"),
+            #[cfg(feature = "test-support")]
+            WeightSource::Deterministic => "deterministic".to_string(),
         }
     }
 }
@@ -93,7 +108,7 @@ impl WeightSource {
 /// Hub and file weights are memory-mapped, and only the tensors the backbone
 /// asks for are read; extra keys (layer4, fc, heads) are ignored. Missing keys and wrong shapes surface when the backbone
 /// is built, as [`Error::MissingTensor`] / [`Error::ShapeMismatch`] through
-/// [`get_checked`], and as equally clear messages through a plain `vb.get`.
+/// [`crate::get_checked`], and as equally clear messages through a plain `vb.get`.
 pub fn backbone_var_builder(
     kind: BackboneKind,
     source: &WeightSource,
@@ -120,44 +135,8 @@ pub fn backbone_var_builder(
                 device.clone(),
             ))
         }
-        WeightSource::Deterministic => Ok(det_var_builder(DType::F32, device)),
-    }
-}
-
-/// The full key of `name` under `vb`'s prefix.
-pub fn full_key(vb: &VarBuilder, name: &str) -> String {
-    let prefix = vb.prefix();
-    if prefix.is_empty() {
-        name.to_string()
-    } else {
-        format!("{prefix}.{name}")
-    }
-}
-
-/// Gets tensor `name` of shape `shape` from `vb`, turning a missing key or a
-/// wrong shape into [`Error::MissingTensor`] / [`Error::ShapeMismatch`] with
-/// the full key and both shapes.
-pub fn get_checked<S: Into<Shape>>(vb: &VarBuilder, shape: S, name: &str) -> Result<Tensor> {
-    let shape: Shape = shape.into();
-    let key = full_key(vb, name);
-    if !vb.contains_tensor(name) {
-        return Err(Error::MissingTensor { key });
-    }
-    match vb.get(shape.clone(), name) {
-        Ok(t) if t.dims() == shape.dims() => Ok(t),
-        Ok(t) => Err(Error::ShapeMismatch {
-            key,
-            expected: shape.dims().to_vec(),
-            found: t.dims().to_vec(),
-        }),
-        Err(e) => match vb.get_unchecked(name) {
-            Ok(t) if t.dims() != shape.dims() => Err(Error::ShapeMismatch {
-                key,
-                expected: shape.dims().to_vec(),
-                found: t.dims().to_vec(),
-            }),
-            _ => Err(Error::Candle(e)),
-        },
+        #[cfg(feature = "test-support")]
+        WeightSource::Deterministic => Ok(crate::det_init::det_var_builder(DType::F32, device)),
     }
 }
 
@@ -196,6 +175,14 @@ mod tests {
             WeightSource::parse("w/model.safetensors", k).unwrap(),
             WeightSource::File("w/model.safetensors".into())
         );
+        for source in [
+            WeightSource::hub(k),
+            WeightSource::Random { seed: 7 },
+            WeightSource::File("w/model.safetensors".into()),
+            WeightSource::Deterministic,
+        ] {
+            assert_eq!(WeightSource::parse(&source.to_arg(), k).unwrap(), source);
+        }
         for bad in ["", "random:x", "hub:", "weights.bin", "cuda"] {
             assert!(
                 matches!(

@@ -37,16 +37,6 @@ pub fn parse_weights(value: &str, kind: BackboneKind, seed: u64) -> Result<Weigh
     WeightSource::parse(value, kind).map_err(anyhow::Error::from)
 }
 
-/// A weight source written back in `--weights` syntax, for checkpoint metadata.
-pub fn weights_to_string(source: &WeightSource) -> String {
-    match source {
-        WeightSource::Hub { repo } => format!("hub:{repo}"),
-        WeightSource::File(p) => p.display().to_string(),
-        WeightSource::Random { seed } => format!("random:{seed}"),
-        WeightSource::Deterministic => "deterministic".to_string(),
-    }
-}
-
 /// Loads the backbone, with the source named in the error.
 pub fn load_backbone(
     kind: BackboneKind,

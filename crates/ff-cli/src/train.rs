@@ -18,9 +18,7 @@ use crate::checkpoint::{
 use crate::cli::{DataArgs, FeatureCacheArg, TrainArgs};
 use crate::config::load_model_config;
 use crate::data::{images_tensor, load_split};
-use crate::engine::{
-    describe_config, device, load_backbone, parse_weights, weights_to_string, Engine, NonFinite,
-};
+use crate::engine::{describe_config, device, load_backbone, parse_weights, Engine, NonFinite};
 use crate::evaluate::{evaluate_cached, test_loader, Evaluation};
 use crate::feature_cache::{self, FeatureStore, Placement};
 use crate::fsutil::{append_json_line, ensure_writable_dir, write_atomic, write_json_atomic};
@@ -492,7 +490,7 @@ impl<'a> Session<'a> {
         let meta = |name: &str, weights_hash: String, optimizer_hash: String| CheckpointMeta {
             format: FORMAT.to_string(),
             config: plan.cfg.clone(),
-            backbone_weights: weights_to_string(&plan.weights),
+            backbone_weights: plan.weights.to_arg(),
             epoch: done,
             seed: plan.seed,
             metrics: Some(eval.metrics.clone()),

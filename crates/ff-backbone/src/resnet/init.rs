@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use crate::det_init::fnv1a32;
+use crate::closed_form::fnv1a32;
 use crate::kind::BackboneKind;
 
 /// The role a tensor plays in a timm ResNet, from its key.

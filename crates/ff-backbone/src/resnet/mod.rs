@@ -24,9 +24,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use ff_kernels::{Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef, PackedConv2d, Route};
 
+use crate::checked::get_checked;
 use crate::error::{Error, Result};
 use crate::kind::BackboneKind;
-use crate::weights::get_checked;
 
 /// PyTorch `BatchNorm2d`'s default epsilon, used by timm's ResNets.
 const BN_EPS: f64 = 1e-5;
@@ -127,10 +127,8 @@ impl ConvBn {
     /// # Shapes
     /// `x`: `[b, h, w, in]` -> `[b, h', w', out]`; `residual`: `[b, h', w', out]`.
     fn forward_nhwc(&self, x: &Map, residual: Option<&Map>, activation: Activation) -> Result<Map> {
-        let packed = self.packed.as_ref().ok_or_else(|| {
-            Error::Candle(candle_core::Error::Msg(
-                "the channels-last ResNet needs CPU f32 weights".to_string(),
-            ))
+        let packed = self.packed.as_ref().ok_or_else(|| Error::Config {
+            message: "the channels-last ResNet needs CPU f32 weights".to_string(),
         })?;
         let g = packed.geometry();
         let [b, h, w, _] = x.dims;
@@ -383,26 +381,19 @@ impl ResNet {
         }
         let x = self.stem.forward(x)?.relu()?; // [b, 64, h/2, w/2]
         let x = max_pool_3x3_s2_p1(&x)?; // [b, 64, h/4, w/4]
-        let mut outs = Vec::with_capacity(3);
         let mut x = x;
-        for layer in &self.layers {
+        let mut run_layer = |layer: &[Block]| -> Result<Tensor> {
             for block in layer {
                 x = block.forward(&x)?;
             }
-            outs.push(x.clone());
-        }
-        let mut outs = outs.into_iter();
-        match (outs.next(), outs.next(), outs.next()) {
-            (Some(layer1), Some(layer2), Some(layer3)) => Ok(ResNetFeatures {
-                layer1,
-                layer2,
-                layer3,
-            }),
-            // Three layers are always built, so this arm cannot be reached.
-            _ => Err(Error::Candle(candle_core::Error::Msg(
-                "ResNet produced fewer than three feature maps".to_string(),
-            ))),
-        }
+            Ok(x.clone())
+        };
+        let [l1, l2, l3] = &self.layers;
+        Ok(ResNetFeatures {
+            layer1: run_layer(l1)?,
+            layer2: run_layer(l2)?,
+            layer3: run_layer(l3)?,
+        })
     }
 }
 
@@ -430,34 +421,31 @@ impl ResNet {
         };
         // Each layer's output is kept (it is a feature map) and read in
         // place by the next layer.
-        let mut maps: Vec<Map> = Vec::with_capacity(3);
-        for layer in &self.layers {
-            let mut x: Option<Map> = None;
-            for block in layer {
-                let input = match (&x, maps.last()) {
-                    (Some(m), _) => m,
-                    (None, Some(prev)) => prev,
-                    (None, None) => &pooled,
-                };
-                x = Some(block.forward_nhwc(input)?);
+        let run_layer = |layer: &[Block], input: &Map| -> Result<Map> {
+            let mut blocks = layer.iter();
+            let mut x = match blocks.next() {
+                Some(first) => first.forward_nhwc(input)?,
+                None => input.clone(),
+            };
+            for block in blocks {
+                x = block.forward_nhwc(&x)?;
             }
-            maps.extend(x);
-        }
-        let mut outs = maps.into_iter().map(|m| m.into_nchw_view(&Device::Cpu));
-        match (outs.next(), outs.next(), outs.next()) {
-            (Some(layer1), Some(layer2), Some(layer3)) => Ok(ResNetFeatures {
-                layer1: layer1?,
-                layer2: layer2?,
-                layer3: layer3?,
-            }),
-            (_, _, _) => Err(Error::Candle(candle_core::Error::Msg(
-                "ResNet produced fewer than three feature maps".to_string(),
-            ))),
-        }
+            Ok(x)
+        };
+        let [l1, l2, l3] = &self.layers;
+        let m1 = run_layer(l1, &pooled)?;
+        let m2 = run_layer(l2, &m1)?;
+        let m3 = run_layer(l3, &m2)?;
+        Ok(ResNetFeatures {
+            layer1: m1.into_nchw_view(&Device::Cpu)?,
+            layer2: m2.into_nchw_view(&Device::Cpu)?,
+            layer3: m3.into_nchw_view(&Device::Cpu)?,
+        })
     }
 }
 
 /// A channels-last feature map on the CPU: `data` is `[b, h, w, c]`.
+#[derive(Clone)]
 struct Map {
     data: Vec<f32>,
     dims: [usize; 4],

@@ -9,8 +9,8 @@ use super::VitConfig;
 use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::checked::get_checked;
 use crate::error::Result;
-use crate::weights::get_checked;
 
 use super::{
     check_config, check_input, layer_norm, merge_heads, softmax_last_dim, split_heads,

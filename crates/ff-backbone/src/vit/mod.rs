@@ -18,9 +18,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 
-use crate::det_init::fnv1a32;
+use crate::checked::get_checked;
+use crate::closed_form::fnv1a32;
 use crate::error::{Error, Result};
-use crate::weights::get_checked;
 
 /// The shape of a DeiT or CaiT as FastFlow uses it: the timm model's
 /// dimensions and how many of its blocks run before the features are taken.
@@ -497,7 +497,7 @@ pub(crate) fn check_config(
     n_blocks_used: usize,
     depth: usize,
 ) -> Result<()> {
-    let invalid = |message: String| Error::Candle(candle_core::Error::Msg(message));
+    let invalid = |message: String| Error::Config { message };
     if embed_dim.checked_rem(n_heads) != Some(0) {
         return Err(invalid(format!(
             "{model}: embed_dim {embed_dim} is not a multiple of n_heads {n_heads}"
