@@ -173,7 +173,7 @@ fn write_report(out: &Path, matrix: &[Cell]) -> anyhow::Result<()> {
     eprintln!(
         "report: {} and {} ({} of {} cells finished)",
         out.join("report.md").display(),
-        out.join(report::SUMMARY_FILE).display(),
+        out.join(results::SUMMARY_FILE).display(),
         found.len(),
         matrix.len()
     );

@@ -13,10 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::{backbone_rank, Cell};
 use crate::published;
-use crate::results::{write_atomic, CellResult, RunSettings};
+use crate::results::{write_atomic, CellResult, RunSettings, SUMMARY_FILE};
 
-/// The machine-readable report of a results directory.
-pub const SUMMARY_FILE: &str = "summary.json";
 /// Number of categories in MVTec AD; published means average all of them.
 const MVTEC_CATEGORY_COUNT: usize = 15;
 

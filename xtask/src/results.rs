@@ -4,14 +4,15 @@
 //! collecting all of them from a results directory.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{check_name, Cell, RESERVED};
-use crate::report::SUMMARY_FILE;
+
+/// The machine-readable report of a results directory.
+pub const SUMMARY_FILE: &str = "summary.json";
 
 /// Version of the cell file layout; a file with another version is redone.
 pub const CELL_SCHEMA: u32 = 1;
@@ -193,27 +194,10 @@ pub fn read_cell(path: &Path) -> anyhow::Result<CellResult> {
 }
 
 /// Writes `bytes` to `path` so that a reader (or a rerun after a crash or a
-/// kill) sees either the old file or the whole new one, never a torn write:
-/// a temporary file in the same directory, flushed to disk, then renamed.
+/// kill) sees either the old file or the whole new one, never a torn write
+/// ([`ff_data::fs::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?
-        .to_string_lossy();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    write().with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    Ok(ff_data::fs::write_atomic(path, bytes)?)
 }
 
 /// Stores a cell's result at its place under `results`, atomically.

@@ -1,100 +1,29 @@
-//! File-system helpers: atomic writes (temp file + rename) so that a crash or
-//! kill never leaves a half-written checkpoint, report or CSV behind.
+//! File-system helpers of the CLI over [`ff_data::fs`]'s atomic writes (temp
+//! file + rename, so that a crash or kill never leaves a half-written
+//! checkpoint, report or CSV behind): JSON files, JSON-lines logs, a
+//! writability probe, and write failures on demand for tests.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// The temporary sibling of `path` that an atomic write goes through. It lives
-/// in the same directory so that the final rename never crosses file systems.
-pub fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".to_string());
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
+pub use ff_data::fs::{write_atomic_with, Staged};
 
 /// Writes `bytes` to `path` atomically: a reader sees either the old file or
 /// the complete new one, never a prefix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    stage(path, bytes)?.commit()
+    stage(path, bytes)?.commit()?;
+    Ok(())
 }
 
-/// A file written in full (and synced) under a temporary name beside its
-/// final path, not yet in place. [`Staged::commit`] renames it onto the
-/// path; dropping it uncommitted removes it. Staging every file of a set
-/// before committing any keeps the old set whole when a write fails (a full
-/// disk fails at staging, not at the rename).
-#[must_use = "a staged file is removed unless committed"]
-pub struct Staged {
-    tmp: PathBuf,
-    path: PathBuf,
-    committed: bool,
-}
-
-impl Staged {
-    /// The (not yet written) temporary sibling of `path`, its folder created.
-    fn beside(path: &Path) -> Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create directory '{}'", dir.display()))?;
-        }
-        Ok(Self {
-            tmp: temp_sibling(path),
-            path: path.to_path_buf(),
-            committed: false,
-        })
-    }
-
-    /// Moves the file onto its final path and syncs the directory, so that
-    /// the rename itself survives a power cut.
-    pub fn commit(mut self) -> Result<()> {
-        std::fs::rename(&self.tmp, &self.path).with_context(|| {
-            format!(
-                "cannot move '{}' onto '{}'",
-                self.tmp.display(),
-                self.path.display()
-            )
-        })?;
-        self.committed = true;
-        sync_parent(&self.path);
-        Ok(())
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.committed {
-            // Nothing to report: the file was never in place, and the error
-            // that made the caller give it up is what the user sees.
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
-/// Writes `bytes` to the temporary sibling of `path` (see [`Staged`]).
+/// Writes `bytes` to the temporary sibling of `path` ([`ff_data::fs::stage`],
+/// with the test builds' [`fault`] injection).
 pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
-    let staged = Staged::beside(path)?;
-    let written = std::fs::File::create(&staged.tmp).and_then(|mut file| {
+    Ok(ff_data::fs::stage_with(path, |file| {
         file.write_all(bytes)?;
-        fault::check()?;
-        file.sync_all()
-    });
-    written.with_context(|| format!("cannot write '{}'", path.display()))?;
-    Ok(staged)
-}
-
-/// Syncs the directory holding `path`, which makes a rename durable on
-/// POSIX file systems. Some file systems refuse to sync a directory; the
-/// rename has happened by then, so that is no reason to fail the write.
-fn sync_parent(path: &Path) {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(dir) = std::fs::File::open(dir) {
-            let _ = dir.sync_all();
-        }
-    }
+        fault::check()
+    })?)
 }
 
 /// Checks that files can be created in `dir` (creating it if needed), by
@@ -117,19 +46,6 @@ pub fn ensure_writable_dir(dir: &Path, what: &str) -> Result<()> {
     std::fs::remove_file(&probe)
         .with_context(|| format!("cannot remove '{}'", probe.display()))
         .map_err(fail)
-}
-
-/// Lets `write` produce the file at a temporary path, then renames it onto
-/// `path`. Used for writers that insist on a path (safetensors, PNG encoders).
-pub fn write_atomic_with(
-    path: &Path,
-    write: impl FnOnce(&Path) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>,
-) -> Result<()> {
-    let staged = Staged::beside(path)?;
-    write(&staged.tmp)
-        .map_err(|e| anyhow::anyhow!(e))
-        .with_context(|| format!("cannot write '{}'", path.display()))?;
-    staged.commit()
 }
 
 /// Write failures on demand, for tests of what a full disk does to a run:
@@ -212,21 +128,6 @@ mod tests {
             .map(|e| e.map(|e| e.file_name()))
             .collect::<std::io::Result<_>>()?;
         assert_eq!(names.len(), 1, "leftover files: {names:?}");
-        Ok(())
-    }
-
-    #[test]
-    fn failed_write_keeps_the_old_file() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("a.txt");
-        write_atomic(&path, b"old")?;
-        let err = write_atomic_with(&path, |tmp| {
-            std::fs::write(tmp, b"partial")?;
-            Err("disk full".into())
-        });
-        assert!(format!("{:#}", err.unwrap_err()).contains("disk full"));
-        assert_eq!(std::fs::read(&path)?, b"old");
-        assert_eq!(std::fs::read_dir(dir.path())?.count(), 1);
         Ok(())
     }
 

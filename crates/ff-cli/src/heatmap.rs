@@ -102,8 +102,7 @@ where
     C: std::ops::Deref<Target = [P::Subpixel]>,
 {
     crate::fsutil::write_atomic_with(path, |tmp| {
-        img.save_with_format(tmp, image::ImageFormat::Png)?;
-        Ok(())
+        img.save_with_format(tmp, image::ImageFormat::Png)
     })
     .with_context(|| format!("cannot save PNG '{}'", path.display()))
 }

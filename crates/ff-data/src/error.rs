@@ -57,6 +57,13 @@ pub enum Error {
         #[source]
         source: image::ImageError,
     },
+    /// Writing a file, or creating its directory, failed ([`crate::fs`]).
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A configuration value is out of its valid range.
     #[error("invalid configuration: {0}")]
     Config(String),

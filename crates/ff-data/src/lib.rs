@@ -13,6 +13,7 @@
 pub mod augment;
 pub mod dataset;
 pub mod error;
+pub mod fs;
 pub mod hash;
 pub mod loader;
 pub mod preprocess;

@@ -1,9 +1,9 @@
-//! Checkpoints: ours (safetensors with the reference's `state_dict` keys,
-//! written atomically) and the reference's `.pt` files, read by candle's
+//! Checkpoints: ours (safetensors bytes with the reference's `state_dict`
+//! keys; the caller writes them) and the reference's `.pt` files, read by candle's
 //! pickle interpreter, which understands the opcodes and never executes code.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::pickle::PthTensors;
 use candle_core::{Device, Tensor};
@@ -14,23 +14,12 @@ use crate::model::FastFlow;
 /// The state-dict prefix of the backbone in the reference's model.
 pub const BACKBONE_PREFIX: &str = "feature_extractor.";
 
-/// Writes the model's trainable tensors and permutation buffers (reference
-/// keys), plus `extra` tensors (e.g. optimizer state under a prefix of the
-/// caller's choice), to a safetensors file. The file appears atomically: it
-/// is written to a temporary name in the same folder and renamed.
-pub fn save_checkpoint(
-    path: impl AsRef<Path>,
-    model: &FastFlow,
-    extra: &HashMap<String, Tensor>,
-) -> Result<()> {
-    let path = path.as_ref();
-    let bytes = checkpoint_bytes(model, extra).map_err(serialize_error(path))?;
-    write_file_atomically(path, &bytes)
-}
-
-/// The bytes [`save_checkpoint`] writes: the model's state dict plus `extra`
-/// as one safetensors file. For callers that stage several files before any
-/// of them replaces an older one.
+/// A checkpoint as the bytes of one safetensors file: the model's trainable
+/// tensors and permutation buffers under the reference's `state_dict` keys,
+/// plus `extra` tensors (e.g. optimizer state under a prefix of the caller's
+/// choice). Where and how the bytes land is the caller's choice (`fastflow`
+/// stages the files of a checkpoint and then renames them into place); read
+/// them back with [`load_safetensors`] and [`load_state_dict`].
 pub fn checkpoint_bytes(model: &FastFlow, extra: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
     let mut tensors = model.state_dict()?;
     for (k, v) in extra {
@@ -55,46 +44,6 @@ pub fn tensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
         .collect::<Result<_>>()?;
     cpu.sort_by(|a, b| a.0.cmp(&b.0));
     safetensors::serialize(cpu, None).map_err(|e| Error::Candle(candle_core::Error::wrap(e)))
-}
-
-/// Writes `tensors` to `path` as safetensors through a temporary file and a rename.
-pub fn save_tensors_atomically(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let bytes = tensors_bytes(tensors).map_err(serialize_error(path))?;
-    write_file_atomically(path, &bytes)
-}
-
-/// A tensor failure while serialising for `path`, named as such.
-fn serialize_error(path: &Path) -> impl Fn(Error) -> Error + '_ {
-    move |e| match e {
-        Error::Candle(source) => Error::SerializeCheckpoint {
-            path: path.to_path_buf(),
-            source,
-        },
-        e => e,
-    }
-}
-
-/// `bytes` to `path` through a synced temporary sibling and a rename.
-fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
-    let tmp: PathBuf = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    written
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::WriteCheckpoint {
-                path: path.to_path_buf(),
-                source,
-            }
-        })
 }
 
 /// Reads every tensor of a safetensors file (to the CPU).
@@ -127,17 +76,14 @@ pub fn read_reference_pt(path: impl AsRef<Path>) -> Result<HashMap<String, Tenso
         path: path.to_path_buf(),
         source,
     };
-    if !path.is_file() {
-        return Err(read_err(candle_core::Error::Msg(
-            "no such file".to_string(),
-        )));
-    }
+    // The reference's checkpoints keep the state dict under
+    // `model_state_dict`; a bare state dict has its tensors at the top.
     let pth = match PthTensors::new(path, Some("model_state_dict")) {
         Ok(p) => p,
-        Err(e) if e.to_string().contains("not found") => {
-            PthTensors::new(path, None).map_err(read_err)?
-        }
-        Err(e) => return Err(read_err(e)),
+        Err(nested) => match PthTensors::new(path, None) {
+            Ok(p) if !p.tensor_infos().is_empty() => p,
+            _ => return Err(read_err(nested)),
+        },
     };
     let mut out = HashMap::new();
     for name in pth.tensor_infos().keys() {
@@ -146,10 +92,9 @@ pub fn read_reference_pt(path: impl AsRef<Path>) -> Result<HashMap<String, Tenso
         }
     }
     if out.is_empty() {
-        return Err(read_err(candle_core::Error::Msg(
-            "it holds no tensors under 'model_state_dict' (is it a FastFlow checkpoint?)"
-                .to_string(),
-        )));
+        return Err(Error::NotACheckpoint {
+            path: path.to_path_buf(),
+        });
     }
     Ok(out)
 }

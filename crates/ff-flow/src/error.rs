@@ -64,21 +64,12 @@ pub enum Error {
         source: candle_core::Error,
     },
 
-    /// A checkpoint file could not be written.
-    #[error("cannot write checkpoint '{}'", path.display())]
-    WriteCheckpoint {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// Serialising a checkpoint to safetensors failed.
-    #[error("cannot serialise checkpoint '{}'", path.display())]
-    SerializeCheckpoint {
-        path: PathBuf,
-        #[source]
-        source: candle_core::Error,
-    },
+    /// A file that parses but holds no state dict.
+    #[error(
+        "'{}' holds no tensors under 'model_state_dict' (is it a FastFlow checkpoint?)",
+        path.display()
+    )]
+    NotACheckpoint { path: PathBuf },
 
     /// Any other tensor operation failure.
     #[error(transparent)]

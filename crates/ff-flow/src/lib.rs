@@ -17,6 +17,7 @@ pub mod coupling;
 mod cpu_op;
 pub mod error;
 pub mod flow;
+mod freia;
 mod fused;
 pub mod model;
 pub mod norm;
@@ -24,7 +25,7 @@ pub mod param;
 
 pub use adam::{Adam, AdamConfig};
 pub use checkpoint::{
-    load_safetensors, load_state_dict, read_reference_pt, save_checkpoint,
+    checkpoint_bytes, load_safetensors, load_state_dict, read_reference_pt,
     split_reference_state_dict, ReferenceStateDict,
 };
 pub use config::FastFlowConfig;

@@ -13,7 +13,7 @@ use common::*;
 use ff_backbone::det_init::det_value;
 use ff_backbone::{Backbone, BackboneKind};
 use ff_flow::{
-    load_safetensors, load_state_dict, loss, read_reference_pt, save_checkpoint,
+    checkpoint_bytes, load_safetensors, load_state_dict, loss, read_reference_pt,
     split_reference_state_dict, Adam, AdamConfig, Error, FastFlow, FastFlowConfig, FastFlowHead,
     FeatureNorms,
 };
@@ -266,7 +266,7 @@ fn safetensors_round_trip_restores_weights_and_permutations() {
     };
     let varmap_a = VarMap::new();
     let model_a = FastFlow::new(&cfg, backbone(), 11, fresh_vb(&varmap_a)).unwrap();
-    save_checkpoint(&path, &model_a, &HashMap::new()).unwrap();
+    std::fs::write(&path, checkpoint_bytes(&model_a, &HashMap::new()).unwrap()).unwrap();
     let sd = load_safetensors(&path).unwrap();
     // Reference keys: norms, trainable flow tensors and both permutation buffers.
     assert!(sd.contains_key("norms.2.weight"));
@@ -344,7 +344,7 @@ fn resumed_training_equals_uninterrupted_training_bit_for_bit() {
     for (k, v) in adam_a.state_tensors().unwrap() {
         tensors.insert(format!("optimizer.{k}"), v);
     }
-    ff_flow::checkpoint::save_tensors_atomically(&path, &tensors).unwrap();
+    std::fs::write(&path, ff_flow::checkpoint::tensors_bytes(&tensors).unwrap()).unwrap();
 
     let loaded = load_safetensors(&path).unwrap();
     let (model_sd, opt_sd): (HashMap<_, _>, HashMap<_, _>) = loaded
