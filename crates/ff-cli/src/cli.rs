@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::data::DatasetFormat;
+pub use crate::data::DataArgs;
 
 /// FastFlow anomaly detection (Yu et al. 2021): train, evaluate and apply
 /// models on MVTec AD or your own images.
@@ -49,34 +49,6 @@ pub enum FeatureCacheArg {
     Disk,
     /// Run the backbone on every batch of every epoch.
     Off,
-}
-
-/// Flags shared by every command that reads a dataset.
-#[derive(Debug, Clone, Args)]
-pub struct DataArgs {
-    /// Dataset root (e.g. `data/mvtec`).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Category folder under the root (e.g. `bottle`).
-    #[arg(long)]
-    pub category: String,
-    /// Layout of the dataset.
-    #[arg(long, value_enum, default_value_t = DatasetFormat::Mvtec)]
-    pub format: DatasetFormat,
-    /// Folder format: good images, relative to `<data>/<category>`.
-    #[arg(long, default_value = "good")]
-    pub normal_dir: PathBuf,
-    /// Folder format: defective images, relative to `<data>/<category>`.
-    #[arg(long, default_value = "bad")]
-    pub abnormal_dir: PathBuf,
-    /// Folder format: good test images; without it 20 % of the good images are
-    /// held out for testing (seeded).
-    #[arg(long)]
-    pub normal_test_dir: Option<PathBuf>,
-    /// Folder format: masks of the defective images, matched by file stem
-    /// (`<stem>.png` or `<stem>_mask.png`); default `masks` when it exists.
-    #[arg(long)]
-    pub mask_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -205,11 +177,12 @@ pub struct DemoArgs {
     /// backbone when it cannot be reached; `random` skips the hub.
     #[arg(long, default_value = "hub")]
     pub weights: String,
-    /// Training epochs (the demo's measured default finishes in minutes on 2 cores).
-    #[arg(long, default_value_t = crate::demo::DEMO_EPOCHS)]
+    /// Training epochs (the demo's measured default finishes in minutes on 2 cores;
+    /// the reference trains 500).
+    #[arg(long, default_value_t = 5)]
     pub epochs: usize,
-    /// Model input size in pixels (a multiple of 16).
-    #[arg(long, default_value_t = crate::demo::DEMO_INPUT_SIZE)]
+    /// Model input size in pixels (a multiple of 16; the reference uses 256).
+    #[arg(long, default_value_t = 128)]
     pub input_size: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,

@@ -1,11 +1,11 @@
 //! Choosing the dataset a command reads (MVTec AD or a user folder) from the
 //! command-line flags, and turning ff-data's plain buffers into tensors.
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use ff_data::{Batch, FolderConfig, Split};
-
-use crate::cli::DataArgs;
 
 /// How the images under `--data` are laid out.
 #[derive(
@@ -19,6 +19,34 @@ pub enum DatasetFormat {
     /// good images in `--normal-dir`, defective ones in `--abnormal-dir`, optional
     /// good test images in `--normal-test-dir` and masks in `--mask-dir`.
     Folder,
+}
+
+/// Flags shared by every command that reads a dataset.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Dataset root (e.g. `data/mvtec`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Category folder under the root (e.g. `bottle`).
+    #[arg(long)]
+    pub category: String,
+    /// Layout of the dataset.
+    #[arg(long, value_enum, default_value_t = DatasetFormat::Mvtec)]
+    pub format: DatasetFormat,
+    /// Folder format: good images, relative to `<data>/<category>`.
+    #[arg(long, default_value = "good")]
+    pub normal_dir: PathBuf,
+    /// Folder format: defective images, relative to `<data>/<category>`.
+    #[arg(long, default_value = "bad")]
+    pub abnormal_dir: PathBuf,
+    /// Folder format: good test images; without it 20 % of the good images are
+    /// held out for testing (seeded).
+    #[arg(long)]
+    pub normal_test_dir: Option<PathBuf>,
+    /// Folder format: masks of the defective images, matched by file stem
+    /// (`<stem>.png` or `<stem>_mask.png`); default `masks` when it exists.
+    #[arg(long)]
+    pub mask_dir: Option<PathBuf>,
 }
 
 /// Lists the train and test samples that `args` describe.

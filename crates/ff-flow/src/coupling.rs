@@ -11,23 +11,12 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::conv::{conv2d_same_nhwc, PackCache};
 use crate::error::{Error, Result};
+use crate::freia::{
+    global_scale_init, AFFINE_CLAMPING, GLOBAL_SCALE_FACTOR, SOFTPLUS_BETA, SOFTPLUS_THRESHOLD,
+    SUBNET_SCALE,
+};
 use crate::fused::{row_view, CouplingOp};
 use crate::param::{trainable, Param, ParamInit};
-
-/// FrEIA's `affine_clamping` as the reference sets it.
-pub const AFFINE_CLAMPING: f64 = 2.0;
-
-/// The softplus `beta` of FrEIA's SOFTPLUS global affine.
-const SOFTPLUS_BETA: f64 = 0.5;
-
-/// PyTorch `nn.Softplus`'s default threshold: above it the function is the identity.
-const SOFTPLUS_THRESHOLD: f64 = 20.0;
-
-/// The global-scale pre-activation that makes the scale start at 1.0:
-/// `2 ln(exp(0.5 * 10 * 1.0) - 1)` (FrEIA's `global_affine_init = 1.0`).
-pub fn global_scale_init() -> f64 {
-    2.0 * (5f64.exp() - 1.0).ln()
-}
 
 /// The settings of one coupling step.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -198,8 +187,9 @@ pub struct AllInOneBlock {
 impl AllInOneBlock {
     /// Builds the step under `vb` (keys `global_scale`, `global_offset`,
     /// `subnet.0.weight|bias`, `subnet.2.weight|bias`). New parameters start
-    /// as the reference's do: global scale at [`global_scale_init`], offset 0,
-    /// convolutions with PyTorch's default uniform init drawn from `rng`.
+    /// as the reference's do: the global scale's pre-activation at the value
+    /// that makes the scale 1, offset 0, convolutions with PyTorch's default
+    /// uniform init drawn from `rng`.
     pub fn new(
         cfg: CouplingConfig,
         permutation: Permutation,
@@ -311,7 +301,7 @@ impl AllInOneBlock {
         &self.key_prefix
     }
 
-    /// The global affine scale `0.1 * softplus_{beta=0.5}(global_scale)`,
+    /// The global affine scale `0.1 softplus_{beta=0.5}(global_scale)`,
     /// with PyTorch's threshold (identity where `beta * x > 20`).
     ///
     /// # Shapes
@@ -324,7 +314,7 @@ impl AllInOneBlock {
         let smooth = ((bx.clamp(f64::NEG_INFINITY, SOFTPLUS_THRESHOLD)?.exp()? + 1.0)?.log()?
             / SOFTPLUS_BETA)?;
         let softplus = bx.gt(SOFTPLUS_THRESHOLD)?.where_cond(g, &smooth)?;
-        Ok((softplus * 0.1)?)
+        Ok((softplus * GLOBAL_SCALE_FACTOR)?)
     }
 
     /// Runs the step forward on a channels-first map (see
@@ -371,7 +361,7 @@ impl AllInOneBlock {
         let c2 = c / 2;
         let x1 = x.narrow(3, 0, c1)?; // [b, h, w, c1]
         let x2 = x.narrow(3, c1, c2)?; // [b, h, w, c2]
-        let a = (self.subnet_raw(&x1)? * 0.1)?; // [b, h, w, 2 c2]
+        let a = (self.subnet_raw(&x1)? * SUBNET_SCALE)?; // [b, h, w, 2 c2]
         let s = (a.narrow(3, 0, c2)?.tanh()? * AFFINE_CLAMPING)?;
         let t = a.narrow(3, c2, c2)?;
         let y2 = ((x2 * s.exp()?)? + t)?;

@@ -14,11 +14,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use ff_kernels::NhwcRef;
 
-use crate::coupling::AFFINE_CLAMPING;
 use crate::cpu_op::f32_data;
-
-/// The subnet output is scaled by this before the coupling (FrEIA's `0.1 * a`).
-const SUBNET_SCALE: f32 = 0.1;
+use crate::freia::{AFFINE_CLAMPING, SUBNET_SCALE};
 
 /// Where the rows of a channels-last `[b, h, w, C]` view lie in its storage:
 /// `(start offset, row stride)`, if every pixel's channels are contiguous and
@@ -101,7 +98,7 @@ fn coupling<'a>(perm: &'a [u32], scale: &'a [f32], offset: &'a [f32]) -> ff_kern
         scale,
         offset,
         clamp: AFFINE_CLAMPING as f32,
-        subnet_scale: SUBNET_SCALE,
+        subnet_scale: SUBNET_SCALE as f32,
     }
 }
 
@@ -255,7 +252,7 @@ fn cuda_dims(pixels: usize, c: usize, x_c: usize, x_rs: usize) -> ff_kernels::cu
         x_channels: x_c,
         x_pixel_stride: x_rs,
         clamp: AFFINE_CLAMPING as f32,
-        subnet_scale: SUBNET_SCALE,
+        subnet_scale: SUBNET_SCALE as f32,
     }
 }
 
