@@ -16,16 +16,12 @@
 //! build and forward seconds with the process's peak and current resident
 //! memory (split into anonymous and file-backed pages) from `/proc/self/status`.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
-use ff_backbone::det_init::{det_backend, det_uniform};
+use candle_core::{Device, Tensor};
+use ff_backbone::det_init::det_uniform;
 use ff_backbone::{Backbone, BackboneKind, WeightSource};
 
 // The fastflow CLI runs on mimalloc; measuring with the same allocator keeps
@@ -35,39 +31,6 @@ use ff_backbone::{Backbone, BackboneKind, WeightSource};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type BoxError = Box<dyn std::error::Error>;
-
-/// A det_init backend that keeps every tensor it hands out, by key.
-#[derive(Clone, Default)]
-struct Keeping {
-    tensors: Arc<Mutex<HashMap<String, Tensor>>>,
-}
-
-impl SimpleBackend for Keeping {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = det_backend().get(s, name, h, dtype, dev)?;
-        let mut map = self
-            .tensors
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("tensor map poisoned".to_string()))?;
-        map.insert(name.to_string(), t.clone());
-        Ok(t)
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        det_backend().get_unchecked(name, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        det_backend().contains_tensor(name)
-    }
-}
 
 /// The `Vm*`/`Rss*` lines of `/proc/self/status`, in MiB, joined for printing.
 fn memory_report() -> String {
@@ -95,14 +58,7 @@ fn kind_of(name: &str) -> Result<BackboneKind, BoxError> {
 }
 
 fn write(kind: BackboneKind, path: &Path) -> Result<(), BoxError> {
-    let keeping = Keeping::default();
-    let vb = VarBuilder::from_backend(Box::new(keeping.clone()), DType::F32, Device::Cpu);
-    drop(Backbone::new(kind, vb)?);
-    let map = keeping
-        .tensors
-        .lock()
-        .map_err(|_| "tensor map poisoned")?
-        .clone();
+    let map = ff_backbone::source_tensors(kind, &WeightSource::Deterministic, &Device::Cpu)?;
     let n: usize = map.values().map(|t| t.elem_count()).sum();
     candle_core::safetensors::save(&map, path)?;
     println!(

@@ -14,8 +14,11 @@ use crate::weights::{backbone_var_builder, WeightSource};
 /// `VarBuilder`, never `Var`s, so no optimizer can reach them.
 #[derive(Debug, Clone)]
 pub enum Backbone {
+    /// ResNet18 or WideResNet50-2.
     ResNet(ResNet),
+    /// DeiT-base distilled, 384 px.
     Deit(Deit),
+    /// CaiT-M48, 448 px.
     Cait(Cait),
 }
 

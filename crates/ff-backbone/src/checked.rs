@@ -19,6 +19,9 @@ pub fn full_key(vb: &VarBuilder, name: &str) -> String {
 /// Gets tensor `name` of shape `shape` from `vb`, turning a missing key or a
 /// wrong shape into [`Error::MissingTensor`] / [`Error::ShapeMismatch`] with
 /// the full key and both shapes.
+///
+/// # Shapes
+/// -> `shape`, exactly.
 pub fn get_checked<S: Into<Shape>>(vb: &VarBuilder, shape: S, name: &str) -> Result<Tensor> {
     let shape: Shape = shape.into();
     let key = full_key(vb, name);

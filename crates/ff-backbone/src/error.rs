@@ -8,24 +8,37 @@ use std::path::PathBuf;
 pub enum Error {
     /// The weights have no tensor under `key` (the full timm state-dict key).
     #[error("the backbone weights have no tensor '{key}'")]
-    MissingTensor { key: String },
+    MissingTensor {
+        /// The full state-dict key.
+        key: String,
+    },
 
     /// The tensor under `key` exists but has the wrong shape.
     #[error("tensor '{key}' has shape {found:?}, but the backbone expects {expected:?}")]
     ShapeMismatch {
+        /// The full state-dict key.
         key: String,
+        /// What was expected.
         expected: Vec<usize>,
+        /// What was found.
         found: Vec<usize>,
     },
 
     /// The Hugging Face hub (or its local cache) could not provide the weights of `repo`.
     #[error("cannot get the weights of hub repository '{repo}': {message}")]
-    Hub { repo: String, message: String },
+    Hub {
+        /// The hub repository (`owner/name`).
+        repo: String,
+        /// What is wrong, in words.
+        message: String,
+    },
 
     /// A local weights file could not be opened or parsed.
     #[error("cannot read the weights file '{}'", path.display())]
     WeightsFile {
+        /// The file or directory at fault.
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: candle_core::Error,
     },
@@ -35,7 +48,10 @@ pub enum Error {
         "unknown backbone '{name}' (expected one of: resnet18, wide_resnet50_2, \
          deit_base_distilled_patch16_384, cait_m48_448)"
     )]
-    UnknownBackbone { name: String },
+    UnknownBackbone {
+        /// The name as given.
+        name: String,
+    },
 
     /// A `--weights` value that is neither `hub`, `hub:<owner/name>`, `random`,
     /// `random:<seed>` nor a `.safetensors` path.
@@ -43,16 +59,27 @@ pub enum Error {
         "invalid weight source '{value}': expected 'hub', 'hub:<owner/name>', 'random', \
          'random:<seed>' or a path to a .safetensors file"
     )]
-    InvalidWeightSource { value: String },
+    InvalidWeightSource {
+        /// The value as given.
+        value: String,
+    },
 
     /// A model configuration whose numbers do not fit together (a
     /// transformer's dimensions), or weights a route cannot run.
     #[error("invalid backbone configuration: {message}")]
-    Config { message: String },
+    Config {
+        /// What is wrong, in words.
+        message: String,
+    },
 
     /// An input tensor whose shape the backbone cannot process.
     #[error("backbone input has shape {found:?}: {message}")]
-    InputShape { found: Vec<usize>, message: String },
+    InputShape {
+        /// What was found.
+        found: Vec<usize>,
+        /// What is wrong, in words.
+        message: String,
+    },
 
     /// A CPU kernel refused its arguments.
     #[error(transparent)]

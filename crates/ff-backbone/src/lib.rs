@@ -8,6 +8,8 @@
 //! weights (the `deterministic` weight source), which the parity tests share
 //! with the PyTorch fixture scripts.
 
+#![warn(missing_docs)]
+
 pub mod backbone;
 mod checked;
 mod closed_form;
@@ -26,5 +28,5 @@ pub use checked::{full_key, get_checked};
 pub use error::{Error, Result};
 pub use kind::BackboneKind;
 pub use resnet::{ResNet, ResNetFeatures};
-pub use weights::{backbone_var_builder, WeightSource};
+pub use weights::{backbone_var_builder, source_tensors, WeightSource};
 pub use weights_mmap::safetensors_var_builder;

@@ -10,6 +10,8 @@
 //! Loader::new(samples, Preprocess, LoaderConfig).epoch(e) -> Batch { images [n,3,s,s], masks [n,s,s], .. }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod augment;
 pub mod dataset;
 pub mod error;

@@ -63,6 +63,9 @@ impl Permutation {
 
     /// FrEIA's `w_perm`: the `[C, C, 1, 1]` matrix with `w[i, perm[i]] = 1`,
     /// which the reference applies as a 1x1 convolution.
+    ///
+    /// # Shapes
+    /// -> `[C, C, 1, 1]`.
     pub fn matrix(&self, dtype: DType) -> Result<Tensor> {
         let n = self.perm.len();
         let mut w = vec![0f32; n * n];
@@ -73,6 +76,9 @@ impl Permutation {
     }
 
     /// FrEIA's `w_perm_inv`: the transpose of [`Permutation::matrix`].
+    ///
+    /// # Shapes
+    /// -> `[C, C, 1, 1]`.
     pub fn inverse_matrix(&self, dtype: DType) -> Result<Tensor> {
         Ok(self
             .matrix(DType::F32)?
@@ -87,6 +93,9 @@ impl Permutation {
     /// Reads the permutation back from a `w_perm` matrix, checking that it is
     /// a hard permutation of the expected size and (if given) that `w_perm_inv`
     /// is its transpose.
+    ///
+    /// # Shapes
+    /// `w_perm`, `w_perm_inv`: `[C, C, 1, 1]`.
     pub fn from_matrices(
         w_perm: &Tensor,
         w_perm_inv: Option<&Tensor>,

@@ -9,6 +9,8 @@
 //! Knows nothing about images on disk or the hub: it receives a built
 //! backbone and tensors.
 
+#![warn(missing_docs)]
+
 pub mod adam;
 pub mod checkpoint;
 pub mod config;

@@ -37,6 +37,10 @@ impl Param {
     }
 
     /// The current value (shares the `Var`'s storage).
+    ///
+    /// # Shapes
+    /// The parameter's, as its key names it in the reference's `state_dict`
+    /// (e.g. `[1, C, 1, 1]` for a global scale).
     pub fn tensor(&self) -> &Tensor {
         &self.tensor
     }

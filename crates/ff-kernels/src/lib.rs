@@ -14,6 +14,7 @@
 //! variants take one explicitly, so the tests compare every path the CPU
 //! supports with a naive implementation.
 
+#![warn(missing_docs)]
 #![allow(unsafe_code)]
 
 #[cfg(feature = "mimalloc")]

@@ -41,6 +41,8 @@
 //! scikit-learn and the MVTec AD definition is tested against fixtures written
 //! by `data-scripts/make_metrics_fixtures.py` (`tests-fixtures/metrics/`).
 
+#![warn(missing_docs)]
+
 mod curve;
 mod error;
 mod evaluator;

@@ -44,6 +44,9 @@ pub struct ResNetFeatures {
 
 impl ResNetFeatures {
     /// The feature maps in stride order (layer1, layer2, layer3).
+    ///
+    /// # Shapes
+    /// -> `[[b, C1, h/4, w/4], [b, C2, h/8, w/8], [b, C3, h/16, w/16]]`.
     pub fn into_scales(self) -> Vec<Tensor> {
         vec![self.layer1, self.layer2, self.layer3]
     }

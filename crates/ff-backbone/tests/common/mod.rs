@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use ff_backbone::det_init::{det_backend, det_uniform, det_value};
+use ff_backbone::det_init::{det_backend, det_uniform};
 use ff_backbone::{Backbone, BackboneKind};
 
 #[path = "../route/mod.rs"]
@@ -103,14 +103,12 @@ pub fn requested_keys(kind: BackboneKind) -> Vec<KeyShape> {
 /// The det_init tensors of every key `kind` asks for, as a hub file would
 /// hold them.
 pub fn det_tensors(kind: BackboneKind) -> HashMap<String, Tensor> {
-    requested_keys(kind)
-        .into_iter()
-        .map(|(k, dims)| {
-            let t = Tensor::from_vec(det_value(&k, &dims), dims.as_slice(), &Device::Cpu)
-                .expect("det tensor");
-            (k, t)
-        })
-        .collect()
+    ff_backbone::source_tensors(
+        kind,
+        &ff_backbone::WeightSource::Deterministic,
+        &Device::Cpu,
+    )
+    .expect("det tensors")
 }
 
 /// Writes `tensors` as a safetensors file at `path`.
