@@ -14,7 +14,7 @@
 pub mod adam;
 pub mod checkpoint;
 pub mod config;
-pub mod conv;
+mod conv;
 pub mod coupling;
 mod cpu_op;
 pub mod error;
