@@ -58,6 +58,26 @@ fn module_graph(
 ) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
     let mut files = Vec::new();
     rust_files(src, &mut files);
+    // Names the crate root re-exports (`pub use module::{A, b}`), by module,
+    // so that `crate::A` counts as an edge to `module`.
+    let mut reexported = std::collections::BTreeMap::<String, String>::new();
+    for root in ["lib.rs", "main.rs"] {
+        let text = std::fs::read_to_string(src.join(root)).unwrap_or_default();
+        let text = text.replace('\n', " ");
+        for item in text.split(';') {
+            let Some(rest) = item.trim().strip_prefix("pub use ") else {
+                continue;
+            };
+            let Some((module, names)) = rest.split_once("::") else {
+                continue;
+            };
+            for name in names.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !name.is_empty() {
+                    reexported.insert(name.to_string(), module.trim().to_string());
+                }
+            }
+        }
+    }
     let mut graph = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
     for file in files {
         let rel = file.strip_prefix(src).expect("file under src");
@@ -79,12 +99,15 @@ fn module_graph(
                     .chars()
                     .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                     .collect();
-                // `crate::{a, b}` groups and items re-exported at the root
-                // (capitalised types, functions) are not module edges.
                 let is_module = name.starts_with(|c: char| c.is_ascii_lowercase())
                     && (src.join(format!("{name}.rs")).is_file() || src.join(&name).is_dir());
-                if is_module && name != module {
-                    deps.insert(name);
+                let target = if is_module {
+                    Some(name)
+                } else {
+                    reexported.get(&name).cloned()
+                };
+                if let Some(target) = target.filter(|t| *t != module) {
+                    deps.insert(target);
                 }
             }
         }

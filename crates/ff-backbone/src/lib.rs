@@ -23,10 +23,10 @@ pub mod vit;
 pub mod weights;
 mod weights_mmap;
 
-pub use backbone::Backbone;
+pub use backbone::{source_tensors, Backbone};
 pub use checked::{full_key, get_checked};
 pub use error::{Error, Result};
 pub use kind::BackboneKind;
 pub use resnet::{ResNet, ResNetFeatures};
-pub use weights::{backbone_var_builder, source_tensors, WeightSource};
+pub use weights::{backbone_var_builder, WeightSource};
 pub use weights_mmap::safetensors_var_builder;

@@ -4,13 +4,9 @@
 //! Every source ends as a `VarBuilder` handing out plain `Tensor`s, never
 //! `Var`s, so a backbone is frozen by construction.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::Init;
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::closed_form::ClosedForm;
@@ -147,68 +143,6 @@ pub fn backbone_var_builder(
         }
         #[cfg(feature = "test-support")]
         WeightSource::Deterministic => Ok(crate::det_init::det_var_builder(DType::F32, device)),
-    }
-}
-
-/// Every tensor the backbone of `kind` reads from `source`, under its timm
-/// key: what a weights file for it must hold. Saved as safetensors (e.g. with
-/// `candle_core::safetensors::save`), it loads back through
-/// [`WeightSource::File`]; this is how a seeded random init becomes a file
-/// to share, or to test a file-based setup without the hub.
-///
-/// # Shapes
-/// Each tensor has timm's shape for its key (BatchNorm statistics unfolded).
-pub fn source_tensors(
-    kind: BackboneKind,
-    source: &WeightSource,
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let keeping = Keeping {
-        inner: backbone_var_builder(kind, source, device)?,
-        kept: Arc::new(Mutex::new(HashMap::new())),
-    };
-    let kept = Arc::clone(&keeping.kept);
-    let vb = VarBuilder::from_backend(Box::new(keeping), DType::F32, device.clone());
-    drop(crate::Backbone::new(kind, vb)?);
-    let mut kept = kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    Ok(std::mem::take(&mut *kept))
-}
-
-/// A backend that hands out `inner`'s tensors and keeps each one it handed
-/// out, by key.
-struct Keeping {
-    inner: VarBuilder<'static>,
-    kept: Arc<Mutex<HashMap<String, Tensor>>>,
-}
-
-impl SimpleBackend for Keeping {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = self.inner.get_with_hints_dtype(s, name, h, dtype)?;
-        self.kept
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(name.to_string(), t.clone());
-        Ok(t)
-    }
-
-    fn get_unchecked(
-        &self,
-        name: &str,
-        dtype: DType,
-        _dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.inner.get_unchecked_dtype(name, dtype)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.contains_tensor(name)
     }
 }
 
