@@ -57,7 +57,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         args.batch_size > 0 && args.iters > 0,
         "--batch-size and --iters must be at least 1"
     );
-    let device = device(args.device)?;
+    let device = device(args.run_on.device)?;
     let mut cfg = load_model_config(&args.config)?;
     if let Some(s) = args.input_size {
         cfg.input_size = s;
@@ -78,7 +78,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         "bench: {} | batch {} | {:?} | {} threads | CPU {} | kernels {cpu_kernels}",
         describe_config(&cfg),
         args.batch_size,
-        args.device,
+        args.run_on.device,
         rayon::current_num_threads(),
         cpu_model.as_deref().unwrap_or("unknown"),
     );
@@ -102,7 +102,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
 
     let result = BenchResult {
         config: cfg,
-        device: format!("{:?}", args.device).to_lowercase(),
+        device: format!("{:?}", args.run_on.device).to_lowercase(),
         batch_size: args.batch_size,
         iters: args.iters,
         train_img_per_s: train.as_ref().map(|t| t.median_img_per_s),
@@ -114,7 +114,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         cpu_kernels,
         cpu_model,
     };
-    if let Some(json) = &args.json {
+    if let Some(json) = &args.report.json {
         crate::fsutil::write_json_atomic(json, &result)?;
     }
     Ok(())

@@ -38,6 +38,24 @@ pub enum DeviceArg {
     Cuda,
 }
 
+/// `--device`: every command that runs a model takes it.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct DeviceFlag {
+    /// Where the model runs (`cuda`: the first GPU; needs a build with
+    /// `--features cuda`).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+}
+
+/// `--json`: every command with results to report takes it.
+#[derive(Debug, Clone, Args)]
+pub struct JsonFlag {
+    /// Also write the results as JSON to this file (`train`: the final
+    /// evaluation's metrics; `eval`: the metrics; `bench`: the measurements).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
 /// Where `train` keeps the backbone features it computes once and reuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FeatureCacheArg {
@@ -92,11 +110,10 @@ pub struct TrainArgs {
     /// a run directory's last checkpoint).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Write the final evaluation's metrics as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub report: JsonFlag,
+    #[command(flatten)]
+    pub run_on: DeviceFlag,
     /// Compute each image's backbone features once and reuse them in every
     /// later epoch and evaluation (the backbone is frozen). The results are
     /// bit-identical to `off`.
@@ -125,9 +142,8 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub data: DataArgs,
-    /// Write the metrics as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub report: JsonFlag,
 }
 
 /// The model a command applies, and how: the flags `eval` and `predict`
@@ -149,8 +165,8 @@ pub struct ModelArgs {
     /// Images per inference batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub run_on: DeviceFlag,
 }
 
 #[derive(Debug, Args)]
@@ -184,8 +200,8 @@ pub struct DemoArgs {
     /// Model input size in pixels (a multiple of 16; the reference uses 256).
     #[arg(long, default_value_t = 128)]
     pub input_size: usize,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub run_on: DeviceFlag,
 }
 
 #[derive(Debug, Args)]
@@ -209,9 +225,8 @@ pub struct BenchArgs {
     /// Override the config's input size (pixels) for quick comparisons.
     #[arg(long)]
     pub input_size: Option<usize>,
-    /// Write the measurements as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub report: JsonFlag,
+    #[command(flatten)]
+    pub run_on: DeviceFlag,
 }

@@ -30,7 +30,7 @@ pub const DEMO_SEED: u64 = 0;
 /// `fastflow demo`.
 pub fn run_demo(args: DemoArgs) -> Result<()> {
     let t0 = Instant::now();
-    let device = device(args.device)?;
+    let device = device(args.run_on.device)?;
     let data_root = args.out.join("data");
     let synth = SynthConfig {
         image_size: 256,

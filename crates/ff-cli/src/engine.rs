@@ -270,7 +270,7 @@ pub struct OpenedModel {
 /// `.pt` with `--config`), with `--weights` overriding the backbone; a
 /// `--config` given with a checkpoint of ours must match its config.
 pub fn open_model(args: &ModelArgs) -> Result<OpenedModel> {
-    let device = device(args.device)?;
+    let device = device(args.run_on.device)?;
     match CheckpointKind::of(&args.checkpoint) {
         CheckpointKind::Reference(path) => {
             let engine = Engine::open_reference(

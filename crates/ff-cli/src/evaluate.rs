@@ -9,8 +9,8 @@ use ff_data::{Label, Loader, LoaderConfig, Preprocess, Sample};
 use ff_metrics::Evaluator;
 
 use crate::cli::EvalArgs;
-use crate::data::{images_tensor, load_split};
-use crate::engine::{describe_config, open_model, Engine};
+use crate::data::{images_tensor, load_split, DataArgs};
+use crate::engine::{describe_config, open_model, Engine, OpenedModel};
 use crate::feature_cache::FeatureStore;
 use crate::report::{markdown_report, metrics_table, write_metrics_json, Metrics, ReportContext};
 
@@ -113,9 +113,41 @@ pub fn eval_report_path(checkpoint: &Path, category: &str) -> PathBuf {
     checkpoint.with_file_name(format!("{stem}.eval-{category}.md"))
 }
 
+/// What `fastflow eval` does, resolved from its flags: the model opened,
+/// the test data to read, and where the results go.
+pub struct EvalPlan {
+    pub opened: OpenedModel,
+    pub data: DataArgs,
+    pub batch_size: usize,
+    pub json: Option<PathBuf>,
+}
+
+impl EvalPlan {
+    /// Opens the model `args` name (errors name the checkpoint or config).
+    pub fn from_args(args: EvalArgs) -> Result<Self> {
+        Ok(Self {
+            opened: open_model(&args.model)?,
+            data: args.data,
+            batch_size: args.model.batch_size,
+            json: args.report.json,
+        })
+    }
+}
+
 /// `fastflow eval`.
 pub fn run_eval(args: EvalArgs) -> Result<()> {
-    let opened = open_model(&args.model)?;
+    run_eval_plan(&EvalPlan::from_args(args)?)
+}
+
+/// Evaluates the plan's model on its test set and writes the Markdown report
+/// beside the checkpoint (and the metrics as JSON when asked).
+pub fn run_eval_plan(plan: &EvalPlan) -> Result<()> {
+    let EvalPlan {
+        opened,
+        data,
+        batch_size,
+        json,
+    } = plan;
     let engine = &opened.engine;
     let mut facts = match &opened.meta {
         None => vec![(
@@ -134,27 +166,27 @@ pub fn run_eval(args: EvalArgs) -> Result<()> {
     // A folder dataset holds out good images for testing by the run's seed;
     // the same seed keeps training images out of the test set.
     let split_seed = opened.meta.as_ref().map_or(0, |m| m.seed);
-    let split = load_split(&args.data, split_seed)?;
-    let eval = evaluate(engine, &split.test, args.model.batch_size)?;
+    let split = load_split(data, split_seed)?;
+    let eval = evaluate(engine, &split.test, *batch_size)?;
     println!("{}", metrics_table(&eval.metrics));
     facts.push((
         "data".into(),
-        format!("{} / {}", args.data.data.display(), args.data.category),
+        format!("{} / {}", data.data.display(), data.category),
     ));
     facts.push(("config".into(), describe_config(engine.config())));
     let md = markdown_report(
         &ReportContext {
-            title: format!("FastFlow evaluation: {}", args.data.category),
+            title: format!("FastFlow evaluation: {}", data.category),
             facts,
         },
         &eval.metrics,
     );
     // The report goes beside the checkpoint file (also when a run directory
     // named it).
-    let md_path = eval_report_path(&opened.file, &args.data.category);
+    let md_path = eval_report_path(&opened.file, &data.category);
     crate::fsutil::write_atomic(&md_path, md.as_bytes())?;
     println!("report: {}", md_path.display());
-    if let Some(json) = &args.json {
+    if let Some(json) = json {
         write_metrics_json(json, &eval.metrics)?;
         println!("metrics: {}", json.display());
     }

@@ -12,7 +12,7 @@ use image::RgbImage;
 use rayon::prelude::*;
 
 use crate::cli::PredictArgs;
-use crate::engine::{open_model, Engine};
+use crate::engine::{open_model, Engine, OpenedModel};
 use crate::heatmap::{binary_mask, overlay, resize_bilinear, save_png};
 use crate::report::{predictions_csv, PredictionRow};
 
@@ -35,37 +35,66 @@ pub struct PredictOutcome {
     pub csv: PathBuf,
 }
 
+/// What `fastflow predict` does, resolved from its flags: the model opened,
+/// the images to score, where the outputs go, and the thresholds (the
+/// flag's, else the checkpoint's).
+pub struct PredictPlan {
+    pub opened: OpenedModel,
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub settings: PredictSettings,
+}
+
+impl PredictPlan {
+    /// Checks `--out` first (an unwritable folder fails before the model
+    /// loads), opens the model and resolves the thresholds.
+    pub fn from_args(args: PredictArgs) -> Result<Self> {
+        crate::fsutil::ensure_writable_dir(&args.out, "output directory")?;
+        let opened = open_model(&args.model)?;
+        let meta = opened.meta.as_ref();
+        let threshold = args
+            .threshold
+            .or(meta.and_then(|m| m.threshold).map(|t| t as f32));
+        if threshold.is_none() {
+            let source = if meta.is_some() {
+                "the checkpoint carries"
+            } else {
+                "a reference .pt file carries"
+            };
+            eprintln!("note: {source} no threshold; labels stay 'n/a' unless you pass --threshold");
+        }
+        let settings = PredictSettings {
+            threshold,
+            // An explicit --threshold applies to masks too; otherwise the
+            // pixel F1-max threshold of the checkpoint's evaluation.
+            pixel_threshold: args
+                .threshold
+                .or(meta.and_then(|m| m.pixel_threshold).map(|t| t as f32))
+                .or(threshold),
+            map_range: meta.and_then(|m| m.map_range),
+            batch_size: args.model.batch_size,
+        };
+        Ok(Self {
+            opened,
+            inputs: args.inputs,
+            out: args.out,
+            settings,
+        })
+    }
+}
+
 /// `fastflow predict`.
 pub fn run_predict(args: PredictArgs) -> Result<()> {
-    // Before the model is loaded: an unwritable --out fails at once.
-    crate::fsutil::ensure_writable_dir(&args.out, "output directory")?;
-    let opened = open_model(&args.model)?;
-    let engine = &opened.engine;
-    let meta = opened.meta.as_ref();
-    let threshold = args
-        .threshold
-        .or(meta.and_then(|m| m.threshold).map(|t| t as f32));
-    if threshold.is_none() {
-        let source = if meta.is_some() {
-            "the checkpoint carries"
-        } else {
-            "a reference .pt file carries"
-        };
-        eprintln!("note: {source} no threshold; labels stay 'n/a' unless you pass --threshold");
-    }
-    let settings = PredictSettings {
-        threshold,
-        // An explicit --threshold applies to masks too; otherwise the pixel
-        // F1-max threshold of the checkpoint's evaluation.
-        pixel_threshold: args
-            .threshold
-            .or(meta.and_then(|m| m.pixel_threshold).map(|t| t as f32))
-            .or(threshold),
-        map_range: meta.and_then(|m| m.map_range),
-        batch_size: args.model.batch_size,
-    };
-    let (images, mut missing) = collect_inputs(&args.inputs);
-    let outcome = predict(engine, &images, &args.out, &settings)?;
+    run_predict_plan(&PredictPlan::from_args(args)?)
+}
+
+/// Scores the plan's images, writes heatmaps, masks and `predictions.csv`;
+/// unreadable inputs become failed rows, and only all of them failing is an
+/// error.
+pub fn run_predict_plan(plan: &PredictPlan) -> Result<()> {
+    let settings = &plan.settings;
+    let (images, mut missing) = collect_inputs(&plan.inputs);
+    let outcome = predict(&plan.opened.engine, &images, &plan.out, settings)?;
     let mut rows = outcome.rows;
     rows.append(&mut missing);
     let failed = rows.iter().filter(|r| !r.error.is_empty()).count();
@@ -78,7 +107,7 @@ pub fn run_predict(args: PredictArgs) -> Result<()> {
         }
     }
     println!("predictions: {}", outcome.csv.display());
-    println!("heatmaps and masks: {}", args.out.display());
+    println!("heatmaps and masks: {}", plan.out.display());
     anyhow::ensure!(
         rows.len() > failed,
         "none of the {} inputs could be predicted",

@@ -80,7 +80,7 @@ struct TrainJson<'a> {
 
 /// `fastflow train`.
 pub fn run_train(args: TrainArgs) -> Result<()> {
-    let device = device(args.device)?;
+    let device = device(args.run_on.device)?;
     let resume = args
         .resume
         .as_ref()
@@ -185,7 +185,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         weights,
         run_dir,
         resume,
-        json: args.json,
+        json: args.report.json,
         device,
         feature_cache: args.feature_cache,
         feature_cache_mb: args.feature_cache_mb,
