@@ -31,6 +31,7 @@ SCRIPTS = {
     "metrics": "data-scripts/make_metrics_fixtures.py",
     "vit": "data-scripts/make_vit_fixtures.py",
     "vit_pt": "data-scripts/make_vit_pt_fixtures.py",
+    "vit_cli": "data-scripts/make_vit_cli_fixtures.py",
 }
 
 # Import names of the pinned distributions.

@@ -7,13 +7,16 @@
 //! The reference `.pt` fixtures of these backbones
 //! (`tests-fixtures/vit_pt/`, made by `data-scripts/make_vit_pt_fixtures.py`)
 //! are checked against the reference's anomaly maps in ff-flow
-//! (`tests/vit_reference_pt.rs`); here `fastflow eval` is pointed at them to
-//! show that the CLI reads them (once the permutation buffers the fixtures
-//! leave out are restored) and names what it cannot use.
+//! (`tests/vit_reference_pt.rs`); here `fastflow eval` and `predict` are
+//! pointed at them to show that the CLI reads them (once the permutation
+//! buffers the fixtures leave out are restored), names what it cannot use,
+//! and gives the reference's scores and AUROCs on a synthetic category
+//! (`tests-fixtures/vit_cli/`, made by `data-scripts/make_vit_cli_fixtures.py`).
 
 use std::path::{Path, PathBuf};
 
 use ff_data::synth::{generate_category, SynthConfig};
+use sha2::Digest;
 
 mod common;
 use common::{assert_ok, fastflow, read_json, text};
@@ -205,6 +208,27 @@ fn vit_pt_config(name: &str, dir: &Path) -> PathBuf {
     path
 }
 
+/// The arguments of `fastflow <command>` on reference checkpoint `pt` with
+/// its reduced config and the fixture backbone weights, then `rest`.
+fn reference_pt_args(
+    command: &str,
+    pt: &Path,
+    cfg: &Path,
+    rest: Vec<std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let mut all = args![
+        command,
+        "--checkpoint",
+        pt,
+        "--config",
+        cfg,
+        "--weights",
+        "deterministic"
+    ];
+    all.extend(rest);
+    all
+}
+
 /// The ViT reference fixtures leave out their 768 x 768 permutation buffers
 /// (size budget; ff-flow's test rebuilds them from the fixture's JSON), so
 /// `fastflow eval` must refuse them by naming the file and the missing key,
@@ -230,19 +254,12 @@ fn trimmed_vit_reference_pts_are_refused_naming_the_missing_permutation() {
         )
         .expect("copy the fixture");
         let cfg = vit_pt_config(name, dir.path());
-        let out = fastflow(args![
+        let out = fastflow(reference_pt_args(
             "eval",
-            "--checkpoint",
-            pt,
-            "--config",
-            cfg,
-            "--weights",
-            "deterministic",
-            "--data",
-            data,
-            "--category",
-            CATEGORY,
-        ]);
+            &pt,
+            &cfg,
+            args!["--data", data, "--category", CATEGORY],
+        ));
         assert!(
             !out.status.success(),
             "{name}: should fail:\n{}",
@@ -426,60 +443,100 @@ fn complete_vit_pt(name: &str, dir: &Path) -> PathBuf {
 }
 
 /// With the permutation buffers restored, the ViT reference checkpoints
-/// evaluate and predict through the CLI with their reduced configs.
+/// evaluate and predict through the CLI with their reduced configs, and give
+/// the reference's numbers: each image's score (the maximum of its anomaly
+/// map) and the image and pixel AUROCs equal what the reference model
+/// computes on the same files (`tests-fixtures/vit_cli/`, written by
+/// `data-scripts/make_vit_cli_fixtures.py`).
 #[test]
-fn vit_reference_pts_evaluate_and_predict_through_the_cli() {
+fn vit_reference_pts_match_the_reference_scores_and_metrics_through_the_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
+    // The category make_vit_cli_fixtures.py was run on (its docstring's
+    // `cargo xtask synth` line).
     let synth = SynthConfig {
         image_size: 32,
         n_train: 1,
-        n_test_good: 1,
-        n_test_defect: 1,
+        n_test_good: 2,
+        n_test_defect: 2,
         seed: 6,
     };
     generate_category(&data, CATEGORY, &synth).expect("synthetic data");
+    let category = data.join(CATEGORY);
     for name in ["deit", "cait"] {
+        let want = read_json(&repo_root().join(format!("tests-fixtures/vit_cli/{name}.json")));
+        let images = want["images"].as_array().expect("images");
+        assert_eq!(images.len(), 4, "{name}: fixture images");
+        for image in images {
+            let rel = image["path"].as_str().expect("path");
+            let bytes = std::fs::read(category.join(rel)).expect("generated test image");
+            let digest: String = sha2::Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(
+                image["sha256"].as_str(),
+                Some(digest.as_str()),
+                "{rel}: the synthetic generator no longer makes the image the fixture \
+                 was computed on; rerun data-scripts/make_vit_cli_fixtures.py"
+            );
+        }
         let pt = complete_vit_pt(name, dir.path());
         let cfg = vit_pt_config(name, dir.path());
         let json = dir.path().join(format!("{name}_eval.json"));
-        let out = fastflow(args![
+        let out = fastflow(reference_pt_args(
             "eval",
-            "--checkpoint",
-            pt,
-            "--config",
-            cfg,
-            "--weights",
-            "deterministic",
-            "--data",
-            data,
-            "--category",
-            CATEGORY,
-            "--json",
-            json,
-        ]);
+            &pt,
+            &cfg,
+            args!["--data", data, "--category", CATEGORY, "--json", json],
+        ));
         assert_ok(&out);
         let v = read_json(&json);
-        assert_eq!(v["n_images"], 2, "{name}: {v}");
+        assert_eq!(v["n_images"], 4, "{name}: {v}");
         assert_metrics_sane(&v, &format!("{name} reference .pt eval"));
+        for key in ["image_auroc", "pixel_auroc"] {
+            let (got, exp) = (
+                v[key].as_f64().expect("metric"),
+                want[key].as_f64().expect("reference metric"),
+            );
+            // f32 maps against the f64 reference: a pixel pair closer than
+            // float rounding may rank the other way, nothing more.
+            assert!(
+                (got - exp).abs() <= 1e-4,
+                "{name}: {key} {got} vs the reference's {exp}"
+            );
+        }
+
         let pred = dir.path().join(format!("{name}_pred"));
-        let out = fastflow(args![
-            "predict",
-            "--checkpoint",
-            pt,
-            "--config",
-            cfg,
-            "--weights",
-            "deterministic",
-            "--threshold",
-            "-0.5",
-            data.join(CATEGORY).join("test/good"),
-            "--out",
-            pred,
-        ]);
+        let mut rest = args!["--threshold", "-0.5", "--out", pred];
+        for folder in ["good", "hole", "scratch"] {
+            rest.push(category.join("test").join(folder).into());
+        }
+        let out = fastflow(reference_pt_args("predict", &pt, &cfg, rest));
         assert_ok(&out);
         let csv = std::fs::read_to_string(pred.join("predictions.csv")).expect("csv");
-        assert_eq!(csv.lines().count(), 2, "{name}: {csv}");
+        let rows: Vec<Vec<&str>> = csv
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').collect())
+            .collect();
+        assert_eq!(rows.len(), 4, "{name}: {csv}");
+        for image in images {
+            let rel = image["path"].as_str().expect("path");
+            let row = rows
+                .iter()
+                .find(|r| Path::new(r[0]).ends_with(rel))
+                .unwrap_or_else(|| panic!("{name}: no row for {rel} in {csv}"));
+            let got: f64 = row[1].parse().expect("score");
+            let exp = image["score"].as_f64().expect("reference score");
+            // The CSV prints 6 decimals (0.5e-6 of rounding) of an f32 map;
+            // the scores of different images differ by 1e-5 and more.
+            eprintln!("{name}: {rel}: {got} vs {exp}");
+            assert!(
+                (got - exp).abs() <= 5e-6,
+                "{name}: {rel} scores {got}, the reference {exp}"
+            );
+        }
     }
 }
 
