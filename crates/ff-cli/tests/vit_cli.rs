@@ -419,20 +419,23 @@ fn complete_vit_pt(name: &str, dir: &Path) -> PathBuf {
         .iter()
         .enumerate()
     {
-        let p: Vec<usize> = perm
+        let p: Vec<u32> = perm
             .as_array()
             .expect("a permutation")
             .iter()
-            .map(|v| v.as_u64().expect("index") as usize)
+            .map(|v| v.as_u64().expect("index") as u32)
             .collect();
         let c = p.len();
-        let mut w = vec![0f32; c * c];
-        let mut w_inv = vec![0f32; c * c];
-        for (i, &j) in p.iter().enumerate() {
-            w[i * c + j] = 1.0;
-            w_inv[j * c + i] = 1.0;
-        }
         let key = format!("nf_flows.0.module_list.{k}.w_perm");
+        let perm = ff_flow::Permutation::new(p, &candle_core::Device::Cpu, &key).expect("perm");
+        let values = |t: ff_flow::Result<candle_core::Tensor>| {
+            t.and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                .expect("permutation matrix")
+        };
+        let (w, w_inv) = (
+            values(perm.matrix(candle_core::DType::F32)),
+            values(perm.inverse_matrix(candle_core::DType::F32)),
+        );
         tensors.push((format!("{key}_inv"), vec![c, c, 1, 1], w_inv));
         tensors.push((key, vec![c, c, 1, 1], w));
     }

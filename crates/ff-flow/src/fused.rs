@@ -72,9 +72,34 @@ impl Operands {
     }
 
     /// Pixels `b h w`.
+    #[cfg(feature = "cuda")]
     fn pixels(&self) -> usize {
         self.dims[0] * self.dims[1] * self.dims[2]
     }
+}
+
+/// The host operands of an op `name` on a `c`-channel step: `x` as a
+/// channels-last view, and the second and third operands (called `what`)
+/// as the contiguous slices their layouts name.
+fn host_operands<'s>(
+    name: &str,
+    c: usize,
+    [(s1, l1), (s2, l2), (s3, l3)]: [(&'s CpuStorage, &Layout); 3],
+    what: &str,
+) -> candle_core::Result<(NhwcRef<'s>, &'s [f32], &'s [f32])> {
+    let (x, second, third) = (
+        f32_data(s1, name)?,
+        f32_data(s2, name)?,
+        f32_data(s3, name)?,
+    );
+    let ops = Operands::of(name, c, l1, l2, l3, what)?;
+    let (x_off, x_rs) = ops.x_rows;
+    let xv = NhwcRef::strided(&x[x_off..], ops.dims, x_rs).map_err(candle_core::Error::wrap)?;
+    Ok((
+        xv,
+        &second[ops.second.0..ops.second.1],
+        &third[ops.third.0..ops.third.1],
+    ))
 }
 
 /// The step's elementwise part. Inputs: `x` `[b, h, w, C]` or
@@ -117,24 +142,16 @@ impl CustomOp3 for CouplingOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (x, a, affine) = (
-            f32_data(s1, name)?,
-            f32_data(s2, name)?,
-            f32_data(s3, name)?,
-        );
         let c = self.perm.len();
-        let ops = Operands::of(name, c, l1, l2, l3, "a and affine")?;
-        let ([b, h, w, x_c], (x_off, x_rs), n) = (ops.dims, ops.x_rows, ops.pixels());
-        let c2 = c / 2;
-        let a = &a[ops.second.0..ops.second.1];
-        let affine = &affine[ops.third.0..ops.third.1];
-        if a.len() != n * 2 * c2 || affine.len() != 2 * c || self.perm.len() != c {
+        let (xv, a, affine) =
+            host_operands(name, c, [(s1, l1), (s2, l2), (s3, l3)], "a and affine")?;
+        let [b, h, w, _] = xv.dims();
+        let (n, c2) = (b * h * w, c / 2);
+        if a.len() != n * 2 * c2 || affine.len() != 2 * c {
             candle_core::bail!("{name}: inconsistent shapes")
         }
         let (scale, offset) = affine.split_at(c);
         let oc = c + 1;
-        let xv = NhwcRef::strided(&x[x_off..], [b, h, w, x_c], x_rs)
-            .map_err(candle_core::Error::wrap)?;
         let mut out = ff_kernels::zeroed(n * oc);
         ff_kernels::coupling_forward(&coupling(&self.perm, scale, offset), xv, a, &mut out)
             .map_err(candle_core::Error::wrap)?;
@@ -271,22 +288,18 @@ impl CustomOp3 for CouplingBackward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (x, a, g) = (
-            f32_data(s1, name)?,
-            f32_data(s2, name)?,
-            f32_data(s3, name)?,
-        );
         let c = self.perm.len();
-        let ops = Operands::of(name, c, l1, l2, l3, "a and the gradient")?;
-        let ([b, h, w, x_c], (x_off, x_rs), n) = (ops.dims, ops.x_rows, ops.pixels());
-        let c2 = c / 2;
-        let (a, g) = (&a[ops.second.0..ops.second.1], &g[ops.third.0..ops.third.1]);
-        let oc = c + 1;
-        if a.len() != n * 2 * c2 || g.len() != n * oc || self.perm.len() != c {
+        let (xv, a, g) = host_operands(
+            name,
+            c,
+            [(s1, l1), (s2, l2), (s3, l3)],
+            "a and the gradient",
+        )?;
+        let [b, h, w, x_c] = xv.dims();
+        let (n, c2, oc) = (b * h * w, c / 2, c + 1);
+        if a.len() != n * 2 * c2 || g.len() != n * oc {
             candle_core::bail!("{name}: inconsistent shapes")
         }
-        let xv = NhwcRef::strided(&x[x_off..], [b, h, w, x_c], x_rs)
-            .map_err(candle_core::Error::wrap)?;
         let AffineValues::Host { scale, offset } = &self.affine else {
             candle_core::bail!("{name}: the affine of a CPU step is on another device")
         };

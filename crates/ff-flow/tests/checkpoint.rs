@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use common::*;
 use ff_backbone::det_init::det_value;
 use ff_backbone::{Backbone, BackboneKind};
@@ -29,13 +29,7 @@ fn build_model(
     backbone_tensors: HashMap<String, Tensor>,
     varmap: &VarMap,
 ) -> FastFlow {
-    let vb = VarBuilder::from_backend(
-        Box::new(FileThenDet {
-            file: backbone_tensors,
-        }),
-        DType::F32,
-        dev(),
-    );
+    let vb = file_then_det(backbone_tensors);
     let backbone = Backbone::new(BackboneKind::ResNet18, vb).unwrap();
     FastFlow::new(cfg, backbone, 3, fresh_vb(varmap)).unwrap()
 }

@@ -7,8 +7,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use common::*;
 use ff_backbone::det_init::det_value;
 use ff_backbone::Backbone;
@@ -106,13 +106,7 @@ fn check_reference_pt(name: &str) {
         parts.flow.insert(key, w);
     }
 
-    let vb = VarBuilder::from_backend(
-        Box::new(FileThenDet {
-            file: parts.backbone,
-        }),
-        DType::F32,
-        dev(),
-    );
+    let vb = file_then_det(parts.backbone);
     let backbone = Backbone::new(kind, vb).unwrap();
     let varmap = VarMap::new();
     let mut model = FastFlow::new(&cfg, backbone, 0, fresh_vb(&varmap)).unwrap();

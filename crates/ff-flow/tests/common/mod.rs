@@ -6,10 +6,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use ff_backbone::det_init::{det_uniform, det_value};
+use ff_backbone::det_init::{det_uniform, det_value, ClosedForm};
 use ff_flow::{FastFlowConfig, FastFlowHead, Permutation};
 use serde_json::Value;
 
@@ -163,36 +162,23 @@ pub fn assert_close(what: &str, t: &Tensor, want: &Tensor, rtol: f64) {
     eprintln!("{what}: worst relative difference {worst:.2e}");
 }
 
-/// Backbone weights from a reference checkpoint, with det_init values for the
-/// tensors a size-trimmed fixture leaves out (det_init values in the
-/// reference too).
-pub struct FileThenDet {
-    pub file: HashMap<String, Tensor>,
-}
-
-impl SimpleBackend for FileThenDet {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        match self.file.get(name) {
-            Some(t) => {
-                assert_eq!(t.dims(), s.dims(), "{name}");
-                t.to_dtype(dtype)?.to_device(dev)
-            }
-            None => Tensor::from_vec(det_value(name, s.dims()), s, dev)?.to_dtype(dtype),
+/// A `VarBuilder` for a backbone whose weights come from a reference
+/// checkpoint, with det_init values for the tensors a size-trimmed fixture
+/// leaves out (det_init values in the reference too).
+pub fn file_then_det(file: HashMap<String, Tensor>) -> VarBuilder<'static> {
+    let values = move |name: &str, dims: &[usize]| match file.get(name) {
+        Some(t) => {
+            assert_eq!(t.dims(), dims, "{name}");
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("a float tensor")
         }
-    }
-
-    fn get_unchecked(&self, name: &str, _d: DType, _dev: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("no shape for {name}")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
+        None => det_value(name, dims),
+    };
+    VarBuilder::from_backend(
+        Box::new(ClosedForm::new("file then det_init", values)),
+        DType::F32,
+        dev(),
+    )
 }
