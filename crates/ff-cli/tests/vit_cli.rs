@@ -429,8 +429,10 @@ fn complete_vit_pt(name: &str, dir: &Path) -> PathBuf {
         let key = format!("nf_flows.0.module_list.{k}.w_perm");
         let perm = ff_flow::Permutation::new(p, &candle_core::Device::Cpu, &key).expect("perm");
         let values = |t: ff_flow::Result<candle_core::Tensor>| {
-            t.and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
-                .expect("permutation matrix")
+            t.expect("permutation matrix")
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("f32 values")
         };
         let (w, w_inv) = (
             values(perm.matrix(candle_core::DType::F32)),
