@@ -22,21 +22,39 @@ pub struct Evaluation {
     pub map_range: [f32; 2],
 }
 
+/// Whether a test loader keeps the images it decoded for later passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodedImages {
+    /// Kept, for the later evaluations of a training run.
+    Keep,
+    /// Dropped after each batch (one evaluation).
+    Drop,
+}
+
 /// A loader over a test set, with masks when every anomalous sample has one.
-/// With `cache`, decoded images are kept for later evaluations of the same run.
-pub fn test_loader(test: &[Sample], input_size: usize, batch_size: usize, cache: bool) -> Loader {
+pub fn test_loader(
+    test: &[Sample],
+    input_size: usize,
+    batch_size: usize,
+    decoded: DecodedImages,
+) -> Loader {
     let mut cfg = LoaderConfig::new(batch_size.max(1));
     cfg.with_masks = test
         .iter()
         .all(|s| s.label == Label::Normal || s.mask.is_some());
-    cfg.cache = cache;
+    cfg.cache = decoded == DecodedImages::Keep;
     Loader::new(test.to_vec(), Preprocess::imagenet(input_size), cfg)
 }
 
 /// Evaluates `engine` on `test` (every sample labelled; masks used when all
 /// anomalous samples have one).
 pub fn evaluate(engine: &Engine, test: &[Sample], batch_size: usize) -> Result<Evaluation> {
-    let loader = test_loader(test, engine.config().input_size, batch_size, false);
+    let loader = test_loader(
+        test,
+        engine.config().input_size,
+        batch_size,
+        DecodedImages::Drop,
+    );
     evaluate_cached(engine, &loader, None)
 }
 

@@ -406,11 +406,31 @@ pub struct CachePlan {
     pub budget: u64,
 }
 
+/// Where training runs, as far as the cache's placement cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainsOn {
+    /// The CPU: features stay in host memory or on disk.
+    Cpu,
+    /// A GPU: `auto` keeps the features there.
+    Gpu,
+}
+
+impl TrainsOn {
+    /// The processor `device` is.
+    pub fn of(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            TrainsOn::Cpu
+        } else {
+            TrainsOn::Gpu
+        }
+    }
+}
+
 /// Decides where the features of `n_train + n_test` images go.
 ///
 /// `Ok(None)` when the cache is off. A budget that cannot hold one batch of
 /// features (what a step holds in memory in any case) is an error.
-/// With `on_gpu` (training on a GPU), `auto` keeps the features in GPU
+/// Training on a GPU ([`TrainsOn::Gpu`]), `auto` keeps the features in GPU
 /// memory; the budget is host memory's.
 pub fn plan(
     choice: FeatureCacheArg,
@@ -418,7 +438,7 @@ pub fn plan(
     per_image: u64,
     n_images: usize,
     batch_size: usize,
-    on_gpu: bool,
+    trains_on: TrainsOn,
 ) -> Result<Option<CachePlan>> {
     if choice == FeatureCacheArg::Off {
         return Ok(None);
@@ -443,7 +463,7 @@ pub fn plan(
         ),
         FeatureCacheArg::Ram => Placement::Ram,
         FeatureCacheArg::Disk => Placement::Disk,
-        FeatureCacheArg::Auto if on_gpu => Placement::Device,
+        FeatureCacheArg::Auto if trains_on == TrainsOn::Gpu => Placement::Device,
         FeatureCacheArg::Auto if bytes <= budget => Placement::Ram,
         FeatureCacheArg::Auto => Placement::Disk,
         FeatureCacheArg::Off => unreachable!("handled above"),
@@ -526,24 +546,28 @@ mod tests {
     #[test]
     fn plans_follow_the_choice_and_the_budget() -> Result<()> {
         let mib = 1u64 << 20;
-        let auto = |budget| plan(FeatureCacheArg::Auto, budget, mib, 100, 8, false);
+        let auto = |budget| plan(FeatureCacheArg::Auto, budget, mib, 100, 8, TrainsOn::Cpu);
         assert_eq!(auto(200 * mib)?.map(|p| p.placement), Some(Placement::Ram));
         assert_eq!(auto(50 * mib)?.map(|p| p.placement), Some(Placement::Disk));
-        assert_eq!(plan(FeatureCacheArg::Off, 0, mib, 100, 8, false)?, None);
-        let err = plan(FeatureCacheArg::Auto, 4 * mib, mib, 100, 8, false).unwrap_err();
+        assert_eq!(
+            plan(FeatureCacheArg::Off, 0, mib, 100, 8, TrainsOn::Cpu)?,
+            None
+        );
+        let err = plan(FeatureCacheArg::Auto, 4 * mib, mib, 100, 8, TrainsOn::Cpu).unwrap_err();
         assert!(
             err.to_string()
                 .contains("cannot hold one batch of features (8 images x 1.0 MiB = 8.0 MiB)"),
             "{err}"
         );
-        let err = plan(FeatureCacheArg::Ram, 50 * mib, mib, 100, 8, false).unwrap_err();
+        let err = plan(FeatureCacheArg::Ram, 50 * mib, mib, 100, 8, TrainsOn::Cpu).unwrap_err();
         assert!(err.to_string().contains("more than the budget"), "{err}");
         assert_eq!(
-            plan(FeatureCacheArg::Disk, 500 * mib, mib, 100, 8, false)?.map(|p| p.placement),
+            plan(FeatureCacheArg::Disk, 500 * mib, mib, 100, 8, TrainsOn::Cpu)?
+                .map(|p| p.placement),
             Some(Placement::Disk)
         );
         assert_eq!(
-            plan(FeatureCacheArg::Auto, 50 * mib, mib, 100, 8, true)?.map(|p| p.placement),
+            plan(FeatureCacheArg::Auto, 50 * mib, mib, 100, 8, TrainsOn::Gpu)?.map(|p| p.placement),
             Some(Placement::Device)
         );
         Ok(())

@@ -19,7 +19,7 @@ use crate::cli::{DataArgs, FeatureCacheArg, TrainArgs};
 use crate::config::load_model_config;
 use crate::data::{images_tensor, load_split};
 use crate::engine::{describe_config, device, load_backbone, parse_weights, Engine, NonFinite};
-use crate::evaluate::{evaluate_cached, test_loader, Evaluation};
+use crate::evaluate::{evaluate_cached, test_loader, DecodedImages, Evaluation};
 use crate::feature_cache::{self, FeatureStore, Placement};
 use crate::fsutil::{append_json_line, ensure_writable_dir, write_atomic, write_json_atomic};
 use crate::progress::{EpochProgress, EpochSummary};
@@ -276,7 +276,12 @@ impl<'a> Session<'a> {
             Preprocess::imagenet(plan.cfg.input_size),
             loader_cfg,
         );
-        let test = test_loader(&split.test, plan.cfg.input_size, plan.batch_size, true);
+        let test = test_loader(
+            &split.test,
+            plan.cfg.input_size,
+            plan.batch_size,
+            DecodedImages::Keep,
+        );
 
         let backbone = load_backbone(kind, &plan.weights, &plan.device)?;
         let adam_cfg = AdamConfig {
@@ -622,7 +627,7 @@ fn feature_caches(
         per_image,
         n_train + n_test,
         plan.batch_size,
-        plan.device.is_cuda(),
+        feature_cache::TrainsOn::of(&plan.device),
     )?
     else {
         println!("feature cache: off (the backbone runs on every batch)");
