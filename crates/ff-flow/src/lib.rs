@@ -35,7 +35,8 @@ pub use coupling::{AllInOneBlock, Permutation};
 pub use error::{Error, Result};
 pub use flow::{Flow, FlowConfig};
 pub use model::{
-    anomaly_map, image_scores, loss, FastFlow, FastFlowHead, FeatureNorms, FlowOutput,
+    anomaly_map, image_scores, loss, loss_and_grads, FastFlow, FastFlowHead, FeatureNorms,
+    FlowOutput,
 };
 pub use norm::LayerNorm;
 pub use param::Param;

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarBuilder;
 use ff_backbone::{Backbone, BackboneKind};
@@ -33,6 +34,40 @@ pub struct FlowOutput {
 /// # Shapes
 /// -> scalar `[]`.
 pub fn loss(out: &FlowOutput) -> Result<Tensor> {
+    total_loss(&scale_losses(out)?)
+}
+
+/// [`loss`] and its gradients with respect to every trainable tensor the
+/// output depends on, as `loss(out)?.backward()` gives them, bit for bit.
+///
+/// The scales' graphs share nothing, so each scale's loss is differentiated
+/// on its own: on the CPU the three backward passes run side by side, and
+/// the small or sequential operations of one fill the cores while another
+/// waits (as the forward pass does). Each scale's gradients are the same
+/// operations in the same order as in one backward pass over the sum, whose
+/// gradient with respect to every term is exactly 1.
+///
+/// # Shapes
+/// -> scalar `[]` loss.
+pub fn loss_and_grads(out: &FlowOutput) -> Result<(Tensor, GradStore)> {
+    let per_scale = scale_losses(out)?;
+    let total = total_loss(&per_scale)?;
+    let on_cpu = per_scale.iter().all(|l| l.device().is_cpu());
+    let stores: Vec<candle_core::Result<GradStore>> = if on_cpu {
+        per_scale.par_iter().map(Tensor::backward).collect()
+    } else {
+        per_scale.iter().map(Tensor::backward).collect()
+    };
+    let mut stores = stores.into_iter();
+    let mut grads = stores.next().ok_or_else(unreachable_empty)??;
+    for store in stores {
+        grads.extend(store?)?;
+    }
+    Ok((total, grads))
+}
+
+/// Per scale, the batch mean of `0.5 * sum_{c,h,w} z^2 - log_det`.
+fn scale_losses(out: &FlowOutput) -> Result<Vec<Tensor>> {
     if out.z.len() != out.log_det.len() || out.z.is_empty() {
         return Err(Error::InputShape {
             what: "flow output scales (z vs log_det)",
@@ -40,19 +75,27 @@ pub fn loss(out: &FlowOutput) -> Result<Tensor> {
             found: out.log_det.len().to_string(),
         });
     }
-    let mut total: Option<Tensor> = None;
-    for (z, log_det) in out.z.iter().zip(&out.log_det) {
-        // Channels-last order first: on the CPU route `z` is a view of
-        // channels-last storage, which candle then walks in contiguous
-        // channel runs rather than element by element.
-        let half_sq = (z.permute((0, 2, 3, 1))?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)?; // [b]
-        let per_scale = (half_sq - log_det)?.mean(0)?;
-        total = Some(match total {
-            None => per_scale,
-            Some(t) => (t + per_scale)?,
-        });
+    out.z
+        .iter()
+        .zip(&out.log_det)
+        .map(|(z, log_det)| {
+            // Channels-last order first: on the CPU route `z` is a view of
+            // channels-last storage, which candle then walks in contiguous
+            // channel runs rather than element by element.
+            let half_sq = (z.permute((0, 2, 3, 1))?.sqr()?.flatten_from(1)?.sum(1)? * 0.5)?; // [b]
+            Ok((half_sq - log_det)?.mean(0)?)
+        })
+        .collect()
+}
+
+/// The scales' losses summed in order.
+fn total_loss(per_scale: &[Tensor]) -> Result<Tensor> {
+    let (first, rest) = per_scale.split_first().ok_or_else(unreachable_empty)?;
+    let mut total = first.clone();
+    for l in rest {
+        total = (total + l)?;
     }
-    total.ok_or_else(unreachable_empty)
+    Ok(total)
 }
 
 fn unreachable_empty() -> Error {
@@ -530,5 +573,68 @@ impl FastFlow {
     /// -> `[b, 1, S, S]`.
     pub fn anomaly_map(&self, out: &FlowOutput) -> Result<Tensor> {
         anomaly_map(out, self.cfg.input_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    /// `loss_and_grads` (one backward pass per scale, side by side) must give
+    /// exactly what one backward pass over the summed loss gives: the same
+    /// loss and, for every trainable tensor, bit-identical gradients.
+    #[test]
+    fn per_scale_backward_equals_one_pass_bit_for_bit() {
+        let device = Device::Cpu;
+        let cfg = FastFlowConfig {
+            input_size: 32,
+            flow_step: 2,
+            ..FastFlowConfig::resnet18()
+        };
+        let shapes = vec![[8, 8, 8], [16, 4, 4], [32, 2, 2]];
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        let head = FastFlowHead::new(&cfg, shapes.clone(), FeatureNorms::LayerNorm, 7, vb).unwrap();
+        let features: Vec<Tensor> = shapes
+            .iter()
+            .map(|&[c, h, w]| Tensor::randn(0f32, 1.0, (3, c, h, w), &device).unwrap())
+            .collect();
+        let out = head.forward(features).unwrap();
+        let one_pass = loss(&out).unwrap();
+        let want = one_pass.backward().unwrap();
+        let (got_loss, got) = loss_and_grads(&out).unwrap();
+        assert_eq!(
+            got_loss.to_scalar::<f32>().unwrap().to_bits(),
+            one_pass.to_scalar::<f32>().unwrap().to_bits()
+        );
+        let vars = head.trainable_vars().unwrap();
+        assert!(vars.len() > 3 * 2 * 2);
+        for (key, var) in &vars {
+            let w = want
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{key}: no gradient"));
+            let g = got
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{key}: no gradient"));
+            let w: Vec<u32> = w
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let g: Vec<u32> = g
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(g, w, "{key}");
+            assert!(w.iter().any(|&b| b != 0), "{key}: all-zero gradient");
+        }
     }
 }
