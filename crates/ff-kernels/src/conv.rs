@@ -41,7 +41,7 @@ pub struct PackedConv2d {
 
 /// Whether Winograd is the default where it applies: yes, unless
 /// `FASTFLOW_WINOGRAD=off`.
-fn winograd_by_default() -> bool {
+pub(crate) fn winograd_by_default() -> bool {
     !matches!(
         std::env::var("FASTFLOW_WINOGRAD").as_deref(),
         Ok("off" | "0")

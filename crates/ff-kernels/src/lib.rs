@@ -35,6 +35,7 @@ pub mod norm;
 pub mod pool;
 pub mod rows;
 pub mod wgrad;
+mod wgrad_winograd;
 mod winograd;
 
 pub use conv::{
@@ -49,4 +50,4 @@ pub use linear::linear;
 pub use norm::{layer_norm_backward, layer_norm_forward, layer_norm_statistics};
 pub use pool::max_pool2d;
 pub use rows::{layer_norm_rows, softmax_rows};
-pub use wgrad::conv2d_weight_grad;
+pub use wgrad::{conv2d_weight_grad, conv2d_weight_grad_with};

@@ -5,8 +5,8 @@
 mod common;
 
 use ff_kernels::{
-    conv2d_weight_grad, conv2d_with, max_pool2d, Activation, Algorithm, ConvGeometry, Epilogue,
-    Isa, NhwcMut, NhwcRef, PackedConv2d,
+    conv2d_weight_grad, conv2d_weight_grad_with, conv2d_with, max_pool2d, Activation, Algorithm,
+    ConvGeometry, Epilogue, Isa, NhwcMut, NhwcRef, PackedConv2d,
 };
 
 /// The algorithms that apply to `g`.
@@ -175,6 +175,9 @@ fn gradients_match_naive_on_every_isa() {
             (32, 61, 3, 5, 5),
             (7, 20, 1, 4, 6),
             (61, 16, 3, 3, 4),
+            // Odd sizes (partial tiles) and more than 16 tiles in a row
+            // (two lane groups) for the Winograd weight gradient.
+            (20, 24, 3, 7, 37),
         ]
         .iter()
         .enumerate()
@@ -271,6 +274,26 @@ fn gradients_match_naive_on_every_isa() {
                 }
             }
             let want_dw: Vec<f32> = want_dw.iter().map(|&v| v as f32).collect();
+            for algorithm in algorithms(g) {
+                let mut dw = vec![f32::NAN; ncols * o];
+                conv2d_weight_grad_with(
+                    isa,
+                    Some(algorithm),
+                    g,
+                    NhwcRef::new(&x, [n, h, w, c]).unwrap(),
+                    Activation::Relu,
+                    NhwcRef::new(&gy, [n, h, w, o]).unwrap(),
+                    &mut dw,
+                )
+                .unwrap();
+                assert_close(
+                    &format!("{isa:?} {algorithm:?} weight gradient {case}"),
+                    &dw,
+                    &want_dw,
+                    1e-5,
+                );
+            }
+            // The default choice is one of the two.
             let mut dw = vec![f32::NAN; ncols * o];
             conv2d_weight_grad(
                 g,
