@@ -581,6 +581,11 @@ mod tests {
     use super::*;
     use candle_nn::VarMap;
 
+    fn bits(t: &Tensor) -> Vec<u32> {
+        let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values.iter().map(|v| v.to_bits()).collect()
+    }
+
     /// `loss_and_grads` (one backward pass per scale, side by side) must give
     /// exactly what one backward pass over the summed loss gives: the same
     /// loss and, for every trainable tensor, bit-identical gradients.
@@ -617,22 +622,7 @@ mod tests {
             let g = got
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{key}: no gradient"));
-            let w: Vec<u32> = w
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
-            let g: Vec<u32> = g
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
+            let (w, g) = (bits(w), bits(g));
             assert_eq!(g, w, "{key}");
             assert!(w.iter().any(|&b| b != 0), "{key}: all-zero gradient");
         }

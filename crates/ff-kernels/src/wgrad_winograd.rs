@@ -380,7 +380,6 @@ unsafe fn transform_input_avx512(
             // asserted length; the stores write the nt lanes of
             // v[((xi c + ci) tc + t_at + t0) ..], inside the asserted length.
             unsafe {
-                let mut bt = [[_mm512_setzero_ps(); 4]; 4];
                 let mut d = [[_mm512_setzero_ps(); 4]; 4];
                 for (i, row) in d.iter_mut().enumerate() {
                     let base = (2 * ty + i) * row_len + t0;
@@ -391,23 +390,12 @@ unsafe fn transform_input_avx512(
                         _mm512_loadu_ps(p.add(base + half + 1)),
                     ];
                 }
-                for j in 0..4 {
-                    bt[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-                    bt[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-                    bt[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-                    bt[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
-                }
-                for (i, r) in bt.iter().enumerate() {
-                    let vals = [
-                        _mm512_sub_ps(r[0], r[2]),
-                        _mm512_add_ps(r[1], r[2]),
-                        _mm512_sub_ps(r[2], r[1]),
-                        _mm512_sub_ps(r[1], r[3]),
-                    ];
-                    for (j, val) in vals.into_iter().enumerate() {
-                        let at = ((i * 4 + j) * c + ci) * tc + t_at + t0;
-                        _mm512_mask_storeu_ps(out.add(at), mask, val);
-                    }
+                for (xi, val) in crate::winograd::input_tile_avx512(d)
+                    .into_iter()
+                    .enumerate()
+                {
+                    let at = (xi * c + ci) * tc + t_at + t0;
+                    _mm512_mask_storeu_ps(out.add(at), mask, val);
                 }
             }
             t0 += nt;

@@ -385,33 +385,40 @@ unsafe fn input_transform_avx512(window: &[f32], wp: usize, c: usize, tiles: usi
                 let ld = |i: usize, j: usize| {
                     _mm512_maskz_loadu_ps(mask, w.add((i * wp + 2 * t + j) * c + ch))
                 };
-                let mut bt = [[_mm512_setzero_ps(); 4]; 4];
-                for j in 0..4 {
-                    let (x0, x1, x2, x3) = (ld(0, j), ld(1, j), ld(2, j), ld(3, j));
-                    bt[0][j] = _mm512_sub_ps(x0, x2);
-                    bt[1][j] = _mm512_add_ps(x1, x2);
-                    bt[2][j] = _mm512_sub_ps(x2, x1);
-                    bt[3][j] = _mm512_sub_ps(x1, x3);
-                }
-                for (i, r) in bt.iter().enumerate() {
-                    let vals = [
-                        _mm512_sub_ps(r[0], r[2]),
-                        _mm512_add_ps(r[1], r[2]),
-                        _mm512_sub_ps(r[2], r[1]),
-                        _mm512_sub_ps(r[1], r[3]),
-                    ];
-                    for (j, val) in vals.iter().enumerate() {
-                        _mm512_mask_storeu_ps(
-                            out.add((i * 4 + j) * plane + t * c + ch),
-                            mask,
-                            *val,
-                        );
-                    }
+                let d = std::array::from_fn(|i| std::array::from_fn(|j| ld(i, j)));
+                for (xi, val) in input_tile_avx512(d).into_iter().enumerate() {
+                    _mm512_mask_storeu_ps(out.add(xi * plane + t * c + ch), mask, val);
                 }
             }
             ch += n;
         }
     }
+}
+
+/// `V = B^T d B` of one 4x4 input tile of 16-lane vectors (`d[i][j]`: row
+/// `i`, column `j`): element `i 4 + j` is `V[i][j]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn input_tile_avx512(
+    d: [[std::arch::x86_64::__m512; 4]; 4],
+) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    let mut bt = [[_mm512_setzero_ps(); 4]; 4];
+    for j in 0..4 {
+        bt[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
+        bt[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
+        bt[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
+        bt[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+    }
+    let mut v = [_mm512_setzero_ps(); 16];
+    for (i, r) in bt.iter().enumerate() {
+        v[i * 4] = _mm512_sub_ps(r[0], r[2]);
+        v[i * 4 + 1] = _mm512_add_ps(r[1], r[2]);
+        v[i * 4 + 2] = _mm512_sub_ps(r[2], r[1]);
+        v[i * 4 + 3] = _mm512_sub_ps(r[1], r[3]);
+    }
+    v
 }
 
 /// [`output_transform`] with AVX-512 intrinsics, one 16-channel block per
