@@ -257,3 +257,81 @@ unsafe fn tile_dyn(p: usize, ob: usize, t: &Tile, out: *mut f32) {
         }
     }
 }
+
+/// `acc[(r0 + r) o + oo] += sum over k < len of rows[r row_stride + k]
+/// packed[(oo / 16) block_stride + k 16 + oo % 16]` for every row `r <
+/// n_rows` and output channel `oo < o`: a product with a reduction of `len`
+/// on the micro-kernel (the rows as its pixels, the reduction as its input
+/// channels), added into a `[rows, o]` accumulator. `tile` is scratch of at
+/// least [`product_scratch_len`] values. The weight gradients run on it.
+///
+/// # Panics
+/// When `rows`, `packed`, `acc` or `tile` are shorter than that needs, or
+/// `isa` is not supported.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_product(
+    isa: Isa,
+    n_rows: usize,
+    len: usize,
+    rows: &[f32],
+    row_stride: usize,
+    packed: &[f32],
+    block_stride: usize,
+    o: usize,
+    acc: &mut [f32],
+    r0: usize,
+    tile: &mut [f32],
+) {
+    if n_rows == 0 || len == 0 || o == 0 {
+        return;
+    }
+    let blocks = o.div_ceil(LANES);
+    assert!(isa.is_supported());
+    assert!(row_stride >= len && rows.len() >= (n_rows - 1) * row_stride + len);
+    assert!(
+        block_stride >= len * LANES && packed.len() >= (blocks - 1) * block_stride + len * LANES
+    );
+    assert!(acc.len() >= (r0 + n_rows) * o && tile.len() >= product_scratch_len(isa));
+    let ob_max = max_blocks(isa);
+    for_each_tile(isa, blocks, ob_max, n_rows, |ob0, obn, p0, pn| {
+        let t = Tile {
+            // SAFETY: p0 < n_rows, inside `rows` (asserted).
+            src: unsafe { rows.as_ptr().add(p0 * row_stride) },
+            row_stride: 0,
+            pix_stride: row_stride,
+            k: 1,
+            c: len,
+            // SAFETY: ob0 < blocks, inside `packed` (asserted).
+            weights: unsafe { packed.as_ptr().add(ob0 * block_stride) },
+            block_stride,
+            out_stride: obn * LANES,
+        };
+        // SAFETY: rows p0 .. p0 + pn hold len values each and blocks ob0 ..
+        // ob0 + obn hold len 16 values each (asserted bounds); `tile` holds
+        // pmax obn 16 values; `isa` is supported (asserted).
+        unsafe { run_tile(isa, pn, obn, &t, tile) };
+        add_tile(acc, o, tile, r0 + p0, pn, ob0, obn);
+    });
+}
+
+/// The scratch [`add_product`] needs on `isa`: its largest tile.
+pub(crate) fn product_scratch_len(isa: Isa) -> usize {
+    let ob_max = max_blocks(isa);
+    max_pixels(isa, 1).max(max_pixels(isa, ob_max)) * ob_max * LANES
+}
+
+/// Adds a compact `[pn][obn][16]` tile into rows `r0 ..` of the `[rows, o]`
+/// accumulator, channels `ob0 16 ..` (the last block's padding dropped).
+fn add_tile(acc: &mut [f32], o: usize, tile: &[f32], r0: usize, pn: usize, ob0: usize, obn: usize) {
+    for i in 0..pn {
+        for j in 0..obn {
+            let o0 = (ob0 + j) * LANES;
+            let lanes = LANES.min(o - o0);
+            let dst = &mut acc[(r0 + i) * o + o0..][..lanes];
+            let src = &tile[(i * obn + j) * LANES..][..lanes];
+            for (d, v) in dst.iter_mut().zip(src) {
+                *d += v;
+            }
+        }
+    }
+}

@@ -9,8 +9,8 @@ use rayon::prelude::*;
 use crate::conv::{Activation, Algorithm, ConvGeometry, NhwcRef};
 use crate::error::{shape_error, Result};
 use crate::isa::Isa;
-use crate::micro::{for_each_tile, max_blocks, max_pixels, run_tile, Tile, LANES};
-use crate::wgrad_winograd::{self, add_tile};
+use crate::micro::{add_product, product_scratch_len, LANES};
+use crate::wgrad_winograd;
 use crate::winograd;
 
 /// Target size of one tile's column matrix, in `f32` values (512 KiB).
@@ -138,15 +138,13 @@ pub fn conv2d_weight_grad_with(
     let gps = grad_out.pixel_stride();
     let grad = grad_out.data();
     let blocks = o.div_ceil(LANES);
-    let ob_max = max_blocks(isa);
     let partials: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
         .map(|t| {
             let mut acc = vec![0f32; ncols * o];
             let mut cols_t = Vec::new();
             let mut g_packed = Vec::new();
-            let mut tile =
-                vec![0f32; max_pixels(isa, ob_max).max(max_pixels(isa, 1)) * ob_max * LANES];
+            let mut tile = vec![0f32; product_scratch_len(isa)];
             let end = ((t + 1) * per_task).min(pixels);
             let mut p0 = t * per_task;
             while p0 < end {
@@ -174,26 +172,19 @@ pub fn conv2d_weight_grad_with(
                 // acc[r, o] += sum_t cols_t[r, t] g[t, o]: the micro-kernel
                 // with the rows r as its pixels and the tile's pixels t as
                 // its input channels (a 1x1 "convolution" over t).
-                for_each_tile(isa, blocks, ob_max, ncols, |ob0, obn, r0, pn| {
-                    let tl = Tile {
-                        // SAFETY: r0 < ncols rows of tp values.
-                        src: unsafe { cols_t.as_ptr().add(r0 * tp) },
-                        row_stride: 0,
-                        pix_stride: tp,
-                        k: 1,
-                        c: tp,
-                        // SAFETY: ob0 < blocks blocks of tp 16 values.
-                        weights: unsafe { g_packed.as_ptr().add(ob0 * tp * LANES) },
-                        block_stride: tp * LANES,
-                        out_stride: obn * LANES,
-                    };
-                    // SAFETY: rows r0 .. r0 + pn of cols_t hold tp values
-                    // each; blocks ob0 .. ob0 + obn of g_packed hold tp 16
-                    // values each; `tile` holds pmax obn 16 values; `isa`
-                    // is the detected (supported) one.
-                    unsafe { run_tile(isa, pn, obn, &tl, &mut tile) };
-                    add_tile(&mut acc, o, &tile, r0, pn, ob0, obn);
-                });
+                add_product(
+                    isa,
+                    ncols,
+                    tp,
+                    &cols_t,
+                    tp,
+                    &g_packed,
+                    tp * LANES,
+                    o,
+                    &mut acc,
+                    0,
+                    &mut tile,
+                );
                 p0 += tp;
             }
             acc
@@ -283,7 +274,6 @@ fn weight_grad_stride1(
     let plane_len = (h + 2 * p) * wp + k;
     let q_len = oh * wp;
     let blocks = o.div_ceil(LANES);
-    let ob_max = max_blocks(isa);
 
     // The planes [n][c][plane_len] and the packed gradient [n][blocks][q_len][16].
     let mut planes = crate::zeroed(n * c * plane_len);
@@ -341,12 +331,11 @@ fn weight_grad_stride1(
     let chunks = q_len.div_ceil(CHUNK);
     let n_tasks = n * chunks;
     let per_group = n_tasks.div_ceil(GROUPS);
-    let tile_len = max_pixels(isa, 1).max(max_pixels(isa, ob_max)) * ob_max * LANES;
     let partials: Vec<Vec<f32>> = (0..n_tasks.div_ceil(per_group))
         .into_par_iter()
         .map(|group| {
             let mut acc = vec![0f32; k * k * c * o];
-            let mut tile = vec![0f32; tile_len];
+            let mut tile = vec![0f32; product_scratch_len(isa)];
             for task in group * per_group..((group + 1) * per_group).min(n_tasks) {
                 let (b, q0) = (task / chunks, (task % chunks) * CHUNK);
                 let ql = CHUNK.min(q_len - q0);
@@ -356,28 +345,19 @@ fn weight_grad_stride1(
                     for kx in 0..k {
                         let shift = ky * wp + kx;
                         let r_base = (ky * k + kx) * c;
-                        for_each_tile(isa, blocks, ob_max, c, |ob0, obn, c0, pn| {
-                            let t = Tile {
-                                // SAFETY: c0 < c planes; shift + q0 < plane_len.
-                                src: unsafe { plane.as_ptr().add(c0 * plane_len + shift + q0) },
-                                row_stride: 0,
-                                pix_stride: plane_len,
-                                k: 1,
-                                c: ql,
-                                // SAFETY: ob0 < blocks and q0 < q_len.
-                                weights: unsafe { gb.as_ptr().add((ob0 * q_len + q0) * LANES) },
-                                block_stride: q_len * LANES,
-                                out_stride: obn * LANES,
-                            };
-                            // SAFETY: planes c0 .. c0 + pn hold plane_len
-                            // values and shift + q0 + ql <= (k - 1) (wp +
-                            // 1) + q_len < plane_len; blocks ob0 .. ob0 +
-                            // obn of the packed gradient hold q_len 16
-                            // values; `tile` holds pmax obn 16 values;
-                            // `isa` is the detected one.
-                            unsafe { run_tile(isa, pn, obn, &t, &mut tile) };
-                            add_tile(&mut acc, o, &tile, r_base + c0, pn, ob0, obn);
-                        });
+                        add_product(
+                            isa,
+                            c,
+                            ql,
+                            &plane[shift + q0..],
+                            plane_len,
+                            &gb[q0 * LANES..],
+                            q_len * LANES,
+                            o,
+                            &mut acc,
+                            r_base,
+                            &mut tile,
+                        );
                     }
                 }
             }

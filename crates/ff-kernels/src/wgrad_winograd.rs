@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::isa::Isa;
 use crate::layout::{Activation, NhwcRef};
-use crate::micro::{for_each_tile, max_blocks, max_pixels, run_tile, Tile, LANES};
+use crate::micro::{add_product, product_scratch_len, LANES};
 
 /// Tiles per chunk: the reduction length of each product.
 const CHUNK_TILES: usize = 128;
@@ -60,14 +60,13 @@ pub(crate) fn weight_grad(
     let blocks = o.div_ceil(LANES);
     let tiles = w.div_ceil(2);
     let tile_rows = h.div_ceil(2);
-    let planes = Planes::new(input, act, tiles, tile_rows);
+    let planes = Planes::new(isa, input, act, tiles, tile_rows);
 
     let units = n * tile_rows;
     let units_per_chunk = (CHUNK_TILES / tiles).max(1);
     let chunks = units.div_ceil(units_per_chunk);
     let per_group = chunks.div_ceil(GROUPS);
-    let ob_max = max_blocks(isa);
-    let scratch_len = max_pixels(isa, 1).max(max_pixels(isa, ob_max)) * ob_max * LANES;
+    let scratch_len = product_scratch_len(isa);
     let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..chunks.div_ceil(per_group))
         .into_par_iter()
         .map(|group| {
@@ -105,26 +104,7 @@ pub(crate) fn weight_grad(
                     let vx = &v[xi * c * tc..(xi + 1) * c * tc];
                     let dmx = &dm[xi * blocks * tc * LANES..(xi + 1) * blocks * tc * LANES];
                     let accx = &mut acc[xi * c * o..(xi + 1) * c * o];
-                    for_each_tile(isa, blocks, ob_max, c, |ob0, obn, c0, pn| {
-                        let t = Tile {
-                            // SAFETY: c0 < c rows of tc values.
-                            src: unsafe { vx.as_ptr().add(c0 * tc) },
-                            row_stride: 0,
-                            pix_stride: tc,
-                            k: 1,
-                            c: tc,
-                            // SAFETY: ob0 < blocks blocks of tc 16 values.
-                            weights: unsafe { dmx.as_ptr().add(ob0 * tc * LANES) },
-                            block_stride: tc * LANES,
-                            out_stride: obn * LANES,
-                        };
-                        // SAFETY: rows c0 .. c0 + pn of vx hold tc values
-                        // each; blocks ob0 .. ob0 + obn of dmx hold tc 16
-                        // values each; `scratch` holds pmax obn 16 values;
-                        // `isa` is supported (the caller's).
-                        unsafe { run_tile(isa, pn, obn, &t, scratch) };
-                        add_tile(accx, o, scratch, c0, pn, ob0, obn);
-                    });
+                    add_product(isa, c, tc, vx, tc, dmx, tc * LANES, o, accx, 0, scratch);
                 }
             }
             SCRATCH.set(buffers);
@@ -262,7 +242,7 @@ fn fill_planes(job: &PlaneJob, chunk: &mut [f32]) {
 }
 
 impl Planes {
-    fn new(input: &NhwcRef, act: Activation, tiles: usize, tile_rows: usize) -> Self {
+    fn new(isa: Isa, input: &NhwcRef, act: Activation, tiles: usize, tile_rows: usize) -> Self {
         let [n, _, _, c] = input.dims();
         let rows = 2 * tile_rows + 2;
         let half = tiles + 1;
@@ -284,7 +264,6 @@ impl Planes {
         debug_assert_eq!(tasks.len(), n * groups);
         // 16 channels per task: each pixel's 16 values are one cache line
         // read, written to 16 planes.
-        let isa = Isa::detect();
         tasks.into_par_iter().for_each(|(b, gi, chunk)| {
             let job = PlaneJob {
                 input,
@@ -296,7 +275,8 @@ impl Planes {
             };
             #[cfg(target_arch = "x86_64")]
             if isa == Isa::Avx512 {
-                // SAFETY: `isa` is supported, so AVX-512F is present.
+                // SAFETY: `isa` is supported (the caller's), so AVX-512F is
+                // present.
                 unsafe { fill_planes_avx512(&job, chunk) };
                 return;
             }
@@ -370,11 +350,7 @@ unsafe fn transform_input_avx512(
         let mut t0 = 0;
         while t0 < tiles {
             let nt = LANES.min(tiles - t0);
-            let mask: __mmask16 = if nt == LANES {
-                0xffff
-            } else {
-                (1u16 << nt) - 1
-            };
+            let mask = crate::winograd::lane_mask(nt);
             // SAFETY (block): the loads read plane[base .. base + half + 1 +
             // 16) with base = (2 ty + i) row_len + t0, i < 4, inside the
             // asserted length; the stores write the nt lanes of
@@ -430,32 +406,12 @@ fn transform_input_body(
                 let base = (2 * ty + i) * row_len + t0;
                 *row = [ld(base), ld(base + half), ld(base + 1), ld(base + half + 1)];
             }
-            // B^T d (rows), then (B^T d) B (columns), as in the forward pass.
-            let mut bt = [[[0f32; LANES]; 4]; 4];
-            for j in 0..4 {
-                for l in 0..LANES {
-                    let (x0, x1, x2, x3) = (d[0][j][l], d[1][j][l], d[2][j][l], d[3][j][l]);
-                    bt[0][j][l] = x0 - x2;
-                    bt[1][j][l] = x1 + x2;
-                    bt[2][j][l] = x2 - x1;
-                    bt[3][j][l] = x1 - x3;
-                }
-            }
-            for (i, r) in bt.iter().enumerate() {
-                let mut vals = [[0f32; LANES]; 4];
-                for l in 0..LANES {
-                    vals[0][l] = r[0][l] - r[2][l];
-                    vals[1][l] = r[1][l] + r[2][l];
-                    vals[2][l] = r[2][l] - r[1][l];
-                    vals[3][l] = r[1][l] - r[3][l];
-                }
-                for (j, val) in vals.iter().enumerate() {
-                    let at = ((i * 4 + j) * c + ci) * tc + t_at + t0;
-                    if nt == LANES {
-                        v[at..at + LANES].copy_from_slice(val);
-                    } else {
-                        v[at..at + nt].copy_from_slice(&val[..nt]);
-                    }
+            for (xi, val) in crate::winograd::input_tile(&d).iter().enumerate() {
+                let at = (xi * c + ci) * tc + t_at + t0;
+                if nt == LANES {
+                    v[at..at + LANES].copy_from_slice(val);
+                } else {
+                    v[at..at + nt].copy_from_slice(&val[..nt]);
                 }
             }
             t0 += nt;
@@ -516,11 +472,7 @@ unsafe fn transform_grad_avx512(
         for blk in 0..blocks {
             let o0 = blk * LANES;
             let lanes = LANES.min(o - o0);
-            let mask: __mmask16 = if lanes == LANES {
-                0xffff
-            } else {
-                (1u16 << lanes) - 1
-            };
+            let mask = crate::winograd::lane_mask(lanes);
             let ld = |dy: usize, dx: usize| {
                 let (y, x) = (2 * ty + dy, 2 * t + dx);
                 if y < h && x < w {
@@ -627,30 +579,6 @@ fn transform_grad_body(
                     let at = (((i * 4 + j) * blocks + blk) * tc + t_at + t) * LANES;
                     dm[at..at + LANES].copy_from_slice(val);
                 }
-            }
-        }
-    }
-}
-
-/// Adds a compact `[pn][obn][16]` tile into rows `r0 ..` of the `[rows, o]`
-/// accumulator, channels `ob0 16 ..` (the last block's padding dropped).
-pub(crate) fn add_tile(
-    acc: &mut [f32],
-    o: usize,
-    tile: &[f32],
-    r0: usize,
-    pn: usize,
-    ob0: usize,
-    obn: usize,
-) {
-    for i in 0..pn {
-        for j in 0..obn {
-            let o0 = (ob0 + j) * LANES;
-            let lanes = LANES.min(o - o0);
-            let dst = &mut acc[(r0 + i) * o + o0..][..lanes];
-            let src = &tile[(i * obn + j) * LANES..][..lanes];
-            for (d, v) in dst.iter_mut().zip(src) {
-                *d += v;
             }
         }
     }

@@ -221,24 +221,7 @@ fn input_transform(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f
                     }
                 }
             }
-            let mut out = [[0f32; LANES]; 16];
-            for l in 0..LANES {
-                // B^T d (rows), then (B^T d) B (columns).
-                let mut bt = [[0f32; 4]; 4];
-                for j in 0..4 {
-                    bt[0][j] = x[0][j][l] - x[2][j][l];
-                    bt[1][j] = x[1][j][l] + x[2][j][l];
-                    bt[2][j] = x[2][j][l] - x[1][j][l];
-                    bt[3][j] = x[1][j][l] - x[3][j][l];
-                }
-                for (i, r) in bt.iter().enumerate() {
-                    out[i * 4][l] = r[0] - r[2];
-                    out[i * 4 + 1][l] = r[1] + r[2];
-                    out[i * 4 + 2][l] = r[2] - r[1];
-                    out[i * 4 + 3][l] = r[1] - r[3];
-                }
-            }
-            for (xi, o) in out.iter().enumerate() {
+            for (xi, o) in input_tile(&x).iter().enumerate() {
                 let dst = &mut v[xi * plane + t * c + ch..];
                 if n == LANES {
                     dst[..LANES].copy_from_slice(o);
@@ -377,7 +360,7 @@ unsafe fn input_transform_avx512(window: &[f32], wp: usize, c: usize, tiles: usi
         let mut ch = 0;
         while ch < c {
             let n = LANES.min(c - ch);
-            let mask: __mmask16 = if n == LANES { 0xffff } else { (1u16 << n) - 1 };
+            let mask = lane_mask(n);
             // SAFETY (block): every offset is (i wp + 2 t + j) c + ch + lane
             // with i, j < 4, lane < n, inside the asserted window; the stores
             // go to (xi plane + t c + ch + lane) inside the asserted v.
@@ -392,6 +375,40 @@ unsafe fn input_transform_avx512(window: &[f32], wp: usize, c: usize, tiles: usi
             }
             ch += n;
         }
+    }
+}
+
+/// `V = B^T d B` of one 4x4 input tile, 16 lanes at a time (`d[i][j]`: row
+/// `i`, column `j`): element `i 4 + j` is `V[i][j]`. The portable twin of
+/// [`input_tile_avx512`], the same operations in the same order.
+pub(crate) fn input_tile(d: &[[[f32; LANES]; 4]; 4]) -> [[f32; LANES]; 16] {
+    let mut v = [[0f32; LANES]; 16];
+    for l in 0..LANES {
+        // B^T d (rows), then (B^T d) B (columns).
+        let mut bt = [[0f32; 4]; 4];
+        for j in 0..4 {
+            bt[0][j] = d[0][j][l] - d[2][j][l];
+            bt[1][j] = d[1][j][l] + d[2][j][l];
+            bt[2][j] = d[2][j][l] - d[1][j][l];
+            bt[3][j] = d[1][j][l] - d[3][j][l];
+        }
+        for (i, r) in bt.iter().enumerate() {
+            v[i * 4][l] = r[0] - r[2];
+            v[i * 4 + 1][l] = r[1] + r[2];
+            v[i * 4 + 2][l] = r[2] - r[1];
+            v[i * 4 + 3][l] = r[1] - r[3];
+        }
+    }
+    v
+}
+
+/// The AVX-512 mask of the first `n` of 16 lanes.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn lane_mask(n: usize) -> std::arch::x86_64::__mmask16 {
+    if n >= LANES {
+        0xffff
+    } else {
+        (1u16 << n) - 1
     }
 }
 
@@ -452,11 +469,7 @@ unsafe fn output_transform_avx512(ot: &OutputTile, rows: &mut [f32]) {
             let at = (t * blocks + blk) * LANES;
             let o0 = blk * LANES;
             let lanes = LANES.min(o - o0);
-            let mask: __mmask16 = if lanes == LANES {
-                0xffff
-            } else {
-                (1u16 << lanes) - 1
-            };
+            let mask = lane_mask(lanes);
             // SAFETY (block): m reads at xi plane + at + [0, 16) with xi < 16
             // and at + 16 <= plane (asserted); bias at o0 + [0, 16) <
             // blocks 16 (asserted); residual and output accesses are masked
