@@ -233,3 +233,24 @@ pub(crate) fn gather_window(
         }
     }
 }
+
+/// Splits channel-major planes `[n][C][plane_len]` into one task per image
+/// and group of 16 channels: `(image, group, that group's planes)`, so that
+/// each task reads a pixel's 16 channels as one cache line and writes them
+/// to its 16 planes.
+pub(crate) fn plane_groups(
+    planes: &mut [f32],
+    c: usize,
+    plane_len: usize,
+) -> Vec<(usize, usize, &mut [f32])> {
+    planes
+        .chunks_mut(c * plane_len)
+        .enumerate()
+        .flat_map(|(b, image)| {
+            image
+                .chunks_mut(crate::micro::LANES * plane_len)
+                .enumerate()
+                .map(move |(gi, chunk)| (b, gi, chunk))
+        })
+        .collect()
+}

@@ -277,20 +277,8 @@ fn weight_grad_stride1(
 
     // The planes [n][c][plane_len] and the packed gradient [n][blocks][q_len][16].
     let mut planes = crate::zeroed(n * c * plane_len);
-    // 16 channels per task: each pixel's 16 values are one cache line read,
-    // written to 16 planes.
-    let groups = c.div_ceil(LANES);
-    let group_tasks: Vec<(usize, usize, &mut [f32])> = planes
-        .chunks_mut(c * plane_len)
-        .enumerate()
-        .flat_map(|(b, image)| {
-            image
-                .chunks_mut(LANES * plane_len)
-                .enumerate()
-                .map(move |(gi, chunk)| (b, gi, chunk))
-        })
-        .collect();
-    debug_assert_eq!(group_tasks.len(), n * groups);
+    let group_tasks = crate::layout::plane_groups(&mut planes, c, plane_len);
+    debug_assert_eq!(group_tasks.len(), n * c.div_ceil(LANES));
     group_tasks.into_par_iter().for_each(|(b, gi, chunk)| {
         let c0 = gi * LANES;
         let cn = LANES.min(c - c0);

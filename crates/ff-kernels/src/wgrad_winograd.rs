@@ -250,20 +250,8 @@ impl Planes {
         // A full vector read from the last row's odd columns may run past
         // the end; those lanes are never stored.
         let mut data = crate::zeroed(n * c * plane_len + LANES);
-        let groups = c.div_ceil(LANES);
-        let tasks: Vec<(usize, usize, &mut [f32])> = data[..n * c * plane_len]
-            .chunks_mut(c * plane_len)
-            .enumerate()
-            .flat_map(|(b, image)| {
-                image
-                    .chunks_mut(LANES * plane_len)
-                    .enumerate()
-                    .map(move |(gi, chunk)| (b, gi, chunk))
-            })
-            .collect();
-        debug_assert_eq!(tasks.len(), n * groups);
-        // 16 channels per task: each pixel's 16 values are one cache line
-        // read, written to 16 planes.
+        let tasks = crate::layout::plane_groups(&mut data[..n * c * plane_len], c, plane_len);
+        debug_assert_eq!(tasks.len(), n * c.div_ceil(LANES));
         tasks.into_par_iter().for_each(|(b, gi, chunk)| {
             let job = PlaneJob {
                 input,
