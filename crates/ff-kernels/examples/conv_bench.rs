@@ -1,11 +1,13 @@
 //! GFLOP/s of the convolution kernels on the layer shapes of resnet18 @ 256
-//! and its flows, batch 8: `cargo run --release -p ff-kernels --example conv_bench`.
+//! and its flows, batch 8, and of the linear layers of DeiT-384 (4 images):
+//! `cargo run --release -p ff-kernels --example conv_bench [filter]`, where
+//! `filter` keeps the layers whose name contains it.
 
 use std::time::Instant;
 
 use ff_kernels::{
-    conv2d, conv2d_weight_grad_with, Activation, Algorithm, ConvGeometry, Epilogue, Isa, NhwcMut,
-    NhwcRef, PackedConv2d,
+    conv2d, conv2d_weight_grad_with, linear, Activation, Algorithm, ConvGeometry, Epilogue, Isa,
+    NhwcMut, NhwcRef, PackedConv2d,
 };
 
 // The fastflow CLI runs on mimalloc with freed memory retained; measuring on
@@ -80,6 +82,7 @@ fn relative_error(g: ConvGeometry, algorithm: Algorithm, h: usize) -> f64 {
 
 fn main() {
     ff_kernels::alloc::retain_freed_memory();
+    let filter = std::env::args().nth(1).unwrap_or_default();
     let n = 8;
     // The error of both algorithms against f64, one image per layer shape.
     for (name, c, o, h) in [
@@ -140,6 +143,9 @@ fn main() {
         ("deit flow 3x3 61->768", 61, 768, 3, 1, 24),
     ];
     for (name, c, o, k, s, h) in layers {
+        if !name.contains(filter.as_str()) {
+            continue;
+        }
         let g = ConvGeometry {
             in_channels: c,
             out_channels: o,
@@ -196,6 +202,38 @@ fn main() {
             flop / wdirect / 1e9,
             wwino * 1e3,
             wdirect / wwino,
+        );
+    }
+    // DeiT-base @ 384's linear layers on 4 images (577 tokens each).
+    let rows = 4 * 577;
+    for (name, c, o) in [
+        ("deit qkv 768->2304", 768usize, 2304usize),
+        ("deit proj 768->768", 768, 768),
+        ("deit fc1 768->3072", 768, 3072),
+        ("deit fc2 3072->768", 3072, 768),
+    ] {
+        if !name.contains(filter.as_str()) {
+            continue;
+        }
+        let g = ConvGeometry {
+            in_channels: c,
+            out_channels: o,
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+        };
+        let wt = vec![0.01f32; o * c];
+        let packed = PackedConv2d::from_oihw(g, Some(Algorithm::Direct), &wt, None).unwrap();
+        let x = vec![0.5f32; rows * c];
+        let mut out = vec![0f32; rows * o];
+        let best = best_of(5, || {
+            linear(&packed, &x, Activation::Identity, &mut out).unwrap()
+        });
+        let flop = 2.0 * (rows * c * o) as f64;
+        println!(
+            "{name:22} linear {:6.2} ms {:6.1} GFLOP/s",
+            best * 1e3,
+            flop / best / 1e9
         );
     }
 }
