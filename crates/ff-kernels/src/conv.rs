@@ -51,9 +51,9 @@ pub(crate) fn winograd_by_default() -> bool {
 impl PackedConv2d {
     /// Packs `weight(o, c, ky, kx)` and `bias(o)` for `algorithm`; `None`
     /// picks Winograd where it applies (3x3, stride 1, padding 1) and pays
-    /// off (at least 64 input channels) unless `FASTFLOW_WINOGRAD=off`, else
-    /// the direct convolution. Asking for
-    /// Winograd where it does not apply is an error.
+    /// off (any input channel count on AVX-512, at least 48 on AVX2, 64 on
+    /// the portable build) unless `FASTFLOW_WINOGRAD=off`, else the direct
+    /// convolution. Asking for Winograd where it does not apply is an error.
     pub fn from_fn(
         geometry: ConvGeometry,
         algorithm: Option<Algorithm>,

@@ -195,6 +195,16 @@ unsafe fn fill_planes_avx512(job: &PlaneJob, chunk: &mut [f32]) {
     fill_planes(job, chunk);
 }
 
+/// [`fill_planes`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fill_planes_avx2(job: &PlaneJob, chunk: &mut [f32]) {
+    fill_planes(job, chunk);
+}
+
 /// Writes the task's (up to) 16 planes into `chunk`, 32 pixels of a row at a
 /// time: their channels are read pixel by pixel into a block, then each
 /// channel's even and odd pixels are stored as runs of the odd and even
@@ -261,15 +271,17 @@ impl Planes {
                 half,
                 plane_len,
             };
-            #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx512 {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is supported (the caller's), so AVX-512F is
                 // present.
-                unsafe { fill_planes_avx512(&job, chunk) };
-                return;
+                Isa::Avx512 => unsafe { fill_planes_avx512(&job, chunk) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is supported (the caller's), so AVX2 and FMA
+                // are present.
+                Isa::Avx2Fma => unsafe { fill_planes_avx2(&job, chunk) },
+                _ => fill_planes(&job, chunk),
             }
-            let _ = isa;
-            fill_planes(&job, chunk);
         });
         Self {
             data,
@@ -299,14 +311,15 @@ fn transform_input(
     t_at: usize,
     v: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (the caller's), so AVX-512F is present.
-        unsafe { transform_input_avx512(planes, b, ty, tc, t_at, v) };
-        return;
+        Isa::Avx512 => unsafe { transform_input_avx512(planes, b, ty, tc, t_at, v) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is supported (the caller's), so AVX2 and FMA are present.
+        Isa::Avx2Fma => unsafe { transform_input_avx2(planes, b, ty, tc, t_at, v) },
+        _ => transform_input_body(planes, b, ty, tc, t_at, v),
     }
-    let _ = isa;
-    transform_input_body(planes, b, ty, tc, t_at, v);
 }
 
 /// [`transform_input_body`] with AVX-512 intrinsics, 16 tiles per vector.
@@ -367,6 +380,23 @@ unsafe fn transform_input_avx512(
     }
 }
 
+/// [`transform_input_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transform_input_avx2(
+    planes: &Planes,
+    b: usize,
+    ty: usize,
+    tc: usize,
+    t_at: usize,
+    v: &mut [f32],
+) {
+    transform_input_body(planes, b, ty, tc, t_at, v);
+}
+
 #[inline(always)]
 fn transform_input_body(
     planes: &Planes,
@@ -422,14 +452,15 @@ fn transform_grad(
     dm: &mut [f32],
     bias: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (the caller's), so AVX-512F is present.
-        unsafe { transform_grad_avx512(grad, b, ty, tiles, tc, t_at, dm, bias) };
-        return;
+        Isa::Avx512 => unsafe { transform_grad_avx512(grad, b, ty, tiles, tc, t_at, dm, bias) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is supported (the caller's), so AVX2 and FMA are present.
+        Isa::Avx2Fma => unsafe { transform_grad_avx2(grad, b, ty, tiles, tc, t_at, dm, bias) },
+        _ => transform_grad_body(grad, b, ty, tiles, tc, t_at, dm, bias),
     }
-    let _ = isa;
-    transform_grad_body(grad, b, ty, tiles, tc, t_at, dm, bias);
 }
 
 /// [`transform_grad_body`] with AVX-512 intrinsics, 16 output channels per
@@ -504,6 +535,26 @@ unsafe fn transform_grad_avx512(
             }
         }
     }
+}
+
+/// [`transform_grad_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn transform_grad_avx2(
+    grad: &NhwcRef,
+    b: usize,
+    ty: usize,
+    tiles: usize,
+    tc: usize,
+    t_at: usize,
+    dm: &mut [f32],
+    bias: &mut [f32],
+) {
+    transform_grad_body(grad, b, ty, tiles, tc, t_at, dm, bias);
 }
 
 #[allow(clippy::too_many_arguments)]

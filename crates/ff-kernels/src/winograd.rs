@@ -26,11 +26,19 @@ pub(crate) fn applies(g: &ConvGeometry) -> bool {
 /// Whether Winograd is the faster choice for `g`. With the AVX-512
 /// transforms it wins on every 3x3/1 layer measured (conv_bench, batch 8,
 /// best of 15: 32 -> 32 channels 1.2x over the direct kernel, 32 -> 64 1.4x,
-/// 64 -> 64 1.4x, 64 -> 128 1.7x, 128 -> 256 1.7x, 256 -> 256 1.7x); with the
-/// compiler-vectorised transforms of the other instruction sets it lost below
-/// 64 input channels (0.85-1.0x), so there it needs at least 64.
+/// 64 -> 64 1.4x, 64 -> 128 1.7x, 128 -> 256 1.7x, 256 -> 256 1.7x). On AVX2
+/// (the transforms compiled for it, 6x16 micro-kernel tiles; Zen 3, best of
+/// 3 runs) it wins from 61 input channels up (61 -> 768 1.9x, 64 -> 128
+/// 1.4x, 128 -> 256 1.55x, 384 -> 61 1.7x) and ties at 32 (1.03-1.08x), so
+/// there it needs at least 48; the portable build, whose transforms the
+/// compiler vectorises for the base target, at least 64.
 pub(crate) fn pays_off(g: &ConvGeometry) -> bool {
-    applies(g) && (Isa::detect() == Isa::Avx512 || g.in_channels >= 64)
+    let min_channels = match Isa::detect() {
+        Isa::Avx512 => 0,
+        Isa::Avx2Fma => 48,
+        Isa::Portable => 64,
+    };
+    applies(g) && g.in_channels >= min_channels
 }
 
 /// The transformed weights `U = G g G^T`, packed `[16][O/16][C][16]`.
@@ -132,15 +140,19 @@ pub(crate) fn conv2d(
                 wp,
                 &mut buf.window,
             );
-            #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx512 {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is supported (checked by conv2d_with).
-                unsafe { input_transform_avx512(&buf.window, wp, c, tiles, &mut buf.v) };
-            } else {
-                input_transform(&buf.window, wp, c, tiles, &mut buf.v);
+                Isa::Avx512 => unsafe {
+                    input_transform_avx512(&buf.window, wp, c, tiles, &mut buf.v)
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is supported (checked by conv2d_with).
+                Isa::Avx2Fma => unsafe {
+                    input_transform_avx2(&buf.window, wp, c, tiles, &mut buf.v)
+                },
+                _ => input_transform(&buf.window, wp, c, tiles, &mut buf.v),
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            input_transform(&buf.window, wp, c, tiles, &mut buf.v);
             for xi in 0..16 {
                 let v = &buf.v[xi * tiles * c..(xi + 1) * tiles * c];
                 let uxi = &u[xi * blocks * c * LANES..(xi + 1) * blocks * c * LANES];
@@ -180,15 +192,15 @@ pub(crate) fn conv2d(
                 ow,
                 out_ps,
             };
-            #[cfg(target_arch = "x86_64")]
-            if isa == Isa::Avx512 {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is supported (checked by conv2d_with).
-                unsafe { output_transform_avx512(&ot, rows) };
-            } else {
-                output_transform(&ot, rows);
+                Isa::Avx512 => unsafe { output_transform_avx512(&ot, rows) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is supported (checked by conv2d_with).
+                Isa::Avx2Fma => unsafe { output_transform_avx2(&ot, rows) },
+                _ => output_transform(&ot, rows),
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            output_transform(&ot, rows);
         },
     );
 }
@@ -199,10 +211,24 @@ struct Buffers {
     m: Vec<f32>,
 }
 
+/// [`input_transform`] compiled for AVX2 (its 16-lane arrays become pairs
+/// of 256-bit vectors; Rust contracts no multiply-add, so the results are
+/// the portable ones bit for bit).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_transform_avx2(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f32]) {
+    input_transform(window, wp, c, tiles, v);
+}
+
 /// `V[xi][t][c] = (B^T d B)[xi]` for the 4x4 input tile `d` of every output
 /// tile `t` in the window (`[4][wp][C]`).
 ///
-/// Left to the compiler for the base target, as the output transform.
+/// Left to the compiler, for the base target and (inlined into
+/// [`input_transform_avx2`]) for AVX2.
+#[inline(always)]
 fn input_transform(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f32]) {
     let plane = tiles * c;
     for t in 0..tiles {
@@ -251,12 +277,22 @@ struct OutputTile<'a> {
     out_ps: usize,
 }
 
+/// [`output_transform`] compiled for AVX2, bit for bit the portable results.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_transform_avx2(ot: &OutputTile, rows: &mut [f32]) {
+    output_transform(ot, rows);
+}
+
 /// `Y = A^T M A` for every tile and output channel, then bias, residual and
 /// activation, stored into the (up to) two output rows of tile row `ty`.
 ///
-/// Left to the compiler for the base target: an AVX-512 build of the same
-/// loops measured slower (conv_bench, best of 15).
-#[inline(never)]
+/// Left to the compiler, for the base target and (inlined into
+/// [`output_transform_avx2`]) for AVX2; AVX-512 has its own intrinsics.
+#[inline(always)]
 fn output_transform(ot: &OutputTile, rows: &mut [f32]) {
     let &OutputTile {
         m,
@@ -381,6 +417,7 @@ unsafe fn input_transform_avx512(window: &[f32], wp: usize, c: usize, tiles: usi
 /// `V = B^T d B` of one 4x4 input tile, 16 lanes at a time (`d[i][j]`: row
 /// `i`, column `j`): element `i 4 + j` is `V[i][j]`. The portable twin of
 /// [`input_tile_avx512`], the same operations in the same order.
+#[inline(always)]
 pub(crate) fn input_tile(d: &[[[f32; LANES]; 4]; 4]) -> [[f32; LANES]; 16] {
     let mut v = [[0f32; LANES]; 16];
     for l in 0..LANES {
