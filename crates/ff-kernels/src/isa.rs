@@ -47,9 +47,10 @@ impl Isa {
         out
     }
 
-    /// Whether this CPU can run `self`.
+    /// Whether this CPU can run `self` (detected once).
     pub fn is_supported(self) -> bool {
-        Self::supported().contains(&self)
+        static SUPPORTED: OnceLock<Vec<Isa>> = OnceLock::new();
+        SUPPORTED.get_or_init(Self::supported).contains(&self)
     }
 
     /// A short name for reports: `avx512`, `avx2+fma` or `portable`.

@@ -569,25 +569,13 @@ fn transform_grad_body(
     dm: &mut [f32],
     bias: &mut [f32],
 ) {
-    let [_, h, w, o] = grad.dims();
+    let o = grad.dims()[3];
     let blocks = o.div_ceil(LANES);
     for t in 0..tiles {
         for blk in 0..blocks {
             let o0 = blk * LANES;
             let lanes = LANES.min(o - o0);
-            let ld = |dy: usize, dx: usize| -> V16 {
-                let (y, x) = (2 * ty + dy, 2 * t + dx);
-                let mut a = [0f32; LANES];
-                if y < h && x < w {
-                    let px = &grad.pixel_at(b, y, x)[o0..];
-                    if lanes == LANES {
-                        a.copy_from_slice(&px[..LANES]);
-                    } else {
-                        a[..lanes].copy_from_slice(&px[..lanes]);
-                    }
-                }
-                a
-            };
+            let ld = |dy: usize, dx: usize| grad_lanes(grad, b, 2 * ty + dy, 2 * t + dx, o0, lanes);
             let g = [[ld(0, 0), ld(0, 1)], [ld(1, 0), ld(1, 1)]];
             // A dY (rows): [g0, g0 + g1, g0 - g1, -g1]; then the same along
             // the columns.
@@ -621,4 +609,23 @@ fn transform_grad_body(
             }
         }
     }
+}
+
+/// Channels `o0 .. o0 + lanes` of pixel `(y, x)` of image `b` of `grad`, zero
+/// past `lanes` and outside the image; a whole block is one fixed-size copy.
+#[inline(always)]
+fn grad_lanes(grad: &NhwcRef, b: usize, y: usize, x: usize, o0: usize, lanes: usize) -> V16 {
+    let [_, h, w, _] = grad.dims();
+    if y >= h || x >= w {
+        return [0f32; LANES];
+    }
+    let px = &grad.pixel_at(b, y, x)[o0..];
+    if lanes == LANES {
+        if let Ok(a) = <V16>::try_from(&px[..LANES]) {
+            return a;
+        }
+    }
+    let mut a = [0f32; LANES];
+    a[..lanes].copy_from_slice(&px[..lanes]);
+    a
 }
