@@ -298,28 +298,7 @@ pub(crate) fn add_product(
         block_stride >= len * LANES && packed.len() >= (blocks - 1) * block_stride + len * LANES
     );
     assert!(acc.len() >= (r0 + n_rows) * o && tile.len() >= product_scratch_len(isa));
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
-        // SAFETY: `isa` is supported (asserted), so AVX2 and FMA are present.
-        unsafe {
-            add_tiles_avx2(
-                isa,
-                n_rows,
-                len,
-                rows,
-                row_stride,
-                packed,
-                block_stride,
-                o,
-                acc,
-                r0,
-                tile,
-            )
-        };
-        return;
-    }
-    add_tiles(
-        isa,
+    let p = Product {
         n_rows,
         len,
         rows,
@@ -327,10 +306,25 @@ pub(crate) fn add_product(
         packed,
         block_stride,
         o,
-        acc,
-        r0,
-        tile,
-    );
+    };
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2Fma {
+        // SAFETY: `isa` is supported (asserted), so AVX2 and FMA are present.
+        unsafe { add_tiles_avx2(isa, &p, acc, r0, tile) };
+        return;
+    }
+    add_tiles(isa, &p, acc, r0, tile);
+}
+
+/// The operands of [`add_product`], their bounds checked.
+struct Product<'a> {
+    n_rows: usize,
+    len: usize,
+    rows: &'a [f32],
+    row_stride: usize,
+    packed: &'a [f32],
+    block_stride: usize,
+    o: usize,
 }
 
 /// [`add_tiles`] compiled for AVX2, so that adding each tile into the
@@ -338,54 +332,18 @@ pub(crate) fn add_product(
 /// gradient time with SSE2 adds).
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA; the arguments as [`add_tiles`] needs them.
+/// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn add_tiles_avx2(
-    isa: Isa,
-    n_rows: usize,
-    len: usize,
-    rows: &[f32],
-    row_stride: usize,
-    packed: &[f32],
-    block_stride: usize,
-    o: usize,
-    acc: &mut [f32],
-    r0: usize,
-    tile: &mut [f32],
-) {
-    add_tiles(
-        isa,
-        n_rows,
-        len,
-        rows,
-        row_stride,
-        packed,
-        block_stride,
-        o,
-        acc,
-        r0,
-        tile,
-    );
+unsafe fn add_tiles_avx2(isa: Isa, p: &Product, acc: &mut [f32], r0: usize, tile: &mut [f32]) {
+    add_tiles(isa, p, acc, r0, tile);
 }
 
-/// The body of [`add_product`], whose bounds it checked.
-#[allow(clippy::too_many_arguments)]
+/// The body of [`add_product`].
 #[inline(always)]
-fn add_tiles(
-    isa: Isa,
-    n_rows: usize,
-    len: usize,
-    rows: &[f32],
-    row_stride: usize,
-    packed: &[f32],
-    block_stride: usize,
-    o: usize,
-    acc: &mut [f32],
-    r0: usize,
-    tile: &mut [f32],
-) {
+fn add_tiles(isa: Isa, p: &Product, acc: &mut [f32], r0: usize, tile: &mut [f32]) {
+    let (n_rows, len, rows, row_stride) = (p.n_rows, p.len, p.rows, p.row_stride);
+    let (packed, block_stride, o) = (p.packed, p.block_stride, p.o);
     let blocks = o.div_ceil(LANES);
     let ob_max = max_blocks(isa);
     for_each_tile(isa, blocks, ob_max, n_rows, |ob0, obn, p0, pn| {

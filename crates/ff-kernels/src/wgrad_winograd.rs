@@ -98,7 +98,15 @@ pub(crate) fn weight_grad(
                     let (b, ty) = (u / tile_rows, u % tile_rows);
                     let t_at = (u - u0) * tiles;
                     transform_input(isa, &planes, b, ty, tc, t_at, v);
-                    transform_grad(isa, grad_out, b, ty, tiles, tc, t_at, dm, &mut bias);
+                    let job = GradTiles {
+                        grad: grad_out,
+                        b,
+                        ty,
+                        tiles,
+                        tc,
+                        t_at,
+                    };
+                    transform_grad(isa, &job, dm, &mut bias);
                 }
                 for xi in 0..16 {
                     let vx = &v[xi * c * tc..(xi + 1) * c * tc];
@@ -437,29 +445,30 @@ fn transform_input_body(
     }
 }
 
-/// `dM[xi][blk][t_at + t][16] = (A dY A^T)[xi]` for the tiles of tile row
-/// `ty` of image `b` (`dY` zero outside the image and past `O`), into a
-/// chunk of `tc` tiles, and the tiles' gradient summed into `bias`.
-#[allow(clippy::too_many_arguments)]
-fn transform_grad(
-    isa: Isa,
-    grad: &NhwcRef,
+/// One tile row's part of a chunk for [`transform_grad`]: tile row `ty` of
+/// image `b` (`tiles` tiles) of `grad`, stored at tile `t_at` of a chunk of
+/// `tc` tiles.
+struct GradTiles<'a> {
+    grad: &'a NhwcRef<'a>,
     b: usize,
     ty: usize,
     tiles: usize,
     tc: usize,
     t_at: usize,
-    dm: &mut [f32],
-    bias: &mut [f32],
-) {
+}
+
+/// `dM[xi][blk][t_at + t][16] = (A dY A^T)[xi]` for the tiles of tile row
+/// `ty` of image `b` (`dY` zero outside the image and past `O`), into a
+/// chunk of `tc` tiles, and the tiles' gradient summed into `bias`.
+fn transform_grad(isa: Isa, job: &GradTiles, dm: &mut [f32], bias: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (the caller's), so AVX-512F is present.
-        Isa::Avx512 => unsafe { transform_grad_avx512(grad, b, ty, tiles, tc, t_at, dm, bias) },
+        Isa::Avx512 => unsafe { transform_grad_avx512(job, dm, bias) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (the caller's), so AVX2 and FMA are present.
-        Isa::Avx2Fma => unsafe { transform_grad_avx2(grad, b, ty, tiles, tc, t_at, dm, bias) },
-        _ => transform_grad_body(grad, b, ty, tiles, tc, t_at, dm, bias),
+        Isa::Avx2Fma => unsafe { transform_grad_avx2(job, dm, bias) },
+        _ => transform_grad_body(job, dm, bias),
     }
 }
 
@@ -470,17 +479,9 @@ fn transform_grad(
 /// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn transform_grad_avx512(
-    grad: &NhwcRef,
-    b: usize,
-    ty: usize,
-    tiles: usize,
-    tc: usize,
-    t_at: usize,
-    dm: &mut [f32],
-    bias: &mut [f32],
-) {
+unsafe fn transform_grad_avx512(job: &GradTiles, dm: &mut [f32], bias: &mut [f32]) {
+    let (grad, b, ty) = (job.grad, job.b, job.ty);
+    let (tiles, tc, t_at) = (job.tiles, job.tc, job.t_at);
     use std::arch::x86_64::*;
     let [_, h, w, o] = grad.dims();
     let blocks = o.div_ceil(LANES);
@@ -543,32 +544,14 @@ unsafe fn transform_grad_avx512(
 /// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn transform_grad_avx2(
-    grad: &NhwcRef,
-    b: usize,
-    ty: usize,
-    tiles: usize,
-    tc: usize,
-    t_at: usize,
-    dm: &mut [f32],
-    bias: &mut [f32],
-) {
-    transform_grad_body(grad, b, ty, tiles, tc, t_at, dm, bias);
+unsafe fn transform_grad_avx2(job: &GradTiles, dm: &mut [f32], bias: &mut [f32]) {
+    transform_grad_body(job, dm, bias);
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn transform_grad_body(
-    grad: &NhwcRef,
-    b: usize,
-    ty: usize,
-    tiles: usize,
-    tc: usize,
-    t_at: usize,
-    dm: &mut [f32],
-    bias: &mut [f32],
-) {
+fn transform_grad_body(job: &GradTiles, dm: &mut [f32], bias: &mut [f32]) {
+    let (grad, b, ty) = (job.grad, job.b, job.ty);
+    let (tiles, tc, t_at) = (job.tiles, job.tc, job.t_at);
     let o = grad.dims()[3];
     let blocks = o.div_ceil(LANES);
     for t in 0..tiles {
