@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::conv::{Activation, PackedConv2d};
 use crate::error::{shape_error, Result};
 use crate::isa::Isa;
-use crate::micro::{for_each_tile, max_blocks, max_pixels, run_tile, Tile, LANES};
+use crate::micro::{for_each_tile, max_blocks, product_scratch_len, run_tile, Tile, LANES};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 48;
@@ -39,47 +39,124 @@ pub fn linear(
         ));
     }
     let isa = Isa::detect();
-    let ob_max = max_blocks(isa);
-    let blocks = o.div_ceil(LANES);
-    let (weights, bias) = (packed.direct_weights(), packed.bias_padded());
+    let job = Rows {
+        isa,
+        x,
+        c,
+        o,
+        weights: packed.direct_weights(),
+        bias: packed.bias_padded(),
+        activation,
+    };
     out.par_chunks_mut(ROWS_PER_TASK * o)
         .enumerate()
         .for_each_init(
-            || vec![0f32; max_pixels(isa, 1).max(max_pixels(isa, ob_max) * ob_max) * LANES],
-            |tile, (chunk, dst)| {
-                let r0 = chunk * ROWS_PER_TASK;
-                let rows = dst.len() / o;
-                for_each_tile(isa, blocks, ob_max, rows, |ob0, obn, p0, pn| {
-                    let t = Tile {
-                        // SAFETY: row r0 + p0 < x.len() / c.
-                        src: unsafe { x.as_ptr().add((r0 + p0) * c) },
-                        row_stride: 0,
-                        pix_stride: c,
-                        k: 1,
-                        c,
-                        // SAFETY: ob0 < blocks blocks of c 16 values.
-                        weights: unsafe { weights.as_ptr().add(ob0 * c * LANES) },
-                        block_stride: c * LANES,
-                        out_stride: obn * LANES,
-                    };
-                    // SAFETY: rows r0 + p0 .. + pn of x hold c values each;
-                    // blocks ob0 .. ob0 + obn hold c 16 packed weights; `tile`
-                    // holds pmax obn 16 values; `isa` is the detected one.
-                    unsafe { run_tile(isa, pn, obn, &t, tile) };
-                    for i in 0..pn {
-                        for j in 0..obn {
-                            let o0 = (ob0 + j) * LANES;
-                            let lanes = LANES.min(o - o0);
-                            let acc = &tile[(i * obn + j) * LANES..][..lanes];
-                            let d = &mut dst[(p0 + i) * o + o0..][..lanes];
-                            for ((dv, &av), &bv) in d.iter_mut().zip(acc).zip(&bias[o0..o0 + lanes])
-                            {
-                                *dv = activation.apply(av + bv);
-                            }
-                        }
-                    }
-                });
+            || vec![0f32; product_scratch_len(isa)],
+            |tile, (chunk, dst)| match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the detected instruction set is present.
+                Isa::Avx512 => unsafe { rows_avx512(&job, chunk * ROWS_PER_TASK, dst, tile) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the detected instruction set is present.
+                Isa::Avx2Fma => unsafe { rows_avx2(&job, chunk * ROWS_PER_TASK, dst, tile) },
+                _ => rows(&job, chunk * ROWS_PER_TASK, dst, tile),
             },
         );
     Ok(())
+}
+
+/// What every task of [`linear`] shares.
+struct Rows<'a> {
+    isa: Isa,
+    x: &'a [f32],
+    c: usize,
+    o: usize,
+    weights: &'a [f32],
+    /// Padded to whole blocks.
+    bias: &'a [f32],
+    activation: Activation,
+}
+
+/// [`rows`] compiled for AVX-512, so that the bias-and-activation epilogue
+/// (GELU's erf and exp) is 16 lanes wide instead of the base target's 4; the
+/// same operations in the same order, so the same results.
+///
+/// # Safety
+/// The CPU must have AVX-512F; the arguments as [`rows`] needs them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_avx512(job: &Rows, r0: usize, dst: &mut [f32], tile: &mut [f32]) {
+    rows(job, r0, dst, tile);
+}
+
+/// [`rows`] compiled for AVX2 (8-lane epilogue).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; the arguments as [`rows`] needs them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2(job: &Rows, r0: usize, dst: &mut [f32], tile: &mut [f32]) {
+    rows(job, r0, dst, tile);
+}
+
+/// Output rows `r0 ..` (`dst`: whole rows of `o` values) of one task, tile by
+/// tile on the micro-kernel, then bias and activation; `tile` is scratch of
+/// [`product_scratch_len`] values.
+#[inline(always)]
+fn rows(job: &Rows, r0: usize, dst: &mut [f32], tile: &mut [f32]) {
+    let &Rows {
+        isa,
+        x,
+        c,
+        o,
+        weights,
+        bias,
+        activation,
+    } = job;
+    let rows = dst.len() / o;
+    assert!(x.len() >= (r0 + rows) * c && tile.len() >= product_scratch_len(isa));
+    let blocks = o.div_ceil(LANES);
+    for_each_tile(isa, blocks, max_blocks(isa), rows, |ob0, obn, p0, pn| {
+        let t = Tile {
+            // SAFETY: row r0 + p0 < x.len() / c (asserted).
+            src: unsafe { x.as_ptr().add((r0 + p0) * c) },
+            row_stride: 0,
+            pix_stride: c,
+            k: 1,
+            c,
+            // SAFETY: ob0 < blocks blocks of c 16 values.
+            weights: unsafe { weights.as_ptr().add(ob0 * c * LANES) },
+            block_stride: c * LANES,
+            out_stride: obn * LANES,
+        };
+        // SAFETY: rows r0 + p0 .. + pn of x hold c values each (asserted);
+        // blocks ob0 .. ob0 + obn hold c 16 packed weights; `tile` holds
+        // pmax obn 16 values (asserted); `isa` is the detected one.
+        unsafe { run_tile(isa, pn, obn, &t, tile) };
+        for i in 0..pn {
+            for j in 0..obn {
+                let o0 = (ob0 + j) * LANES;
+                let lanes = LANES.min(o - o0);
+                let acc = &tile[(i * obn + j) * LANES..][..LANES];
+                let d = &mut dst[(p0 + i) * o + o0..][..lanes];
+                epilogue(activation, acc, &bias[o0..o0 + LANES], d);
+            }
+        }
+    });
+}
+
+/// `out = act(acc + bias)` for one block (`acc`, `bias`: 16 values; `out`:
+/// the block's real lanes). The activation is chosen outside the lane loop
+/// and a whole block goes through fixed-size arrays, so the loop is one
+/// vector pass (GELU's erf and exp included).
+#[inline(always)]
+fn epilogue(act: Activation, acc: &[f32], bias: &[f32], out: &mut [f32]) {
+    let mut v: [f32; LANES] = std::array::from_fn(|l| acc[l] + bias[l]);
+    match act {
+        Activation::Identity => {}
+        Activation::Relu => v = v.map(|x| x.max(0.0)),
+        Activation::GeluErf => v = v.map(crate::math::gelu_erf),
+    }
+    let n = out.len();
+    out.copy_from_slice(&v[..n]);
 }
