@@ -206,11 +206,16 @@ fn main() {
     }
     // DeiT-base @ 384's linear layers on 4 images (577 tokens each).
     let rows = 4 * 577;
-    for (name, c, o) in [
-        ("deit qkv 768->2304", 768usize, 2304usize),
-        ("deit proj 768->768", 768, 768),
-        ("deit fc1 768->3072", 768, 3072),
-        ("deit fc2 3072->768", 3072, 768),
+    for (name, c, o, act) in [
+        (
+            "deit qkv 768->2304",
+            768usize,
+            2304usize,
+            Activation::Identity,
+        ),
+        ("deit proj 768->768", 768, 768, Activation::Identity),
+        ("deit fc1+gelu 768->3072", 768, 3072, Activation::GeluErf),
+        ("deit fc2 3072->768", 3072, 768, Activation::Identity),
     ] {
         if !name.contains(filter.as_str()) {
             continue;
@@ -226,9 +231,7 @@ fn main() {
         let packed = PackedConv2d::from_oihw(g, Some(Algorithm::Direct), &wt, None).unwrap();
         let x = vec![0.5f32; rows * c];
         let mut out = vec![0f32; rows * o];
-        let best = best_of(5, || {
-            linear(&packed, &x, Activation::Identity, &mut out).unwrap()
-        });
+        let best = best_of(5, || linear(&packed, &x, act, &mut out).unwrap());
         let flop = 2.0 * (rows * c * o) as f64;
         println!(
             "{name:22} linear {:6.2} ms {:6.1} GFLOP/s",
