@@ -97,16 +97,15 @@ pub(crate) fn weight_grad(
                 for u in u0..u1 {
                     let (b, ty) = (u / tile_rows, u % tile_rows);
                     let t_at = (u - u0) * tiles;
-                    transform_input(isa, &planes, b, ty, tc, t_at, v);
-                    let job = GradTiles {
-                        grad: grad_out,
+                    let row = TileRow {
                         b,
                         ty,
                         tiles,
                         tc,
                         t_at,
                     };
-                    transform_grad(isa, &job, dm, &mut bias);
+                    transform_input(isa, &planes, &row, v);
+                    transform_grad(isa, grad_out, &row, dm, &mut bias);
                 }
                 for xi in 0..16 {
                     let vx = &v[xi * c * tc..(xi + 1) * c * tc];
@@ -308,25 +307,27 @@ impl Planes {
     }
 }
 
-/// `V[xi][c][t_at + t] = (B^T d B)[xi]` for the tiles `t` of tile row `ty`
-/// of image `b`, into a chunk of `tc` tiles (`v`: `[16][C][tc]`).
-fn transform_input(
-    isa: Isa,
-    planes: &Planes,
+/// Where one row of tiles comes from and goes: tile row `ty` of image `b`
+/// (`tiles` tiles), stored from tile `t_at` of a chunk of `tc` tiles.
+struct TileRow {
     b: usize,
     ty: usize,
+    tiles: usize,
     tc: usize,
     t_at: usize,
-    v: &mut [f32],
-) {
+}
+
+/// `V[xi][c][t_at + t] = (B^T d B)[xi]` for the tiles `t` of tile row `ty`
+/// of image `b`, into a chunk of `tc` tiles (`v`: `[16][C][tc]`).
+fn transform_input(isa: Isa, planes: &Planes, row: &TileRow, v: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (the caller's), so AVX-512F is present.
-        Isa::Avx512 => unsafe { transform_input_avx512(planes, b, ty, tc, t_at, v) },
+        Isa::Avx512 => unsafe { transform_input_avx512(planes, row, v) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (the caller's), so AVX2 and FMA are present.
-        Isa::Avx2Fma => unsafe { transform_input_avx2(planes, b, ty, tc, t_at, v) },
-        _ => transform_input_body(planes, b, ty, tc, t_at, v),
+        Isa::Avx2Fma => unsafe { transform_input_avx2(planes, row, v) },
+        _ => transform_input_body(planes, row, v),
     }
 }
 
@@ -336,15 +337,9 @@ fn transform_input(
 /// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transform_input_avx512(
-    planes: &Planes,
-    b: usize,
-    ty: usize,
-    tc: usize,
-    t_at: usize,
-    v: &mut [f32],
-) {
+unsafe fn transform_input_avx512(planes: &Planes, row: &TileRow, v: &mut [f32]) {
     use std::arch::x86_64::*;
+    let (b, ty, tc, t_at) = (row.b, row.ty, row.tc, row.t_at);
     let (c, half, tiles) = (planes.c, planes.half, planes.tiles);
     let row_len = 2 * half;
     assert!(v.len() >= 16 * c * tc && t_at + tiles <= tc);
@@ -394,26 +389,13 @@ unsafe fn transform_input_avx512(
 /// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn transform_input_avx2(
-    planes: &Planes,
-    b: usize,
-    ty: usize,
-    tc: usize,
-    t_at: usize,
-    v: &mut [f32],
-) {
-    transform_input_body(planes, b, ty, tc, t_at, v);
+unsafe fn transform_input_avx2(planes: &Planes, row: &TileRow, v: &mut [f32]) {
+    transform_input_body(planes, row, v);
 }
 
 #[inline(always)]
-fn transform_input_body(
-    planes: &Planes,
-    b: usize,
-    ty: usize,
-    tc: usize,
-    t_at: usize,
-    v: &mut [f32],
-) {
+fn transform_input_body(planes: &Planes, row: &TileRow, v: &mut [f32]) {
+    let (b, ty, tc, t_at) = (row.b, row.ty, row.tc, row.t_at);
     let (c, half, tiles) = (planes.c, planes.half, planes.tiles);
     let row_len = 2 * half;
     for ci in 0..c {
@@ -445,30 +427,18 @@ fn transform_input_body(
     }
 }
 
-/// One tile row's part of a chunk for [`transform_grad`]: tile row `ty` of
-/// image `b` (`tiles` tiles) of `grad`, stored at tile `t_at` of a chunk of
-/// `tc` tiles.
-struct GradTiles<'a> {
-    grad: &'a NhwcRef<'a>,
-    b: usize,
-    ty: usize,
-    tiles: usize,
-    tc: usize,
-    t_at: usize,
-}
-
 /// `dM[xi][blk][t_at + t][16] = (A dY A^T)[xi]` for the tiles of tile row
 /// `ty` of image `b` (`dY` zero outside the image and past `O`), into a
 /// chunk of `tc` tiles, and the tiles' gradient summed into `bias`.
-fn transform_grad(isa: Isa, job: &GradTiles, dm: &mut [f32], bias: &mut [f32]) {
+fn transform_grad(isa: Isa, grad: &NhwcRef, row: &TileRow, dm: &mut [f32], bias: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (the caller's), so AVX-512F is present.
-        Isa::Avx512 => unsafe { transform_grad_avx512(job, dm, bias) },
+        Isa::Avx512 => unsafe { transform_grad_avx512(grad, row, dm, bias) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (the caller's), so AVX2 and FMA are present.
-        Isa::Avx2Fma => unsafe { transform_grad_avx2(job, dm, bias) },
-        _ => transform_grad_body(job, dm, bias),
+        Isa::Avx2Fma => unsafe { transform_grad_avx2(grad, row, dm, bias) },
+        _ => transform_grad_body(grad, row, dm, bias),
     }
 }
 
@@ -479,10 +449,10 @@ fn transform_grad(isa: Isa, job: &GradTiles, dm: &mut [f32], bias: &mut [f32]) {
 /// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transform_grad_avx512(job: &GradTiles, dm: &mut [f32], bias: &mut [f32]) {
-    let (grad, b, ty) = (job.grad, job.b, job.ty);
-    let (tiles, tc, t_at) = (job.tiles, job.tc, job.t_at);
+unsafe fn transform_grad_avx512(grad: &NhwcRef, row: &TileRow, dm: &mut [f32], bias: &mut [f32]) {
     use std::arch::x86_64::*;
+    let (b, ty, tiles) = (row.b, row.ty, row.tiles);
+    let (tc, t_at) = (row.tc, row.t_at);
     let [_, h, w, o] = grad.dims();
     let blocks = o.div_ceil(LANES);
     assert!(dm.len() >= 16 * blocks * tc * LANES && t_at + tiles <= tc);
@@ -544,14 +514,14 @@ unsafe fn transform_grad_avx512(job: &GradTiles, dm: &mut [f32], bias: &mut [f32
 /// The CPU must have AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn transform_grad_avx2(job: &GradTiles, dm: &mut [f32], bias: &mut [f32]) {
-    transform_grad_body(job, dm, bias);
+unsafe fn transform_grad_avx2(grad: &NhwcRef, row: &TileRow, dm: &mut [f32], bias: &mut [f32]) {
+    transform_grad_body(grad, row, dm, bias);
 }
 
 #[inline(always)]
-fn transform_grad_body(job: &GradTiles, dm: &mut [f32], bias: &mut [f32]) {
-    let (grad, b, ty) = (job.grad, job.b, job.ty);
-    let (tiles, tc, t_at) = (job.tiles, job.tc, job.t_at);
+fn transform_grad_body(grad: &NhwcRef, row: &TileRow, dm: &mut [f32], bias: &mut [f32]) {
+    let (b, ty, tiles) = (row.b, row.ty, row.tiles);
+    let (tc, t_at) = (row.tc, row.t_at);
     let o = grad.dims()[3];
     let blocks = o.div_ceil(LANES);
     for t in 0..tiles {
