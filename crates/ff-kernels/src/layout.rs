@@ -4,6 +4,7 @@
 //! zero-padded input window.
 
 use crate::error::{shape_error, Result};
+use crate::micro::LANES;
 
 /// The shape of one convolution (square kernel, equal stride and zero padding
 /// on both axes, no dilation, no groups).
@@ -68,6 +69,32 @@ impl Activation {
             Activation::GeluErf => crate::math::gelu_erf(v),
         }
     }
+
+    /// [`Activation::apply`] on a whole block of lanes, the activation chosen
+    /// once outside the lane loop, so the loop is one vector pass (GELU's erf
+    /// and exp included).
+    #[inline(always)]
+    pub(crate) fn apply_block(self, v: [f32; LANES]) -> [f32; LANES] {
+        match self {
+            Activation::Identity => v,
+            Activation::Relu => v.map(|x| x.max(0.0)),
+            Activation::GeluErf => v.map(crate::math::gelu_erf),
+        }
+    }
+}
+
+/// The first `n` (at most 16) values of `src` as a block of lanes, zero past
+/// `n`; a whole block is one fixed-size copy (no zero-fill, no memcpy call).
+#[inline(always)]
+pub(crate) fn load_lanes(src: &[f32], n: usize) -> [f32; LANES] {
+    if n == LANES {
+        if let Ok(a) = <[f32; LANES]>::try_from(&src[..LANES]) {
+            return a;
+        }
+    }
+    let mut a = [0f32; LANES];
+    a[..n].copy_from_slice(&src[..n]);
+    a
 }
 
 /// A read-only NHWC feature map whose pixels lie `pixel_stride` elements
@@ -248,7 +275,7 @@ pub(crate) fn plane_groups(
         .enumerate()
         .flat_map(|(b, image)| {
             image
-                .chunks_mut(crate::micro::LANES * plane_len)
+                .chunks_mut(LANES * plane_len)
                 .enumerate()
                 .map(move |(gi, chunk)| (b, gi, chunk))
         })

@@ -146,17 +146,10 @@ fn rows(job: &Rows, r0: usize, dst: &mut [f32], tile: &mut [f32]) {
 }
 
 /// `out = act(acc + bias)` for one block (`acc`, `bias`: 16 values; `out`:
-/// the block's real lanes). The activation is chosen outside the lane loop
-/// and a whole block goes through fixed-size arrays, so the loop is one
-/// vector pass (GELU's erf and exp included).
+/// the block's real lanes), as one vector pass.
 #[inline(always)]
 fn epilogue(act: Activation, acc: &[f32], bias: &[f32], out: &mut [f32]) {
-    let mut v: [f32; LANES] = std::array::from_fn(|l| acc[l] + bias[l]);
-    match act {
-        Activation::Identity => {}
-        Activation::Relu => v = v.map(|x| x.max(0.0)),
-        Activation::GeluErf => v = v.map(crate::math::gelu_erf),
-    }
+    let v = act.apply_block(std::array::from_fn(|l| acc[l] + bias[l]));
     let n = out.len();
     out.copy_from_slice(&v[..n]);
 }

@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 
 use crate::isa::Isa;
-use crate::layout::{Activation, NhwcRef};
+use crate::layout::{load_lanes, Activation, NhwcRef};
 use crate::micro::{add_product, product_scratch_len, LANES};
 
 /// Tiles per chunk: the reduction length of each product.
@@ -565,20 +565,12 @@ fn transform_grad_body(grad: &NhwcRef, row: &TileRow, dm: &mut [f32], bias: &mut
 }
 
 /// Channels `o0 .. o0 + lanes` of pixel `(y, x)` of image `b` of `grad`, zero
-/// past `lanes` and outside the image; a whole block is one fixed-size copy.
+/// past `lanes` and outside the image.
 #[inline(always)]
 fn grad_lanes(grad: &NhwcRef, b: usize, y: usize, x: usize, o0: usize, lanes: usize) -> V16 {
     let [_, h, w, _] = grad.dims();
     if y >= h || x >= w {
         return [0f32; LANES];
     }
-    let px = &grad.pixel_at(b, y, x)[o0..];
-    if lanes == LANES {
-        if let Ok(a) = <V16>::try_from(&px[..LANES]) {
-            return a;
-        }
-    }
-    let mut a = [0f32; LANES];
-    a[..lanes].copy_from_slice(&px[..lanes]);
-    a
+    load_lanes(&grad.pixel_at(b, y, x)[o0..], lanes)
 }

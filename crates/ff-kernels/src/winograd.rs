@@ -15,7 +15,9 @@
 use rayon::prelude::*;
 
 use crate::isa::Isa;
-use crate::layout::{gather_window, Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef};
+use crate::layout::{
+    gather_window, load_lanes, Activation, ConvGeometry, Epilogue, NhwcMut, NhwcRef,
+};
 use crate::micro::{for_each_tile, max_blocks, run_tile, Tile, LANES};
 
 /// Whether a convolution is one Winograd F(2x2, 3x3) covers.
@@ -236,23 +238,9 @@ fn input_transform(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f
         while ch < c {
             // 16 channels at a time: every line below is one vector operation.
             let n = LANES.min(c - ch);
-            // A whole group is one fixed-size load per value (no zeroing).
-            let ld = |i: usize, j: usize| -> [f32; LANES] {
-                let src = &window[(i * wp + 2 * t + j) * c + ch..];
-                let mut d = [0f32; LANES];
-                d[..n].copy_from_slice(&src[..n]);
-                d
-            };
-            let x: [[[f32; LANES]; 4]; 4] = if n == LANES {
-                std::array::from_fn(|i| {
-                    std::array::from_fn(|j| {
-                        let at = (i * wp + 2 * t + j) * c + ch;
-                        window[at..at + LANES].try_into().expect("16 values")
-                    })
-                })
-            } else {
-                std::array::from_fn(|i| std::array::from_fn(|j| ld(i, j)))
-            };
+            let x: [[[f32; LANES]; 4]; 4] = std::array::from_fn(|i| {
+                std::array::from_fn(|j| load_lanes(&window[(i * wp + 2 * t + j) * c + ch..], n))
+            });
             for (xi, o) in input_tile(&x).iter().enumerate() {
                 let dst = &mut v[xi * plane + t * c + ch..];
                 if n == LANES {
