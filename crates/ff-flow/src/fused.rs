@@ -117,7 +117,11 @@ pub(crate) struct CouplingOp {
 
 /// The kernel's view of a step with permutation `perm` and the given global
 /// affine.
-fn coupling<'a>(perm: &'a [u32], scale: &'a [f32], offset: &'a [f32]) -> ff_kernels::Coupling<'a> {
+pub(crate) fn coupling<'a>(
+    perm: &'a [u32],
+    scale: &'a [f32],
+    offset: &'a [f32],
+) -> ff_kernels::Coupling<'a> {
     ff_kernels::Coupling {
         perm,
         scale,
@@ -303,15 +307,18 @@ impl CustomOp3 for CouplingBackward {
         let AffineValues::Host { scale, offset } = &self.affine else {
             candle_core::bail!("{name}: the affine of a CPU step is on another device")
         };
-        let mut gx = ff_kernels::zeroed(n * x_c);
-        let mut ga = ff_kernels::zeroed(n * 2 * c2);
+        // One allocation for the packed result: growing `gx` into it would
+        // copy the whole map and fault in a second full-size buffer.
+        let len = n * x_c + n * 2 * c2 + 2 * c;
+        let mut out = ff_kernels::zeroed(len);
+        let (gx, rest) = out.split_at_mut(n * x_c);
+        let (ga, gf) = rest.split_at_mut(n * 2 * c2);
         let cp = coupling(&self.perm, scale, offset);
-        let g_affine = ff_kernels::coupling_backward(&cp, xv, a, g, &mut gx, &mut ga)
+        let g_affine = ff_kernels::coupling_backward(&cp, xv, a, g, gx, ga)
             .map_err(candle_core::Error::wrap)?;
-        let mut out = gx;
-        out.append(&mut ga);
-        out.extend(g_affine.iter().map(|&v| v as f32));
-        let len = out.len();
+        for (dst, v) in gf.iter_mut().zip(&g_affine) {
+            *dst = *v as f32;
+        }
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 
