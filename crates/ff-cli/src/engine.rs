@@ -196,7 +196,7 @@ impl Engine {
     /// # Shapes
     /// `features`: as [`Engine::features`] returns them.
     pub fn train_step_features(&self, adam: &mut Adam, features: Vec<Tensor>) -> Result<f64> {
-        let out = self.model.forward_features(features)?;
+        let out = self.model.forward_features_for_training(features)?;
         let (loss, grads) = ff_flow::loss_and_grads(&out)?;
         adam.step(&grads)?;
         Ok(f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?))

@@ -83,7 +83,7 @@ fn run() -> Result<(), BoxError> {
     pool.install(|| -> Result<(), BoxError> {
         for i in 0..steps + 2 {
             let t = Instant::now();
-            let out = head.forward(features.clone())?;
+            let out = head.forward_for_training(features.clone())?;
             let (loss, grads) = if one_pass {
                 let loss = ff_flow::loss(&out)?;
                 let grads = loss.backward()?;

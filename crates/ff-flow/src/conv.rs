@@ -64,10 +64,7 @@ pub(crate) fn conv2d_same_nhwc(
             x.contiguous()?
         };
         let op = ConvSame {
-            k,
-            c,
-            o,
-            relu,
+            spec: ConvSpec { k, c, o, relu },
             cache: Arc::clone(cache),
         };
         return Ok(x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?);
@@ -140,23 +137,128 @@ fn geometry(k: usize, c: usize, o: usize) -> ConvGeometry {
     }
 }
 
-fn input_activation(relu: bool) -> Activation {
-    if relu {
-        Activation::Relu
-    } else {
-        Activation::Identity
+/// One subnet convolution as the kernels see it: `k x k`, "same" padding,
+/// the first `c` input channels read (through a ReLU when `relu`), `o`
+/// outputs. Its forward, input gradient and weight gradient on host slices
+/// serve the per-convolution candle ops below and the whole-flow training op
+/// (`crate::flow_op`) alike.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvSpec {
+    pub k: usize,
+    pub c: usize,
+    pub o: usize,
+    /// Whether the ReLU is applied to the input as it is read.
+    pub relu: bool,
+}
+
+impl ConvSpec {
+    fn geometry(&self) -> ConvGeometry {
+        geometry(self.k, self.c, self.o)
+    }
+
+    fn input_activation(&self) -> Activation {
+        if self.relu {
+            Activation::Relu
+        } else {
+            Activation::Identity
+        }
+    }
+
+    /// `out = conv(act(input)) + bias`, the weights packed through `cache`.
+    ///
+    /// # Shapes
+    /// `input`: `[b, h, w, c]` (a view), `weight`: `[o, c, k, k]`, `bias`:
+    /// `[o]` -> `out`: `[b, h, w, o]`.
+    pub(crate) fn forward(
+        &self,
+        cache: &PackCache,
+        input: NhwcRef,
+        weight: &[f32],
+        bias: &[f32],
+        out: NhwcMut,
+    ) -> candle_core::Result<()> {
+        let g = self.geometry();
+        let packed = cache.get(weight, bias, || {
+            PackedConv2d::from_oihw(g, None, weight, Some(bias)).map_err(candle_core::Error::wrap)
+        })?;
+        ff_kernels::conv2d(
+            &packed,
+            input,
+            self.input_activation(),
+            Epilogue::default(),
+            out,
+        )
+        .map_err(candle_core::Error::wrap)
+    }
+
+    /// The input gradient: the forward kernel on the flipped, transposed
+    /// weights, masked where the ReLU clipped `input` (the forward's input,
+    /// read only when `relu`).
+    ///
+    /// # Shapes
+    /// `grad`: `[b, h, w, o]`, `weight`: `[o, c, k, k]`, `input`:
+    /// `[b, h, w, c]` -> `out`: `[b, h, w, c]` (every value written).
+    pub(crate) fn input_grad(
+        &self,
+        grad: NhwcRef,
+        weight: &[f32],
+        input: NhwcRef,
+        mut out: NhwcMut,
+    ) -> candle_core::Result<()> {
+        let packed = PackedConv2d::input_gradient_from_oihw(self.geometry(), None, weight)
+            .map_err(candle_core::Error::wrap)?;
+        ff_kernels::conv2d(
+            &packed,
+            grad,
+            Activation::Identity,
+            Epilogue::default(),
+            out.reborrow(),
+        )
+        .map_err(candle_core::Error::wrap)?;
+        if self.relu {
+            ff_kernels::relu_backward(input, out).map_err(candle_core::Error::wrap)?;
+        }
+        Ok(())
+    }
+
+    /// The weight and bias gradients, flat `[o c k k | o]` (the weight in
+    /// PyTorch's layout, then the bias).
+    ///
+    /// # Shapes
+    /// `input`: `[b, h, w, c]` (the forward's input), `grad`: `[b, h, w, o]`.
+    pub(crate) fn weight_grad(
+        &self,
+        input: NhwcRef,
+        grad: NhwcRef,
+    ) -> candle_core::Result<Vec<f32>> {
+        let (k, c, o) = (self.k, self.c, self.o);
+        let mut rows = vec![0f32; (k * k * c + 1) * o];
+        ff_kernels::conv2d_weight_grad(
+            self.geometry(),
+            input,
+            self.input_activation(),
+            grad,
+            &mut rows,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        // Rows (ky k + kx) C + c by columns o -> [o][c][ky][kx], bias last.
+        let mut out = vec![0f32; o * c * k * k + o];
+        for (oo, dst) in out[..o * c * k * k].chunks_exact_mut(c * k * k).enumerate() {
+            for ci in 0..c {
+                for t in 0..k * k {
+                    dst[ci * k * k + t] = rows[(t * c + ci) * o + oo];
+                }
+            }
+        }
+        out[o * c * k * k..].copy_from_slice(&rows[k * k * c * o..]);
+        Ok(out)
     }
 }
 
 /// The whole convolution on ff-kernels; inputs `x` `[b, h, w, C']` (the
 /// first `c` channels read), the weight `[o, c, k, k]` and the bias `[o]`.
 struct ConvSame {
-    k: usize,
-    /// Input channels read (the first `c` of the map).
-    c: usize,
-    o: usize,
-    /// Whether the ReLU is applied to the input as it is read.
-    relu: bool,
+    spec: ConvSpec,
     cache: Arc<PackCache>,
 }
 
@@ -175,23 +277,14 @@ impl CustomOp3 for ConvSame {
         bias_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, h, w, _) = x_l.shape().dims4()?;
-        let input = nhwc_view(f32_data(x, self.name())?, x_l, self.c, self.name())?;
+        let o = self.spec.o;
+        let input = nhwc_view(f32_data(x, self.name())?, x_l, self.spec.c, self.name())?;
         let weight = contiguous_f32(weight, weight_l, self.name())?;
         let bias = contiguous_f32(bias, bias_l, self.name())?;
-        let g = geometry(self.k, self.c, self.o);
-        let packed = self.cache.get(weight, bias, || {
-            PackedConv2d::from_oihw(g, None, weight, Some(bias)).map_err(candle_core::Error::wrap)
-        })?;
-        let mut out = ff_kernels::zeroed(b * h * w * self.o);
-        ff_kernels::conv2d(
-            &packed,
-            input,
-            input_activation(self.relu),
-            Epilogue::default(),
-            NhwcMut::new(&mut out, [b, h, w, self.o]).map_err(candle_core::Error::wrap)?,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        Ok((CpuStorage::F32(out), Shape::from((b, h, w, self.o))))
+        let mut out = ff_kernels::zeroed(b * h * w * o);
+        let view = NhwcMut::new(&mut out, [b, h, w, o]).map_err(candle_core::Error::wrap)?;
+        self.spec.forward(&self.cache, input, weight, bias, view)?;
+        Ok((CpuStorage::F32(out), Shape::from((b, h, w, o))))
     }
 
     fn bwd(
@@ -205,46 +298,21 @@ impl CustomOp3 for ConvSame {
         // Nothing here needs a graph of its own.
         let (x, weight) = (x.detach(), weight.detach());
         let grad = grad_res.detach().contiguous()?;
-        let grad_x = grad.apply_op3_no_bwd(
-            &weight,
-            &x,
-            &ConvInputGrad {
-                k: self.k,
-                c: self.c,
-                o: self.o,
-                relu: self.relu,
-            },
-        )?;
-        // [O C k k | O]: the weight's gradient, then the bias's.
-        let grads = x.apply_op2_no_bwd(
-            &grad,
-            &ConvWeightGrad {
-                k: self.k,
-                c: self.c,
-                o: self.o,
-                relu: self.relu,
-            },
-        )?;
-        let n_w = self.o * self.c * self.k * self.k;
-        let grad_w = grads
-            .narrow(0, 0, n_w)?
-            .reshape((self.o, self.c, self.k, self.k))?;
-        let grad_b = grads.narrow(0, n_w, self.o)?;
+        let grad_x = grad.apply_op3_no_bwd(&weight, &x, &ConvInputGrad(self.spec))?;
+        let grads = x.apply_op2_no_bwd(&grad, &ConvWeightGrad(self.spec))?;
+        let ConvSpec { k, c, o, .. } = self.spec;
+        let n_w = o * c * k * k;
+        let grad_w = grads.narrow(0, 0, n_w)?.reshape((o, c, k, k))?;
+        let grad_b = grads.narrow(0, n_w, o)?;
         Ok((Some(grad_x), Some(grad_w), Some(grad_b)))
     }
 }
 
-/// The input gradient of [`ConvSame`]: the forward kernel on the flipped,
-/// transposed weights, masked where the ReLU clipped the input. Inputs: the
-/// output gradient `[b, h, w, o]`, the weight `[o, c, k, k]`, the forward
-/// input `x` `[b, h, w, C']`; output `[b, h, w, C']` (0 past the first `c`
-/// channels, which the forward did not read).
-struct ConvInputGrad {
-    k: usize,
-    c: usize,
-    o: usize,
-    relu: bool,
-}
+/// The input gradient of [`ConvSame`] ([`ConvSpec::input_grad`]). Inputs:
+/// the output gradient `[b, h, w, o]`, the weight `[o, c, k, k]`, the
+/// forward input `x` `[b, h, w, C']`; output `[b, h, w, C']` (0 past the
+/// first `c` channels, which the forward did not read).
+struct ConvInputGrad(ConvSpec);
 
 impl CustomOp3 for ConvInputGrad {
     fn name(&self) -> &'static str {
@@ -260,43 +328,23 @@ impl CustomOp3 for ConvInputGrad {
         x: &CpuStorage,
         x_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let spec = self.0;
         let (b, h, w, x_c) = x_l.shape().dims4()?;
-        let gy = nhwc_view(f32_data(grad, self.name())?, grad_l, self.o, self.name())?;
+        let gy = nhwc_view(f32_data(grad, self.name())?, grad_l, spec.o, self.name())?;
         let weight = contiguous_f32(weight, weight_l, self.name())?;
-        let g = geometry(self.k, self.c, self.o);
-        let packed = PackedConv2d::input_gradient_from_oihw(g, None, weight)
-            .map_err(candle_core::Error::wrap)?;
+        let xv = nhwc_view(f32_data(x, self.name())?, x_l, spec.c, self.name())?;
         let mut out = ff_kernels::zeroed(b * h * w * x_c);
-        ff_kernels::conv2d(
-            &packed,
-            gy,
-            Activation::Identity,
-            Epilogue::default(),
-            NhwcMut::strided(&mut out, [b, h, w, self.c], x_c).map_err(candle_core::Error::wrap)?,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        if self.relu {
-            let xv = nhwc_view(f32_data(x, self.name())?, x_l, self.c, self.name())?;
-            ff_kernels::relu_backward(
-                xv,
-                NhwcMut::strided(&mut out, [b, h, w, self.c], x_c)
-                    .map_err(candle_core::Error::wrap)?,
-            )
-            .map_err(candle_core::Error::wrap)?;
-        }
+        let view =
+            NhwcMut::strided(&mut out, [b, h, w, spec.c], x_c).map_err(candle_core::Error::wrap)?;
+        spec.input_grad(gy, weight, xv, view)?;
         Ok((CpuStorage::F32(out), Shape::from((b, h, w, x_c))))
     }
 }
 
-/// The weight and bias gradients of [`ConvSame`]: inputs `x` `[b, h, w, C']`
-/// and the output gradient `[b, h, w, o]`; output the flat
-/// `[o c k k | o]` (weight in PyTorch's layout, then bias).
-struct ConvWeightGrad {
-    k: usize,
-    c: usize,
-    o: usize,
-    relu: bool,
-}
+/// The weight and bias gradients of [`ConvSame`] ([`ConvSpec::weight_grad`]):
+/// inputs `x` `[b, h, w, C']` and the output gradient `[b, h, w, o]`; output
+/// the flat `[o c k k | o]`.
+struct ConvWeightGrad(ConvSpec);
 
 impl CustomOp2 for ConvWeightGrad {
     fn name(&self) -> &'static str {
@@ -310,28 +358,10 @@ impl CustomOp2 for ConvWeightGrad {
         grad: &CpuStorage,
         grad_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let input = nhwc_view(f32_data(x, self.name())?, x_l, self.c, self.name())?;
-        let gy = nhwc_view(f32_data(grad, self.name())?, grad_l, self.o, self.name())?;
-        let (k, c, o) = (self.k, self.c, self.o);
-        let mut rows = vec![0f32; (k * k * c + 1) * o];
-        ff_kernels::conv2d_weight_grad(
-            geometry(k, c, o),
-            input,
-            input_activation(self.relu),
-            gy,
-            &mut rows,
-        )
-        .map_err(candle_core::Error::wrap)?;
-        // Rows (ky k + kx) C + c by columns o -> [o][c][ky][kx], bias last.
-        let mut out = vec![0f32; o * c * k * k + o];
-        for (oo, dst) in out[..o * c * k * k].chunks_exact_mut(c * k * k).enumerate() {
-            for ci in 0..c {
-                for t in 0..k * k {
-                    dst[ci * k * k + t] = rows[(t * c + ci) * o + oo];
-                }
-            }
-        }
-        out[o * c * k * k..].copy_from_slice(&rows[k * k * c * o..]);
+        let spec = self.0;
+        let input = nhwc_view(f32_data(x, self.name())?, x_l, spec.c, self.name())?;
+        let gy = nhwc_view(f32_data(grad, self.name())?, grad_l, spec.o, self.name())?;
+        let out = spec.weight_grad(input, gy)?;
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }

@@ -9,8 +9,9 @@ use candle_nn::VarBuilder;
 use ff_kernels::Activation;
 use rand_chacha::ChaCha8Rng;
 
-use crate::conv::{conv2d_same_nhwc, PackCache};
+use crate::conv::{conv2d_same_nhwc, ConvSpec, PackCache};
 use crate::error::{Error, Result};
+use crate::flow_op::StepSpec;
 use crate::freia::{
     global_scale_init, AFFINE_CLAMPING, GLOBAL_SCALE_FACTOR, SOFTPLUS_BETA, SOFTPLUS_THRESHOLD,
     SUBNET_SCALE,
@@ -424,16 +425,67 @@ impl AllInOneBlock {
         };
         // The first convolution reads only the first C - C/2 channels (x1).
         let a = self.subnet_raw(&x)?; // [b, h, w, 2 c2]
-        let scale = self.global_affine_scale()?.reshape((1, c))?;
-        let affine = Tensor::cat(&[&scale, &self.global_offset.tensor.reshape((1, c))?], 0)?;
+        let (affine, scale_log_det) = self.affine(h * w)?;
         let op = CouplingOp {
             perm: self.permutation.indices().to_vec(),
         };
         // [b, h, w, C + 1]
         let out = x.apply_op3(&a, &affine, op)?;
-        // FrEIA adds n_pixels * sum(log scale) for the global scaling.
-        let scale_log_det = (scale.log()?.sum_all()? * (h * w) as f64)?;
         Ok((out, scale_log_det))
+    }
+
+    /// The global affine as the fused kernels read it, `[2, C]` (scales,
+    /// then offsets), and its log-det on a map of `pixels` pixels: FrEIA
+    /// adds `pixels * sum(log scale)` for the global scaling.
+    fn affine(&self, pixels: usize) -> Result<(Tensor, Tensor)> {
+        let c = self.cfg.channels;
+        let scale = self.global_affine_scale()?.reshape((1, c))?;
+        let affine = Tensor::cat(&[&scale, &self.global_offset.tensor.reshape((1, c))?], 0)?;
+        let log_det = (scale.log()?.sum_all()? * pixels as f64)?;
+        Ok((affine, log_det))
+    }
+
+    /// This step as one part of the whole-flow training op
+    /// ([`crate::flow_op::FlowOp`]) on maps of `pixels` pixels per image: its
+    /// description, its parameters flattened in the op's order, and the
+    /// global scale's log-det.
+    pub(crate) fn training_part(&self, pixels: usize) -> Result<(StepSpec, Vec<Tensor>, Tensor)> {
+        let cfg = self.cfg;
+        let (c1, c2, k, hidden) = (
+            cfg.channels - cfg.channels / 2,
+            cfg.channels / 2,
+            cfg.kernel_size,
+            cfg.hidden_channels,
+        );
+        let spec = StepSpec {
+            conv1: ConvSpec {
+                k,
+                c: c1,
+                o: hidden,
+                relu: false,
+            },
+            conv2: ConvSpec {
+                k,
+                c: hidden,
+                o: 2 * c2,
+                relu: true,
+            },
+            cache1: Arc::clone(&self.conv1_packed),
+            cache2: Arc::clone(&self.conv2_packed),
+            perm: self.permutation.indices().to_vec(),
+        };
+        let (affine, log_det) = self.affine(pixels)?;
+        let params = [
+            &self.conv1_weight.tensor,
+            &self.conv1_bias.tensor,
+            &self.conv2_weight.tensor,
+            &self.conv2_bias.tensor,
+            &affine,
+        ]
+        .into_iter()
+        .map(Tensor::flatten_all)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((spec, params, log_det))
     }
 
     /// conv(k) -> ReLU -> conv(k), "same" zero padding, with bias; the ReLU

@@ -19,6 +19,7 @@ pub mod coupling;
 mod cpu_op;
 pub mod error;
 pub mod flow;
+mod flow_op;
 mod freia;
 mod fused;
 pub mod model;

@@ -169,8 +169,6 @@ pub fn draw_permutations(
         .collect()
 }
 
-/// The trainable part of FastFlow: LayerNorms (CNN features only) and one
-/// flow per scale. Knows nothing about images or backbones: it maps feature
 /// Whether each scale's features pass through a trainable LayerNorm before
 /// its flow: the reference does so for CNN features, not for transformers'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +179,16 @@ pub enum FeatureNorms {
     None,
 }
 
+/// Which forward pass [`FastFlowHead`] runs: inference keeps nothing for a
+/// backward pass, training runs each flow as one op that does.
+#[derive(Debug, Clone, Copy)]
+enum Pass {
+    Inference,
+    Training,
+}
+
+/// The trainable part of FastFlow: LayerNorms (CNN features only) and one
+/// flow per scale. Knows nothing about images or backbones: it maps feature
 /// maps of known shapes to latents.
 #[derive(Debug, Clone)]
 pub struct FastFlowHead {
@@ -380,6 +388,21 @@ impl FastFlowHead {
     /// `features`: one `[b, C_i, h_i, w_i]` per scale -> per scale `z`
     /// `[b, C_i, h_i, w_i]` and log-det `[b]`.
     pub fn forward(&self, features: Vec<Tensor>) -> Result<FlowOutput> {
+        self.run(features, Pass::Inference)
+    }
+
+    /// [`FastFlowHead::forward`] for a training step: the same values, with
+    /// each flow as one op whose backward is written by hand on the CPU
+    /// ([`Flow::forward_for_training`]); it keeps the flows' intermediate
+    /// maps for the backward pass.
+    ///
+    /// # Shapes
+    /// As [`FastFlowHead::forward`].
+    pub fn forward_for_training(&self, features: Vec<Tensor>) -> Result<FlowOutput> {
+        self.run(features, Pass::Training)
+    }
+
+    fn run(&self, features: Vec<Tensor>, pass: Pass) -> Result<FlowOutput> {
         if features.len() != self.flows.len() {
             return Err(Error::InputShape {
                 what: "number of feature maps",
@@ -401,7 +424,10 @@ impl FastFlowHead {
                 Some(norm) => norm.forward(&feature)?,
                 None => feature,
             };
-            self.flows[i].forward(&x)
+            match pass {
+                Pass::Inference => self.flows[i].forward(&x),
+                Pass::Training => self.flows[i].forward_for_training(&x),
+            }
         };
         // The scales are independent: on the CPU they run side by side, so
         // that the small per-step kernels of one scale fill the cores while
@@ -565,6 +591,15 @@ impl FastFlow {
     /// `features`: one `[b, C_i, h_i, w_i]` per scale -> as [`FastFlow::forward`].
     pub fn forward_features(&self, features: Vec<Tensor>) -> Result<FlowOutput> {
         self.head.forward(features)
+    }
+
+    /// [`FastFlow::forward_features`] for a training step (see
+    /// [`FastFlowHead::forward_for_training`]).
+    ///
+    /// # Shapes
+    /// As [`FastFlow::forward_features`].
+    pub fn forward_features_for_training(&self, features: Vec<Tensor>) -> Result<FlowOutput> {
+        self.head.forward_for_training(features)
     }
 
     /// See [`anomaly_map`].

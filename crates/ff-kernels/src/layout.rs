@@ -198,6 +198,16 @@ impl<'a> NhwcMut<'a> {
         self.pixel_stride
     }
 
+    /// The same view for a shorter borrow, so that two passes can write
+    /// through one view in turn.
+    pub fn reborrow(&mut self) -> NhwcMut<'_> {
+        NhwcMut {
+            data: &mut *self.data,
+            dims: self.dims,
+            pixel_stride: self.pixel_stride,
+        }
+    }
+
     pub(crate) fn into_data(self) -> &'a mut [f32] {
         self.data
     }
