@@ -1,7 +1,7 @@
 //! CPU kernels shared by the backbone and the flows: NHWC convolutions with
 //! weights packed once and a fused epilogue, their input and weight gradients,
-//! max-pooling, layer normalisation, and the elementwise coupling of a flow
-//! step.
+//! max-pooling, layer normalisation, the transformers' attention, and the
+//! elementwise coupling of a flow step.
 //!
 //! The API takes and returns plain `f32` slices with explicit shapes; it knows
 //! nothing about candle, images or models. This is the only crate of the
@@ -19,6 +19,7 @@
 
 #[cfg(feature = "mimalloc")]
 pub mod alloc;
+pub mod attention;
 pub mod conv;
 pub mod coupling;
 #[cfg(feature = "cuda")]
@@ -38,6 +39,7 @@ pub mod wgrad;
 mod wgrad_winograd;
 mod winograd;
 
+pub use attention::{attention, AttentionShape};
 pub use conv::{
     conv2d, conv2d_with, Activation, Algorithm, ConvGeometry, Epilogue, NhwcMut, NhwcRef,
     PackedConv2d,

@@ -44,6 +44,31 @@ unsafe fn softmax_row_avx512(row: &mut [f32]) {
     softmax_row(row)
 }
 
+/// `row = softmax(row * scale)` on `isa` (attention logits to weights; the
+/// product rounded first, as a separate scaling op would).
+pub(crate) fn scaled_softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is a detected one, so the CPU has AVX-512F.
+        Isa::Avx512 => unsafe { scaled_softmax_row_avx512(row, scale) },
+        _ => scaled_softmax_row_body(row, scale),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+unsafe fn scaled_softmax_row_avx512(row: &mut [f32], scale: f32) {
+    scaled_softmax_row_body(row, scale)
+}
+
+#[inline(always)]
+fn scaled_softmax_row_body(row: &mut [f32], scale: f32) {
+    for v in row.iter_mut() {
+        *v *= scale;
+    }
+    softmax_row(row)
+}
+
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) {
     // Sixteen partial maxima and sums: vector lanes, and an order that does

@@ -13,8 +13,8 @@ use crate::checked::get_checked;
 use crate::error::Result;
 
 use super::{
-    attention_logits, check_config, check_input, layer_norm, merge_heads, softmax_last_dim,
-    split_heads, tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
+    check_config, check_input, layer_norm, multi_head_attention, tokens_to_map, Linear, Mlp, Norm,
+    PatchEmbed,
 };
 
 /// timm's ViT `Attention`: fused qkv, scaled dot-product softmax, output projection.
@@ -39,9 +39,9 @@ impl Attention {
     /// # Shapes
     /// `x`: [b, n, c] -> [b, n, c].
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.n_heads)?; // [b, h, n, d]
-        let attn = softmax_last_dim(&attention_logits(&q, &k, self.scale)?)?;
-        self.proj.forward(&merge_heads(&attn.matmul(&v)?)?)
+        let qkv = self.qkv.forward(x)?; // [b, n, 3 c]
+        self.proj
+            .forward(&multi_head_attention(&qkv, self.n_heads, self.scale)?)
     }
 }
 

@@ -316,6 +316,69 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::ops::softmax_last_dim(x)
 }
 
+/// timm's multi-head attention from a fused `qkv` projection:
+/// `softmax(q k^T * scale) v` per head, heads merged. On the CPU in f32
+/// (head size a multiple of 16) one ff-kernels pass that never builds the
+/// `[b, heads, n, n]` logits; elsewhere candle's head split, matmuls and
+/// softmax.
+///
+/// # Shapes
+/// `qkv`: [b, n, 3 * c] -> [b, n, c].
+pub(crate) fn multi_head_attention(
+    qkv: &Tensor,
+    n_heads: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (_, _, c3) = qkv.dims3()?;
+    let fused = qkv.device().is_cpu()
+        && qkv.dtype() == DType::F32
+        && Route::current() == Route::Kernels
+        && (c3 / 3 / n_heads.max(1)).is_multiple_of(16);
+    if fused {
+        return qkv
+            .contiguous()?
+            .apply_op1_no_bwd(&AttentionOp { n_heads, scale });
+    }
+    let (q, k, v) = split_heads(qkv, n_heads)?; // [b, h, n, d]
+    let attn = softmax_last_dim(&attention_logits(&q, &k, scale)?)?;
+    merge_heads(&attn.matmul(&v)?)
+}
+
+/// [`multi_head_attention`] on ff-kernels (forward only).
+struct AttentionOp {
+    n_heads: usize,
+    scale: f64,
+}
+
+impl candle_core::CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "ff-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let qkv = contiguous_f32(storage, layout, self.name())?;
+        let (b, n, c3) = layout.shape().dims3()?;
+        let c = c3 / 3;
+        let shape = ff_kernels::AttentionShape {
+            batch: b,
+            tokens: n,
+            heads: self.n_heads,
+            head_dim: c / self.n_heads.max(1),
+        };
+        let mut out = ff_kernels::zeroed(b * n * c);
+        ff_kernels::attention(qkv, shape, self.scale as f32, &mut out)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((b, n, c)),
+        ))
+    }
+}
+
 /// Row-wise operations over the last dimension on ff-kernels (forward only:
 /// the backbone is frozen).
 enum RowOp {
