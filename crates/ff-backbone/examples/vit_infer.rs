@@ -6,13 +6,14 @@
 //!
 //! ```text
 //! cargo run --release -p ff-backbone --example vit_infer -- write cait /tmp/cait_det.safetensors
-//! cargo run --release -p ff-backbone --example vit_infer -- infer cait /tmp/cait_det.safetensors
+//! cargo run --release -p ff-backbone --example vit_infer -- infer cait /tmp/cait_det.safetensors [batch] [repeats]
 //! ```
 //!
 //! `write` stores the closed-form `det_init` weights of every tensor the
 //! extractor asks for, under its timm key (the same keys the hub file has);
 //! `infer` loads them through `WeightSource::File` (the memory-mapped path
-//! the CLI uses for hub and local weights), runs one batch-1 image and prints
+//! the CLI uses for hub and local weights), runs one batch (of `batch` images,
+//! default 1; `repeats` times, default 1, for a steady-state speed) and prints
 //! build and forward seconds with the process's peak and current resident
 //! memory (split into anonymous and file-backed pages) from `/proc/self/status`.
 
@@ -71,7 +72,7 @@ fn write(kind: BackboneKind, path: &Path) -> Result<(), BoxError> {
     Ok(())
 }
 
-fn infer(kind: BackboneKind, path: &Path) -> Result<(), BoxError> {
+fn infer(kind: BackboneKind, path: &Path, batch: usize, repeats: usize) -> Result<(), BoxError> {
     let dev = Device::Cpu;
     println!("start: {}", memory_report());
     let t0 = Instant::now();
@@ -83,33 +84,47 @@ fn infer(kind: BackboneKind, path: &Path) -> Result<(), BoxError> {
         memory_report()
     );
     let side = kind.default_input_size();
-    let values: Vec<f32> = det_uniform("vit_infer.input", 3 * side * side)
+    let values: Vec<f32> = det_uniform("vit_infer.input", batch * 3 * side * side)
         .into_iter()
         .map(|u| (u * 4.0) as f32)
         .collect();
-    let x = Tensor::from_vec(values, (1, 3, side, side), &dev)?;
-    let t1 = Instant::now();
-    let features = backbone.features(&x)?;
-    let mean = features[0].mean_all()?.to_scalar::<f32>()?;
-    println!(
-        "one {side}-px image in {:.2} s, features {:?} (mean {mean:.4}): {}",
-        t1.elapsed().as_secs_f64(),
-        features[0].dims(),
-        memory_report()
-    );
+    let x = Tensor::from_vec(values, (batch, 3, side, side), &dev)?;
+    for _ in 0..repeats {
+        let t1 = Instant::now();
+        let features = backbone.features(&x)?;
+        let mean = features[0].mean_all()?.to_scalar::<f32>()?;
+        let seconds = t1.elapsed().as_secs_f64();
+        println!(
+            "{batch} {side}-px image(s) in {seconds:.2} s ({:.2} img/s), features {:?} (mean {mean:.4}): {}",
+            batch as f64 / seconds,
+            features[0].dims(),
+            memory_report()
+        );
+    }
     Ok(())
 }
 
 fn run() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [step, model, path] = args.as_slice() else {
-        return Err("usage: vit_infer <write|infer> <deit|cait> <file.safetensors>".into());
+    let usage = "usage: vit_infer <write|infer> <deit|cait> <file.safetensors> [batch] [repeats]";
+    let (step, model, path, rest) = match args.as_slice() {
+        [step, model, path, rest @ ..] if rest.len() <= 2 => (step, model, path, rest),
+        _ => return Err(usage.into()),
     };
+    let number = |i: usize| -> Result<usize, BoxError> {
+        rest.get(i)
+            .map_or(Ok(1), |v| {
+                v.parse()
+                    .map_err(|_| format!("not a count: '{v}'; {usage}"))
+            })
+            .map_err(Into::into)
+    };
+    let (batch, repeats) = (number(0)?.max(1), number(1)?.max(1));
     let kind = kind_of(model)?;
     let path = PathBuf::from(path);
     match step.as_str() {
         "write" => write(kind, &path),
-        "infer" => infer(kind, &path),
+        "infer" => infer(kind, &path, batch, repeats),
         other => Err(format!("unknown step '{other}' (expected write or infer)").into()),
     }
 }
