@@ -3,13 +3,15 @@
 //! feature cache is full.
 //!
 //! ```text
-//! cargo run --release -p ff-flow --example flow_train_step -- [config] [batch] [steps] [one-pass]
+//! cargo run --release -p ff-flow --example flow_train_step -- [config] [batch] [steps] [one-pass|graph]
 //! ```
 //!
 //! `config`: resnet18 (default), wide_resnet50_2, deit or cait (the paper's
 //! flow settings and feature shapes of that backbone); `batch`: 32; `steps`:
 //! 10 timed steps after 2 untimed ones; `one-pass`: one backward pass over
-//! the summed loss instead of `loss_and_grads`' one per scale. Prints the median and best step
+//! the summed loss instead of `loss_and_grads`' one per scale, or `graph`:
+//! the flows step by step through candle's autograd instead of the training
+//! op (what `FastFlowHead::forward` builds). Prints the median and best step
 //! time, images per second, and the peak resident memory.
 
 use std::process::ExitCode;
@@ -67,7 +69,11 @@ fn run() -> Result<(), BoxError> {
     let name = args.first().map_or("resnet18", String::as_str);
     let batch: usize = args.get(1).map_or(Ok(32), |s| s.parse())?;
     let steps: usize = args.get(2).map_or(Ok(10), |s| s.parse())?;
-    let one_pass = args.get(3).is_some_and(|s| s == "one-pass");
+    let mode = args.get(3).map_or("", String::as_str);
+    if !matches!(mode, "" | "one-pass" | "graph") {
+        return Err(format!("unknown mode '{mode}' (expected one-pass or graph)").into());
+    }
+    let one_pass = mode == "one-pass";
     let (cfg, shapes, norms) = config(name)?;
     let device = Device::Cpu;
     let varmap = VarMap::new();
@@ -83,7 +89,11 @@ fn run() -> Result<(), BoxError> {
     pool.install(|| -> Result<(), BoxError> {
         for i in 0..steps + 2 {
             let t = Instant::now();
-            let out = head.forward_for_training(features.clone())?;
+            let out = if mode == "graph" {
+                head.forward(features.clone())?
+            } else {
+                head.forward_for_training(features.clone())?
+            };
             let (loss, grads) = if one_pass {
                 let loss = ff_flow::loss(&out)?;
                 let grads = loss.backward()?;
