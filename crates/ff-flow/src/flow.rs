@@ -120,7 +120,7 @@ impl Flow {
 
     /// [`Flow::forward`] for a training step: the same values, and on the
     /// CPU in f32 the whole flow is one op with a hand-written backward
-    /// ([`crate::flow_op`]) that skips autograd's full-size zero-fills and
+    /// (`flow_op.rs`) that skips autograd's full-size zero-fills and
     /// sums between the steps. It keeps every step's intermediate maps until
     /// the backward pass, so inference takes [`Flow::forward`].
     ///
