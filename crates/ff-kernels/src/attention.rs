@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::error::{shape_error, Result};
 use crate::isa::Isa;
-use crate::micro::{for_each_tile, max_blocks, run_tile, Tile, LANES};
+use crate::micro::{write_product, StridedProduct, LANES};
 use crate::rows::scaled_softmax_row;
 
 /// Query rows per parallel task.
@@ -159,53 +159,31 @@ impl Head<'_> {
                 && values.len() == d * n
         );
         let q0 = (r0 * 3 * c) + h * d;
-        for_each_tile(
-            isa,
-            n_pad / LANES,
-            max_blocks(isa),
-            rows,
-            |ob0, obn, p0, pn| {
-                let t = Tile {
-                    // SAFETY: query row r0 + p0 < n of the image (asserted).
-                    src: unsafe { img.as_ptr().add(q0 + p0 * 3 * c) },
-                    row_stride: 0,
-                    pix_stride: 3 * c,
-                    k: 1,
-                    c: d,
-                    // SAFETY: key block ob0 < n_pad / 16 of d 16 values.
-                    weights: unsafe { keys.as_ptr().add(ob0 * d * LANES) },
-                    block_stride: d * LANES,
-                    out_stride: n_pad,
-                };
-                // SAFETY: rows p0 .. p0 + pn read d values each of the image's
-                // queries; blocks ob0 .. ob0 + obn of the packed keys exist; the
-                // logits from p0 n_pad + ob0 16 hold (pn - 1) n_pad + obn 16
-                // values (asserted length); `isa` is the detected one.
-                unsafe { run_tile(isa, pn, obn, &t, &mut logits[p0 * n_pad + ob0 * LANES..]) };
-            },
-        );
+        let queries = StridedProduct {
+            rows: &img[q0..],
+            n_rows: rows,
+            row_stride: 3 * c,
+            depth: d,
+            packed: keys,
+            blocks: n_pad / LANES,
+            block_stride: d * LANES,
+            out_stride: n_pad,
+        };
+        write_product(isa, &queries, logits);
         for row in logits.chunks_exact_mut(n_pad).take(rows) {
             scaled_softmax_row(isa, &mut row[..n], scale);
         }
-        for_each_tile(isa, d / LANES, max_blocks(isa), rows, |ob0, obn, p0, pn| {
-            let t = Tile {
-                // SAFETY: logits row p0 < rows.
-                src: unsafe { logits.as_ptr().add(p0 * n_pad) },
-                row_stride: 0,
-                pix_stride: n_pad,
-                k: 1,
-                c: n,
-                // SAFETY: value block ob0 < d / 16 of n 16 values.
-                weights: unsafe { values.as_ptr().add(ob0 * n * LANES) },
-                block_stride: n * LANES,
-                out_stride: c,
-            };
-            // SAFETY: logits rows p0 .. p0 + pn hold n probabilities each;
-            // value blocks ob0 .. ob0 + obn exist; the output from row p0,
-            // column h d + ob0 16 holds (pn - 1) c + obn 16 values, since
-            // ob0 16 + obn 16 <= d; `isa` is the detected one.
-            unsafe { run_tile(isa, pn, obn, &t, &mut out[p0 * c + h * d + ob0 * LANES..]) };
-        });
+        let weights = StridedProduct {
+            rows: logits,
+            n_rows: rows,
+            row_stride: n_pad,
+            depth: n,
+            packed: values,
+            blocks: d / LANES,
+            block_stride: n * LANES,
+            out_stride: c,
+        };
+        write_product(isa, &weights, &mut out[h * d..]);
     }
 }
 

@@ -316,6 +316,69 @@ pub(crate) fn add_product(
     add_tiles(isa, &p, acc, r0, tile);
 }
 
+/// `out[i out_stride + j 16 ..][..16] = sum_k rows[i row_stride + k]
+/// packed[j block_stride + k 16 ..][..16]` for `n_rows` rows of `depth`
+/// values and `blocks` packed blocks: a product written (not accumulated)
+/// into a strided output, such as one head's columns of a wider matrix.
+///
+/// Panics unless the rows, blocks and output hold those extents.
+pub(crate) fn write_product(isa: Isa, p: &StridedProduct, out: &mut [f32]) {
+    let StridedProduct {
+        rows,
+        n_rows,
+        row_stride,
+        depth,
+        packed,
+        blocks,
+        block_stride,
+        out_stride,
+    } = *p;
+    if n_rows == 0 || blocks == 0 {
+        return;
+    }
+    assert!(
+        isa.is_supported()
+            && row_stride >= depth
+            && rows.len() >= (n_rows - 1) * row_stride + depth
+            && block_stride >= depth * LANES
+            && packed.len() >= (blocks - 1) * block_stride + depth * LANES
+            && out_stride >= blocks * LANES
+            && out.len() >= (n_rows - 1) * out_stride + blocks * LANES
+    );
+    for_each_tile(isa, blocks, max_blocks(isa), n_rows, |ob0, obn, p0, pn| {
+        let t = Tile {
+            // SAFETY: row p0 < n_rows, inside `rows` (asserted).
+            src: unsafe { rows.as_ptr().add(p0 * row_stride) },
+            row_stride: 0,
+            pix_stride: row_stride,
+            k: 1,
+            c: depth,
+            // SAFETY: block ob0 < blocks, inside `packed` (asserted).
+            weights: unsafe { packed.as_ptr().add(ob0 * block_stride) },
+            block_stride,
+            out_stride,
+        };
+        // SAFETY: rows p0 .. p0 + pn and blocks ob0 .. ob0 + obn lie in
+        // their slices, and the output from row p0, block ob0 holds
+        // (pn - 1) out_stride + obn 16 values (all asserted); `isa` is
+        // supported (asserted).
+        unsafe { run_tile(isa, pn, obn, &t, &mut out[p0 * out_stride + ob0 * LANES..]) };
+    });
+}
+
+/// The operands of [`write_product`].
+#[derive(Clone, Copy)]
+pub(crate) struct StridedProduct<'a> {
+    pub rows: &'a [f32],
+    pub n_rows: usize,
+    pub row_stride: usize,
+    pub depth: usize,
+    pub packed: &'a [f32],
+    pub blocks: usize,
+    pub block_stride: usize,
+    pub out_stride: usize,
+}
+
 /// The operands of [`add_product`], their bounds checked.
 struct Product<'a> {
     n_rows: usize,
