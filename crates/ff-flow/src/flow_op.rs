@@ -120,18 +120,13 @@ fn view_mut(data: &mut [f32], dims: [usize; 4]) -> candle_core::Result<NhwcMut<'
     NhwcMut::new(data, dims).map_err(candle_core::Error::wrap)
 }
 
-/// Runs `f` on a CPU tensor's storage and layout, for an op's backward
+/// The CPU storage behind a tensor's storage guard, for an op's backward
 /// (which receives tensors, not storages).
-fn with_host<T>(
-    t: &Tensor,
-    op: &str,
-    f: impl FnOnce(&CpuStorage, &Layout) -> candle_core::Result<T>,
-) -> candle_core::Result<T> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("{op}: the operands must be on the CPU")
-    };
-    f(cpu, layout)
+fn cpu<'a>(storage: &'a Storage, op: &str) -> candle_core::Result<&'a CpuStorage> {
+    match storage {
+        Storage::Cpu(cpu) => Ok(cpu),
+        _ => candle_core::bail!("{op}: the operands must be on the CPU"),
+    }
 }
 
 /// A map's rows: its values from its first pixel, and the pixel stride.
@@ -236,29 +231,18 @@ impl CustomOp2 for FlowOp {
         let want_gx = x.track_op();
         let slots = self.all_slots();
         let mut g_params = vec![0f32; params.elem_count()];
-        let gx = with_host(x, name, |x_s, x_l| {
-            let (x, x_rs) = map_rows(x_s, x_l, name)?;
-            with_host(&params_c, name, |p_s, p_l| {
-                let params = contiguous_f32(p_s, p_l, name)?;
-                with_host(&grad, name, |g_s, g_l| {
-                    let grad = contiguous_f32(g_s, g_l, name)?;
-                    backward_steps(
-                        &self.steps,
-                        &slots,
-                        saved,
-                        Operands {
-                            x,
-                            x_rs,
-                            params,
-                            grad,
-                            dims: [b, h, w, c],
-                        },
-                        want_gx,
-                        &mut g_params,
-                    )
-                })
-            })
-        })?;
+        let (x_storage, x_l) = x.storage_and_layout();
+        let (p_storage, p_l) = params_c.storage_and_layout();
+        let (g_storage, g_l) = grad.storage_and_layout();
+        let (x_data, x_rs) = map_rows(cpu(&x_storage, name)?, x_l, name)?;
+        let ops = Operands {
+            x: x_data,
+            x_rs,
+            params: contiguous_f32(cpu(&p_storage, name)?, p_l, name)?,
+            grad: contiguous_f32(cpu(&g_storage, name)?, g_l, name)?,
+            dims: [b, h, w, c],
+        };
+        let gx = backward_steps(&self.steps, &slots, saved, ops, want_gx, &mut g_params)?;
         let gx = match gx {
             Some(v) => Some(Tensor::from_vec(v, (b, h, w, c), x.device())?),
             None => None,
