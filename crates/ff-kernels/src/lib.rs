@@ -39,7 +39,7 @@ pub mod wgrad;
 mod wgrad_winograd;
 mod winograd;
 
-pub use attention::{attention, AttentionShape};
+pub use attention::{attention, talking_heads_attention, AttentionShape, HeadMix};
 pub use conv::{
     conv2d, conv2d_with, Activation, Algorithm, ConvGeometry, Epilogue, NhwcMut, NhwcRef,
     PackedConv2d,

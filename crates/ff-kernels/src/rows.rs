@@ -27,21 +27,26 @@ pub fn softmax_rows(x: &mut [f32], cols: usize) -> Result<()> {
     x.par_chunks_mut(rows_per_task(cols) * cols)
         .for_each(|chunk| {
             for row in chunk.chunks_exact_mut(cols) {
-                match isa {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `isa` is the detected one, so the CPU has AVX-512F.
-                    Isa::Avx512 => unsafe { softmax_row_avx512(row) },
-                    _ => softmax_row(row),
-                }
+                softmax_row(isa, row);
             }
         });
     Ok(())
 }
 
+/// `row = softmax(row)` on `isa`.
+pub(crate) fn softmax_row(isa: Isa, row: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is a detected one, so the CPU has AVX-512F.
+        Isa::Avx512 => unsafe { softmax_row_avx512(row) },
+        _ => softmax_row_body(row),
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
 unsafe fn softmax_row_avx512(row: &mut [f32]) {
-    softmax_row(row)
+    softmax_row_body(row)
 }
 
 /// `row = softmax(row * scale)` on `isa` (attention logits to weights; the
@@ -66,11 +71,11 @@ fn scaled_softmax_row_body(row: &mut [f32], scale: f32) {
     for v in row.iter_mut() {
         *v *= scale;
     }
-    softmax_row(row)
+    softmax_row_body(row)
 }
 
 #[inline(always)]
-fn softmax_row(row: &mut [f32]) {
+fn softmax_row_body(row: &mut [f32]) {
     // Sixteen partial maxima and sums: vector lanes, and an order that does
     // not depend on the thread.
     let mut m = [f32::NEG_INFINITY; 16];

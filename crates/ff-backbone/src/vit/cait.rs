@@ -5,16 +5,19 @@
 //! never built), blocks 0..40 of 48 and the final norm, reshaped to a
 //! 768-channel map at stride 16.
 
+use std::sync::Arc;
+
 use super::VitConfig;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
+use ff_kernels::Route;
 
 use crate::checked::get_checked;
 use crate::error::Result;
 
 use super::{
-    check_config, check_input, layer_norm, merge_heads, softmax_last_dim, split_heads,
-    tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
+    check_config, check_input, contiguous_f32, layer_norm, merge_heads, softmax_last_dim,
+    split_heads, tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
 };
 
 /// A linear map across the head axis of attention maps (talking heads).
@@ -24,13 +27,30 @@ struct HeadMix {
     weight: Tensor,
     /// [1, heads, 1].
     bias: Tensor,
+    /// The weight and bias as host values for the fused kernel (CPU, f32,
+    /// kernels route; read once when the model loads).
+    host: Option<Arc<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl HeadMix {
     fn new(n_heads: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = get_checked(&vb, (n_heads, n_heads), "weight")?;
+        let bias = get_checked(&vb, n_heads, "bias")?;
+        let host = if weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && Route::current() == Route::Kernels
+        {
+            Some(Arc::new((
+                weight.flatten_all()?.to_vec1::<f32>()?,
+                bias.to_vec1::<f32>()?,
+            )))
+        } else {
+            None
+        };
         Ok(Self {
-            weight: get_checked(&vb, (n_heads, n_heads), "weight")?,
-            bias: get_checked(&vb, n_heads, "bias")?.reshape((1, n_heads, 1))?,
+            weight,
+            bias: bias.reshape((1, n_heads, 1))?,
+            host,
         })
     }
 
@@ -77,8 +97,25 @@ impl TalkingHeadAttn {
     /// # Shapes
     /// `x`: [b, n, c] -> [b, n, c].
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let qkv = self.qkv.forward(x)?;
+        let (_, _, c3) = qkv.dims3()?;
+        if let (Some(before), Some(after)) = (&self.proj_l.host, &self.proj_w.host) {
+            if qkv.device().is_cpu()
+                && qkv.dtype() == DType::F32
+                && (c3 / 3 / self.n_heads.max(1)).is_multiple_of(16)
+            {
+                let op = TalkingHeadsOp {
+                    n_heads: self.n_heads,
+                    scale: self.scale,
+                    before: Arc::clone(before),
+                    after: Arc::clone(after),
+                };
+                let merged = qkv.contiguous()?.apply_op1_no_bwd(&op)?;
+                return self.proj.forward(&merged);
+            }
+        }
         // [b, h, n, d]
-        let (q, k, v) = split_heads(&self.qkv.forward(x)?, self.n_heads)?;
+        let (q, k, v) = split_heads(&qkv, self.n_heads)?;
         // timm scales q before the product (not the logits after it); keep its order.
         let q = (q * self.scale)?;
         let attn = q.matmul(&k.transpose(D::Minus2, D::Minus1)?)?; // [b, h, n, n]
@@ -86,6 +123,57 @@ impl TalkingHeadAttn {
         let attn = softmax_last_dim(&attn)?;
         let attn = self.proj_w.forward(&attn)?;
         self.proj.forward(&merge_heads(&attn.matmul(&v)?)?)
+    }
+}
+
+/// [`TalkingHeadAttn`]'s attention on ff-kernels, from the fused `qkv`
+/// output to the merged heads (forward only: the backbone is frozen).
+struct TalkingHeadsOp {
+    n_heads: usize,
+    scale: f64,
+    before: Arc<(Vec<f32>, Vec<f32>)>,
+    after: Arc<(Vec<f32>, Vec<f32>)>,
+}
+
+impl candle_core::CustomOp1 for TalkingHeadsOp {
+    fn name(&self) -> &'static str {
+        "ff-talking-heads-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let qkv = contiguous_f32(storage, layout, self.name())?;
+        let (b, n, c3) = layout.shape().dims3()?;
+        let c = c3 / 3;
+        let shape = ff_kernels::AttentionShape {
+            batch: b,
+            tokens: n,
+            heads: self.n_heads,
+            head_dim: c / self.n_heads.max(1),
+        };
+        fn mix(m: &(Vec<f32>, Vec<f32>)) -> ff_kernels::HeadMix<'_> {
+            ff_kernels::HeadMix {
+                weight: &m.0,
+                bias: &m.1,
+            }
+        }
+        let mut out = ff_kernels::zeroed(b * n * c);
+        ff_kernels::talking_heads_attention(
+            qkv,
+            shape,
+            self.scale as f32,
+            mix(&self.before),
+            mix(&self.after),
+            &mut out,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((b, n, c)),
+        ))
     }
 }
 
