@@ -6,7 +6,8 @@ use rayon::prelude::*;
 use crate::conv::{Activation, PackedConv2d};
 use crate::error::{shape_error, Result};
 use crate::isa::Isa;
-use crate::micro::{for_each_tile, max_blocks, product_scratch_len, run_tile, Tile, LANES};
+use crate::layout::store_lanes;
+use crate::micro::{max_blocks, product_scratch_len, run_tile, tiles, Tile, LANES};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 48;
@@ -116,7 +117,9 @@ fn rows(job: &Rows, r0: usize, dst: &mut [f32], tile: &mut [f32]) {
     let rows = dst.len() / o;
     assert!(x.len() >= (r0 + rows) * c && tile.len() >= product_scratch_len(isa));
     let blocks = o.div_ceil(LANES);
-    for_each_tile(isa, blocks, max_blocks(isa), rows, |ob0, obn, p0, pn| {
+    // A loop, not a closure, so the epilogue compiles with this function's
+    // target features.
+    for (ob0, obn, p0, pn) in tiles(isa, blocks, max_blocks(isa), rows) {
         let t = Tile {
             // SAFETY: row r0 + p0 < x.len() / c (asserted).
             src: unsafe { x.as_ptr().add((r0 + p0) * c) },
@@ -142,14 +145,15 @@ fn rows(job: &Rows, r0: usize, dst: &mut [f32], tile: &mut [f32]) {
                 epilogue(activation, acc, &bias[o0..o0 + LANES], d);
             }
         }
-    });
+    }
 }
 
 /// `out = act(acc + bias)` for one block (`acc`, `bias`: 16 values; `out`:
 /// the block's real lanes), as one vector pass.
 #[inline(always)]
 fn epilogue(act: Activation, acc: &[f32], bias: &[f32], out: &mut [f32]) {
+    // Sliced to 16 so that the sum's index checks fold away.
+    let (acc, bias) = (&acc[..LANES], &bias[..LANES]);
     let v = act.apply_block(std::array::from_fn(|l| acc[l] + bias[l]));
-    let n = out.len();
-    out.copy_from_slice(&v[..n]);
+    store_lanes(&v, out);
 }

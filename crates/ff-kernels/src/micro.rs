@@ -47,11 +47,7 @@ pub(crate) fn max_pixels(isa: Isa, ob: usize) -> usize {
     }
 }
 
-/// Calls `f(ob0, obn, p0, pn)` for every tile covering `blocks` blocks of 16
-/// output channels (at most `ob_max`, taken 4, 2 or 1 at a time) by `n`
-/// pixels (at most [`max_pixels`] for that block count at a time), blocks
-/// outermost, so one block group's weights serve all its pixel tiles while
-/// they are in cache.
+/// Calls `f(ob0, obn, p0, pn)` for every tile of [`tiles`].
 pub(crate) fn for_each_tile(
     isa: Isa,
     blocks: usize,
@@ -59,25 +55,47 @@ pub(crate) fn for_each_tile(
     n: usize,
     mut f: impl FnMut(usize, usize, usize, usize),
 ) {
-    let mut ob0 = 0;
-    while ob0 < blocks {
-        let left = (blocks - ob0).min(ob_max);
-        let obn = if left >= 4 {
-            4
-        } else if left >= 2 {
-            2
-        } else {
-            1
-        };
-        let pmax = max_pixels(isa, obn);
-        let mut p0 = 0;
-        while p0 < n {
-            let pn = pmax.min(n - p0);
-            f(ob0, obn, p0, pn);
-            p0 += pn;
-        }
-        ob0 += obn;
+    for (ob0, obn, p0, pn) in tiles(isa, blocks, ob_max, n) {
+        f(ob0, obn, p0, pn);
     }
+}
+
+/// The tiles `(ob0, obn, p0, pn)` covering `blocks` blocks of 16 output
+/// channels (at most `ob_max`, taken 4, 2 or 1 at a time) by `n` pixels (at
+/// most [`max_pixels`] for that block count at a time), blocks outermost, so
+/// one block group's weights serve all its pixel tiles while they are in
+/// cache.
+///
+/// A loop over this iterator keeps its body in the calling function, so
+/// the body compiles with that function's target features: a closure
+/// passed to [`for_each_tile`] was outlined and ran the linear layers' GELU
+/// epilogue 4 lanes wide (4% of a CaiT forward).
+#[inline(always)]
+pub(crate) fn tiles(
+    isa: Isa,
+    blocks: usize,
+    ob_max: usize,
+    n: usize,
+) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let group = move |ob0: usize| match (blocks - ob0).min(ob_max) {
+        4.. => 4,
+        2 | 3 => 2,
+        _ => 1,
+    };
+    let (mut ob0, mut p0) = (0, 0);
+    std::iter::from_fn(move || {
+        if ob0 >= blocks || n == 0 {
+            return None;
+        }
+        let obn = group(ob0);
+        let pn = max_pixels(isa, obn).min(n - p0);
+        let tile = (ob0, obn, p0, pn);
+        p0 += pn;
+        if p0 == n {
+            (ob0, p0) = (ob0 + obn, 0);
+        }
+        Some(tile)
+    })
 }
 
 /// The largest block count of a tile on `isa`.
