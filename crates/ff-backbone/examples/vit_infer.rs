@@ -130,6 +130,8 @@ fn run() -> Result<(), BoxError> {
 }
 
 fn main() -> ExitCode {
+    // As `fastflow` does: freed buffers stay mapped for the next layer.
+    ff_kernels::alloc::retain_freed_memory();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
