@@ -384,31 +384,86 @@ pub fn conv2d_with(
                     // obn exist; `tile` holds pmax obn 16 values; `isa`
                     // was checked above.
                     unsafe { run_tile(isa, pn, obn, &t, tile) };
-                    store_tile(
-                        conv, tile, pn, obn, ob0, &epilogue, b, oy, ox0, orow, out_ps,
-                    );
+                    let at = TileAt {
+                        pn,
+                        obn,
+                        ob0,
+                        b,
+                        oy,
+                        ox0,
+                        out_ps,
+                    };
+                    store_tile(isa, conv, tile, &at, &epilogue, orow);
                 });
             },
         );
     Ok(())
 }
 
-/// Bias, residual and activation on one tile, stored into the output row.
-#[allow(clippy::too_many_arguments)]
-#[inline(never)]
-fn store_tile(
-    conv: &PackedConv2d,
-    tile: &[f32],
+/// Where [`store_tile`] writes one tile: the tile's pixels and blocks and
+/// the output row they belong to.
+struct TileAt {
     pn: usize,
     obn: usize,
     ob0: usize,
-    epilogue: &Epilogue,
     b: usize,
     oy: usize,
     ox0: usize,
-    orow: &mut [f32],
     out_ps: usize,
+}
+
+/// Bias, residual and activation on one tile, stored into the output row,
+/// 16 lanes wide where the CPU has AVX-512 (the closure that calls this is
+/// compiled for the base target).
+fn store_tile(
+    isa: Isa,
+    conv: &PackedConv2d,
+    tile: &[f32],
+    at: &TileAt,
+    epilogue: &Epilogue,
+    orow: &mut [f32],
 ) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is supported (checked by conv2d_with), so AVX-512F is present.
+        Isa::Avx512 => unsafe { store_tile_avx512(conv, tile, at, epilogue, orow) },
+        _ => store_tile_body(conv, tile, at, epilogue, orow),
+    }
+}
+
+/// [`store_tile_body`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_tile_avx512(
+    conv: &PackedConv2d,
+    tile: &[f32],
+    at: &TileAt,
+    epilogue: &Epilogue,
+    orow: &mut [f32],
+) {
+    store_tile_body(conv, tile, at, epilogue, orow)
+}
+
+#[inline(always)]
+fn store_tile_body(
+    conv: &PackedConv2d,
+    tile: &[f32],
+    at: &TileAt,
+    epilogue: &Epilogue,
+    orow: &mut [f32],
+) {
+    let &TileAt {
+        pn,
+        obn,
+        ob0,
+        b,
+        oy,
+        ox0,
+        out_ps,
+    } = at;
     let o = conv.geometry.out_channels;
     for i in 0..pn {
         let res = epilogue.residual.map(|r| r.pixel_at(b, oy, ox0 + i));

@@ -325,13 +325,15 @@ pub(crate) fn add_product(
         block_stride,
         o,
     };
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2Fma {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is supported (asserted), so AVX-512F is present.
+        Isa::Avx512 => unsafe { add_tiles_avx512(isa, &p, acc, r0, tile) },
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (asserted), so AVX2 and FMA are present.
-        unsafe { add_tiles_avx2(isa, &p, acc, r0, tile) };
-        return;
+        Isa::Avx2Fma => unsafe { add_tiles_avx2(isa, &p, acc, r0, tile) },
+        _ => add_tiles(isa, &p, acc, r0, tile),
     }
-    add_tiles(isa, &p, acc, r0, tile);
 }
 
 /// `out[i out_stride + j 16 ..][..16] = sum_k rows[i row_stride + k]
@@ -420,6 +422,16 @@ unsafe fn add_tiles_avx2(isa: Isa, p: &Product, acc: &mut [f32], r0: usize, tile
     add_tiles(isa, p, acc, r0, tile);
 }
 
+/// [`add_tiles`] compiled for AVX-512 (16-lane adds).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_tiles_avx512(isa: Isa, p: &Product, acc: &mut [f32], r0: usize, tile: &mut [f32]) {
+    add_tiles(isa, p, acc, r0, tile);
+}
+
 /// The body of [`add_product`].
 #[inline(always)]
 fn add_tiles(isa: Isa, p: &Product, acc: &mut [f32], r0: usize, tile: &mut [f32]) {
@@ -427,7 +439,8 @@ fn add_tiles(isa: Isa, p: &Product, acc: &mut [f32], r0: usize, tile: &mut [f32]
     let (packed, block_stride, o) = (p.packed, p.block_stride, p.o);
     let blocks = o.div_ceil(LANES);
     let ob_max = max_blocks(isa);
-    for_each_tile(isa, blocks, ob_max, n_rows, |ob0, obn, p0, pn| {
+    // A loop, not a closure, so the adds compile with the wrapper's features.
+    for (ob0, obn, p0, pn) in tiles(isa, blocks, ob_max, n_rows) {
         let t = Tile {
             // SAFETY: p0 < n_rows, inside `rows` (asserted).
             src: unsafe { rows.as_ptr().add(p0 * row_stride) },
@@ -445,7 +458,7 @@ fn add_tiles(isa: Isa, p: &Product, acc: &mut [f32], r0: usize, tile: &mut [f32]
         // pmax obn 16 values; `isa` is supported (asserted).
         unsafe { run_tile(isa, pn, obn, &t, tile) };
         add_tile(acc, o, tile, r0 + p0, pn, ob0, obn);
-    });
+    }
 }
 
 /// The scratch [`add_product`] needs on `isa`: its largest tile.

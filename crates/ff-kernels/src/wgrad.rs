@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use crate::conv::{Activation, Algorithm, ConvGeometry, NhwcRef};
 use crate::error::{shape_error, Result};
 use crate::isa::Isa;
+use crate::layout::{load_lanes, store_lanes};
 use crate::micro::{add_product, product_scratch_len, LANES};
 use crate::wgrad_winograd;
 use crate::winograd;
@@ -284,16 +285,20 @@ fn weight_grad_stride1(
     let group_tasks = crate::layout::plane_groups(&mut planes, c, plane_len);
     debug_assert_eq!(group_tasks.len(), n * c.div_ceil(LANES));
     group_tasks.into_par_iter().for_each(|(b, gi, chunk)| {
-        let c0 = gi * LANES;
-        let cn = LANES.min(c - c0);
-        for y in 0..h {
-            let row0 = (y + p) * wp + p;
-            for x in 0..w {
-                let px = &input.pixel_at(b, y, x)[c0..c0 + cn];
-                for (j, &v) in px.iter().enumerate() {
-                    chunk[j * plane_len + row0 + x] = act.apply(v);
-                }
-            }
+        let job = PlaneRows {
+            input,
+            act,
+            b,
+            c0: gi * LANES,
+            p,
+            wp,
+            plane_len,
+        };
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is supported (checked by the caller), so AVX-512F is present.
+            Isa::Avx512 => unsafe { fill_plane_rows_avx512(&job, chunk) },
+            _ => fill_plane_rows(&job, chunk),
         }
     });
     let gps = grad_out.pixel_stride();
@@ -308,8 +313,9 @@ fn weight_grad_stride1(
             for y in 0..oh {
                 for x in 0..ow {
                     let px = (b * oh + y) * ow + x;
-                    let src = &grad[px * gps + blk * LANES..px * gps + blk * LANES + lanes];
-                    dst[(y * wp + x) * LANES..(y * wp + x) * LANES + lanes].copy_from_slice(src);
+                    // A whole block is one fixed-size copy, not a memcpy call.
+                    let v = load_lanes(&grad[px * gps + blk * LANES..], lanes);
+                    store_lanes(&v, &mut dst[(y * wp + x) * LANES..][..lanes]);
                 }
             }
         });
@@ -368,6 +374,63 @@ fn weight_grad_stride1(
     for px in 0..n * oh * ow {
         for (d, v) in bias.iter_mut().zip(&grad[px * gps..px * gps + o]) {
             *d += v;
+        }
+    }
+}
+/// One task of [`weight_grad_stride1`]'s plane fill: image `b`'s channels
+/// `c0 .. c0 + 16` (fewer at the end) as padded planes.
+struct PlaneRows<'a> {
+    input: &'a NhwcRef<'a>,
+    act: Activation,
+    b: usize,
+    c0: usize,
+    p: usize,
+    wp: usize,
+    plane_len: usize,
+}
+
+/// [`fill_plane_rows`] compiled for AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fill_plane_rows_avx512(job: &PlaneRows, chunk: &mut [f32]) {
+    fill_plane_rows(job, chunk);
+}
+
+/// Writes the task's planes into `chunk` (`[16][plane_len]`), 16 pixels of a
+/// row at a time: their channels read pixel by pixel into a block (one
+/// vector each, activation applied), then each channel's run stored at once.
+/// (Pixel by pixel, one scalar store per channel, this fill was 3% of a
+/// DeiT flow training step.)
+#[inline(always)]
+fn fill_plane_rows(job: &PlaneRows, chunk: &mut [f32]) {
+    let &PlaneRows {
+        input,
+        act,
+        b,
+        c0,
+        p,
+        wp,
+        plane_len,
+    } = job;
+    let [_, h, w, c] = input.dims();
+    let cn = LANES.min(c - c0);
+    let mut block = [[0f32; LANES]; LANES];
+    for y in 0..h {
+        let row0 = (y + p) * wp + p;
+        let mut x0 = 0;
+        while x0 < w {
+            let nx = LANES.min(w - x0);
+            for (x, px) in block.iter_mut().enumerate().take(nx) {
+                *px = act.apply_block(load_lanes(&input.pixel_at(b, y, x0 + x)[c0..], cn));
+            }
+            for j in 0..cn {
+                let run: [f32; LANES] = std::array::from_fn(|x| block[x][j]);
+                store_lanes(&run, &mut chunk[j * plane_len + row0 + x0..][..nx]);
+            }
+            x0 += nx;
         }
     }
 }
