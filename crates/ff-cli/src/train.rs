@@ -376,43 +376,56 @@ impl<'a> Session<'a> {
         if epoch == self.start_epoch {
             progress = progress.first_of_process();
         }
-        // Images are loaded only while some of their features are missing.
-        let mut images = (!cached).then(|| self.loader.epoch(epoch));
+        // Without a cache every batch's images come from the loader's
+        // background thread; with one, only the images whose features are
+        // missing are loaded, batch by batch (a cache-filling epoch used to
+        // load every image of a batch that lacked any).
+        let mut images = (self.caches.is_none()).then(|| self.loader.epoch(epoch));
         for (i, indices) in batches.iter().enumerate() {
-            // In an epoch that loads images, every batch takes its images
-            // from the loader, cached or not, so the two stay in step.
             let loaded = match images.as_mut() {
                 Some(it) => {
-                    let wait = Instant::now();
                     let batch = it
                         .next()
                         .context("the loader ended before its last batch")?
                         .context("cannot load a training batch")?;
-                    if self.caches.is_some() {
-                        // Waiting for images is work cached epochs skip.
-                        progress.add_once_seconds(wait.elapsed().as_secs_f64());
-                    }
                     Some(batch)
                 }
                 None => None,
             };
             let features = match (self.caches.as_mut(), loaded) {
                 (Some(c), _) if c.train.has_all(indices) => c.train.load(indices, &plan.device)?,
-                // Only the images without features go through the backbone;
-                // the batch is then read back whole from the cache (features
-                // do not depend on which images share a batch).
-                (Some(c), Some(batch)) => {
-                    let missing = c.train.missing(indices);
-                    let seconds =
-                        c.train
-                            .fill(&self.engine, &batch, indices, &missing, &plan.device)?;
+                // Only the images without features are loaded and go through
+                // the backbone; the batch is then read back whole from the
+                // cache (features do not depend on which images share a
+                // batch).
+                (Some(c), _) => {
+                    let wait = Instant::now();
+                    let ids: Vec<usize> = c
+                        .train
+                        .missing(indices)
+                        .iter()
+                        .map(|&k| indices[k])
+                        .collect();
+                    let batch = self.loader.load(&ids, epoch).with_context(|| {
+                        format!(
+                            "cannot load a training batch (batch {} of epoch {})",
+                            i + 1,
+                            epoch + 1
+                        )
+                    })?;
+                    // Loading images is work cached epochs skip, like the backbone.
+                    progress.add_once_seconds(wait.elapsed().as_secs_f64());
+                    let all: Vec<usize> = (0..ids.len()).collect();
+                    let seconds = c
+                        .train
+                        .fill(&self.engine, &batch, &ids, &all, &plan.device)?;
                     progress.add_once_seconds(seconds);
                     c.train.load(indices, &plan.device)?
                 }
                 (None, Some(batch)) => self
                     .engine
                     .features(&images_tensor(&batch, &plan.device)?)?,
-                (_, None) => bail!(
+                (None, None) => bail!(
                     "batch {} of epoch {} has neither cached features nor images",
                     i + 1,
                     epoch + 1

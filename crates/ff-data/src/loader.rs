@@ -173,6 +173,15 @@ impl Loader {
         self.shared.cfg.augment.is_some()
     }
 
+    /// The samples `indices` as one batch, exactly as [`Loader::epoch`] would
+    /// yield them in `epoch` (same preprocessing and, when on, the same
+    /// augmentation draw), loaded in parallel on the caller's thread. Lets a
+    /// feature cache load only the images whose features it lacks.
+    pub fn load(&self, indices: &[usize], epoch: usize) -> Result<Batch, Error> {
+        self.shared.preprocess.check()?;
+        self.shared.batch(indices, epoch)
+    }
+
     /// The batches of one epoch. The first error ends the epoch after it is
     /// yielded. Dropping the iterator stops the background thread.
     pub fn epoch(&self, epoch: usize) -> EpochIter {

@@ -237,3 +237,30 @@ fn dropping_an_epoch_early_stops_the_prefetch_thread() {
     }
     assert_eq!(loader.epoch(0).count(), 10);
 }
+
+#[test]
+fn loading_chosen_samples_matches_the_epochs_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = synth_split(dir.path(), 7);
+    let mut cfg = LoaderConfig::new(4);
+    cfg.shuffle_seed = Some(11);
+    cfg.augment = Some(AugmentConfig::standard(2));
+    let loader = Loader::new(split.train, Preprocess::imagenet(16), cfg);
+    let epoch = 3;
+    let order = loader.batch_indices(epoch);
+    let batch = loader.epoch(epoch).next().unwrap().unwrap();
+    // The whole first batch, and a subset of it in another order: sample by
+    // sample the same values as the epoch's batch (augmentation included).
+    let whole = loader.load(&order[0], epoch).unwrap();
+    assert_eq!(whole, batch);
+    let picked = [order[0][2], order[0][0]];
+    let part = loader.load(&picked, epoch).unwrap();
+    let per_image = 3 * 16 * 16;
+    assert_eq!(part.n, 2);
+    assert_eq!(
+        part.images[..per_image],
+        batch.images[2 * per_image..3 * per_image]
+    );
+    assert_eq!(part.images[per_image..], batch.images[..per_image]);
+    assert_eq!(part.paths, [batch.paths[2].clone(), batch.paths[0].clone()]);
+}
