@@ -384,7 +384,10 @@ pub fn conv2d_with(
                     // obn exist; `tile` holds pmax obn 16 values; `isa`
                     // was checked above.
                     unsafe { run_tile(isa, pn, obn, &t, tile) };
-                    let at = TileAt {
+                    let at = TileStore {
+                        conv,
+                        tile,
+                        epilogue: &epilogue,
                         pn,
                         obn,
                         ob0,
@@ -393,16 +396,19 @@ pub fn conv2d_with(
                         ox0,
                         out_ps,
                     };
-                    store_tile(isa, conv, tile, &at, &epilogue, orow);
+                    store_tile(isa, &at, orow);
                 });
             },
         );
     Ok(())
 }
 
-/// Where [`store_tile`] writes one tile: the tile's pixels and blocks and
-/// the output row they belong to.
-struct TileAt {
+/// One computed tile and where [`store_tile`] writes it: the tile's pixels
+/// and blocks, the output row they belong to and the fused epilogue.
+struct TileStore<'a> {
+    conv: &'a PackedConv2d,
+    tile: &'a [f32],
+    epilogue: &'a Epilogue<'a>,
     pn: usize,
     obn: usize,
     ob0: usize,
@@ -415,19 +421,12 @@ struct TileAt {
 /// Bias, residual and activation on one tile, stored into the output row,
 /// 16 lanes wide where the CPU has AVX-512 (the closure that calls this is
 /// compiled for the base target).
-fn store_tile(
-    isa: Isa,
-    conv: &PackedConv2d,
-    tile: &[f32],
-    at: &TileAt,
-    epilogue: &Epilogue,
-    orow: &mut [f32],
-) {
+fn store_tile(isa: Isa, t: &TileStore, orow: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (checked by conv2d_with), so AVX-512F is present.
-        Isa::Avx512 => unsafe { store_tile_avx512(conv, tile, at, epilogue, orow) },
-        _ => store_tile_body(conv, tile, at, epilogue, orow),
+        Isa::Avx512 => unsafe { store_tile_avx512(t, orow) },
+        _ => store_tile_body(t, orow),
     }
 }
 
@@ -437,25 +436,16 @@ fn store_tile(
 /// The CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn store_tile_avx512(
-    conv: &PackedConv2d,
-    tile: &[f32],
-    at: &TileAt,
-    epilogue: &Epilogue,
-    orow: &mut [f32],
-) {
-    store_tile_body(conv, tile, at, epilogue, orow)
+unsafe fn store_tile_avx512(t: &TileStore, orow: &mut [f32]) {
+    store_tile_body(t, orow)
 }
 
 #[inline(always)]
-fn store_tile_body(
-    conv: &PackedConv2d,
-    tile: &[f32],
-    at: &TileAt,
-    epilogue: &Epilogue,
-    orow: &mut [f32],
-) {
-    let &TileAt {
+fn store_tile_body(t: &TileStore, orow: &mut [f32]) {
+    let &TileStore {
+        conv,
+        tile,
+        epilogue,
         pn,
         obn,
         ob0,
@@ -463,7 +453,7 @@ fn store_tile_body(
         oy,
         ox0,
         out_ps,
-    } = at;
+    } = t;
     let o = conv.geometry.out_channels;
     for i in 0..pn {
         let res = epilogue.residual.map(|r| r.pixel_at(b, oy, ox0 + i));

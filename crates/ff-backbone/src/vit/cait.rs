@@ -16,7 +16,7 @@ use crate::checked::get_checked;
 use crate::error::Result;
 
 use super::{
-    check_config, check_input, contiguous_f32, layer_norm, merge_heads, softmax_last_dim,
+    attention_cpu_fwd, check_config, check_input, layer_norm, merge_heads, softmax_last_dim,
     split_heads, tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
 };
 
@@ -145,35 +145,28 @@ impl candle_core::CustomOp1 for TalkingHeadsOp {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let qkv = contiguous_f32(storage, layout, self.name())?;
-        let (b, n, c3) = layout.shape().dims3()?;
-        let c = c3 / 3;
-        let shape = ff_kernels::AttentionShape {
-            batch: b,
-            tokens: n,
-            heads: self.n_heads,
-            head_dim: c / self.n_heads.max(1),
-        };
         fn mix(m: &(Vec<f32>, Vec<f32>)) -> ff_kernels::HeadMix<'_> {
             ff_kernels::HeadMix {
                 weight: &m.0,
                 bias: &m.1,
             }
         }
-        let mut out = ff_kernels::zeroed(b * n * c);
-        ff_kernels::talking_heads_attention(
-            qkv,
-            shape,
-            self.scale as f32,
-            mix(&self.before),
-            mix(&self.after),
-            &mut out,
+        attention_cpu_fwd(
+            self.name(),
+            storage,
+            layout,
+            self.n_heads,
+            |qkv, shape, out| {
+                ff_kernels::talking_heads_attention(
+                    qkv,
+                    shape,
+                    self.scale as f32,
+                    mix(&self.before),
+                    mix(&self.after),
+                    out,
+                )
+            },
         )
-        .map_err(candle_core::Error::wrap)?;
-        Ok((
-            candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from((b, n, c)),
-        ))
     }
 }
 

@@ -360,23 +360,40 @@ impl candle_core::CustomOp1 for AttentionOp {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let qkv = contiguous_f32(storage, layout, self.name())?;
-        let (b, n, c3) = layout.shape().dims3()?;
-        let c = c3 / 3;
-        let shape = ff_kernels::AttentionShape {
-            batch: b,
-            tokens: n,
-            heads: self.n_heads,
-            head_dim: c / self.n_heads.max(1),
-        };
-        let mut out = ff_kernels::zeroed(b * n * c);
-        ff_kernels::attention(qkv, shape, self.scale as f32, &mut out)
-            .map_err(candle_core::Error::wrap)?;
-        Ok((
-            candle_core::CpuStorage::F32(out),
-            candle_core::Shape::from((b, n, c)),
-        ))
+        attention_cpu_fwd(
+            self.name(),
+            storage,
+            layout,
+            self.n_heads,
+            |qkv, shape, out| ff_kernels::attention(qkv, shape, self.scale as f32, out),
+        )
     }
+}
+
+/// The forward of an attention op on ff-kernels: the fused `qkv` output
+/// `[b, n, 3 c]` in, the merged heads `[b, n, c]` out, computed by `kernel`.
+pub(crate) fn attention_cpu_fwd(
+    name: &str,
+    storage: &candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+    n_heads: usize,
+    kernel: impl FnOnce(&[f32], ff_kernels::AttentionShape, &mut [f32]) -> ff_kernels::Result<()>,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let qkv = contiguous_f32(storage, layout, name)?;
+    let (b, n, c3) = layout.shape().dims3()?;
+    let c = c3 / 3;
+    let shape = ff_kernels::AttentionShape {
+        batch: b,
+        tokens: n,
+        heads: n_heads,
+        head_dim: c / n_heads.max(1),
+    };
+    let mut out = ff_kernels::zeroed(b * n * c);
+    kernel(qkv, shape, &mut out).map_err(candle_core::Error::wrap)?;
+    Ok((
+        candle_core::CpuStorage::F32(out),
+        candle_core::Shape::from((b, n, c)),
+    ))
 }
 
 /// Row-wise operations over the last dimension on ff-kernels (forward only:
