@@ -407,41 +407,16 @@ mod tests {
             .collect()
     }
 
-    /// The same attention in f64, head by head, from the definition.
+    /// Plain attention in f64 from the definition: the talking-heads one
+    /// with identity mixes (scaling the queries or the logits is the same
+    /// in f64, far below the tolerance).
     fn naive(qkv: &[f32], s: AttentionShape, scale: f64) -> Vec<f64> {
-        let AttentionShape {
-            batch: b,
-            tokens: n,
-            heads,
-            head_dim: d,
-        } = s;
-        let c = heads * d;
-        let at = |bi: usize, j: usize, part: usize, h: usize, dd: usize| {
-            f64::from(qkv[((bi * n + j) * 3 + part) * c + h * d + dd])
-        };
-        let mut out = vec![0f64; b * n * c];
-        for bi in 0..b {
-            for h in 0..heads {
-                for i in 0..n {
-                    let logits: Vec<f64> = (0..n)
-                        .map(|j| {
-                            (0..d)
-                                .map(|dd| at(bi, i, 0, h, dd) * at(bi, j, 1, h, dd))
-                                .sum::<f64>()
-                                * scale
-                        })
-                        .collect();
-                    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
-                    let sum: f64 = e.iter().sum();
-                    for dd in 0..d {
-                        out[(bi * n + i) * c + h * d + dd] =
-                            (0..n).map(|j| e[j] / sum * at(bi, j, 2, h, dd)).sum();
-                    }
-                }
-            }
-        }
-        out
+        let h = s.heads;
+        let identity: Vec<f32> = (0..h * h)
+            .map(|i| if i / h == i % h { 1.0 } else { 0.0 })
+            .collect();
+        let zero = vec![0f32; h];
+        naive_talking(qkv, s, scale, (&identity, &zero), (&identity, &zero))
     }
 
     /// Runs `run(shape, qkv, scale) -> (kernel output, f64 definition)` for

@@ -442,27 +442,16 @@ unsafe fn store_tile_avx512(t: &TileStore, orow: &mut [f32]) {
 
 #[inline(always)]
 fn store_tile_body(t: &TileStore, orow: &mut [f32]) {
-    let &TileStore {
-        conv,
-        tile,
-        epilogue,
-        pn,
-        obn,
-        ob0,
-        b,
-        oy,
-        ox0,
-        out_ps,
-    } = t;
+    let (conv, tile, epilogue) = (t.conv, t.tile, t.epilogue);
     let o = conv.geometry.out_channels;
-    for i in 0..pn {
-        let res = epilogue.residual.map(|r| r.pixel_at(b, oy, ox0 + i));
-        for j in 0..obn {
-            let o0 = (ob0 + j) * LANES;
+    for i in 0..t.pn {
+        let res = epilogue.residual.map(|r| r.pixel_at(t.b, t.oy, t.ox0 + i));
+        for j in 0..t.obn {
+            let o0 = (t.ob0 + j) * LANES;
             let lanes = LANES.min(o - o0);
-            let acc = &tile[(i * obn + j) * LANES..][..lanes];
+            let acc = &tile[(i * t.obn + j) * LANES..][..lanes];
             let bias = &conv.bias[o0..o0 + lanes];
-            let dst = &mut orow[(ox0 + i) * out_ps + o0..][..lanes];
+            let dst = &mut orow[(t.ox0 + i) * t.out_ps + o0..][..lanes];
             match res {
                 Some(r) => {
                     let r = &r[o0..o0 + lanes];
