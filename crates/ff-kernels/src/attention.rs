@@ -560,34 +560,6 @@ mod tests {
     }
 
     #[test]
-    fn talking_heads_with_a_wrong_mix_is_an_error() {
-        let s = AttentionShape {
-            batch: 1,
-            tokens: 4,
-            heads: 2,
-            head_dim: 16,
-        };
-        let qkv = vec![0f32; 4 * 3 * 32];
-        let mut out = vec![0f32; 4 * 32];
-        let w = [0f32; 4];
-        let mix = HeadMix {
-            weight: &w,
-            bias: &w[..2],
-        };
-        let bad = HeadMix {
-            weight: &w[..3],
-            bias: &w[..2],
-        };
-        let err = talking_heads_attention(&qkv, s, 1.0, mix, bad, &mut out)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("talking heads after") && err.contains("[2, 2]"),
-            "{err}"
-        );
-    }
-
-    #[test]
     fn bad_shapes_are_errors() {
         let s = AttentionShape {
             batch: 1,
@@ -602,5 +574,23 @@ mod tests {
         let s = AttentionShape { head_dim: 16, ..s };
         let err = attention(&qkv, s, 1.0, &mut out).unwrap_err().to_string();
         assert!(err.contains("[1, 4, 3, 2, 16]"), "{err}");
+        // Talking heads whose second mix is not [heads, heads].
+        let (qkv, mut out) = (vec![0f32; 4 * 3 * 32], vec![0f32; 4 * 32]);
+        let w = [0f32; 4];
+        let mix = HeadMix {
+            weight: &w,
+            bias: &w[..2],
+        };
+        let bad = HeadMix {
+            weight: &w[..3],
+            ..mix
+        };
+        let err = talking_heads_attention(&qkv, s, 1.0, mix, bad, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("talking heads after") && err.contains("[2, 2]"),
+            "{err}"
+        );
     }
 }
