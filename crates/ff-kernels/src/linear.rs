@@ -120,18 +120,14 @@ fn rows(job: &Rows, r0: usize, dst: &mut [f32], tile: &mut [f32]) {
     // A loop, not a closure, so the epilogue compiles with this function's
     // target features.
     for (ob0, obn, p0, pn) in tiles(isa, blocks, max_blocks(isa), rows) {
-        let t = Tile {
-            // SAFETY: row r0 + p0 < x.len() / c (asserted).
-            src: unsafe { x.as_ptr().add((r0 + p0) * c) },
-            row_stride: 0,
-            pix_stride: c,
-            k: 1,
+        let t = Tile::rows(
+            &x[(r0 + p0) * c..],
             c,
-            // SAFETY: ob0 < blocks blocks of c 16 values.
-            weights: unsafe { weights.as_ptr().add(ob0 * c * LANES) },
-            block_stride: c * LANES,
-            out_stride: obn * LANES,
-        };
+            c,
+            &weights[ob0 * c * LANES..],
+            c * LANES,
+            obn * LANES,
+        );
         // SAFETY: rows r0 + p0 .. + pn of x hold c values each (asserted);
         // blocks ob0 .. ob0 + obn hold c 16 packed weights; `tile` holds
         // pmax obn 16 values (asserted); `isa` is the detected one.

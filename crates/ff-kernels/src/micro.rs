@@ -31,6 +31,34 @@ pub(crate) struct Tile {
     pub out_stride: usize,
 }
 
+impl Tile {
+    /// A 1x1 tile of a matrix product: pixels are the rows of `rows`
+    /// (`pix_stride` apart, `depth` values each, from its start), blocks the
+    /// packed columns of `packed` (`block_stride` apart, from its start).
+    /// Taking the operands as slices at the tile's first row and block keeps
+    /// the offsets bounds-checked; [`run_tile`]'s caller still vouches for
+    /// the extents the tile reads past them.
+    pub(crate) fn rows(
+        rows: &[f32],
+        pix_stride: usize,
+        depth: usize,
+        packed: &[f32],
+        block_stride: usize,
+        out_stride: usize,
+    ) -> Tile {
+        Tile {
+            src: rows.as_ptr(),
+            row_stride: 0,
+            pix_stride,
+            k: 1,
+            c: depth,
+            weights: packed.as_ptr(),
+            block_stride,
+            out_stride,
+        }
+    }
+}
+
 /// The largest pixel count of a tile with `ob` blocks on `isa`, chosen so the
 /// accumulators fit in the vector registers. On AVX2 a tile is 6 pixels by
 /// one block: 12 ymm accumulators, 2 for the weights and 1 broadcast, the
@@ -366,18 +394,14 @@ pub(crate) fn write_product(isa: Isa, p: &StridedProduct, out: &mut [f32]) {
             && out.len() >= (n_rows - 1) * out_stride + blocks * LANES
     );
     for_each_tile(isa, blocks, max_blocks(isa), n_rows, |ob0, obn, p0, pn| {
-        let t = Tile {
-            // SAFETY: row p0 < n_rows, inside `rows` (asserted).
-            src: unsafe { rows.as_ptr().add(p0 * row_stride) },
-            row_stride: 0,
-            pix_stride: row_stride,
-            k: 1,
-            c: depth,
-            // SAFETY: block ob0 < blocks, inside `packed` (asserted).
-            weights: unsafe { packed.as_ptr().add(ob0 * block_stride) },
+        let t = Tile::rows(
+            &rows[p0 * row_stride..],
+            row_stride,
+            depth,
+            &packed[ob0 * block_stride..],
             block_stride,
             out_stride,
-        };
+        );
         // SAFETY: rows p0 .. p0 + pn and blocks ob0 .. ob0 + obn lie in
         // their slices, and the output from row p0, block ob0 holds
         // (pn - 1) out_stride + obn 16 values (all asserted); `isa` is
@@ -441,18 +465,14 @@ fn add_tiles(isa: Isa, p: &Product, acc: &mut [f32], r0: usize, tile: &mut [f32]
     let ob_max = max_blocks(isa);
     // A loop, not a closure, so the adds compile with the wrapper's features.
     for (ob0, obn, p0, pn) in tiles(isa, blocks, ob_max, n_rows) {
-        let t = Tile {
-            // SAFETY: p0 < n_rows, inside `rows` (asserted).
-            src: unsafe { rows.as_ptr().add(p0 * row_stride) },
-            row_stride: 0,
-            pix_stride: row_stride,
-            k: 1,
-            c: len,
-            // SAFETY: ob0 < blocks, inside `packed` (asserted).
-            weights: unsafe { packed.as_ptr().add(ob0 * block_stride) },
+        let t = Tile::rows(
+            &rows[p0 * row_stride..],
+            row_stride,
+            len,
+            &packed[ob0 * block_stride..],
             block_stride,
-            out_stride: obn * LANES,
-        };
+            obn * LANES,
+        );
         // SAFETY: rows p0 .. p0 + pn hold len values each and blocks ob0 ..
         // ob0 + obn hold len 16 values each (asserted bounds); `tile` holds
         // pmax obn 16 values; `isa` is supported (asserted).

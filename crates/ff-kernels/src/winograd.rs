@@ -160,18 +160,14 @@ pub(crate) fn conv2d(
                 let uxi = &u[xi * blocks * c * LANES..(xi + 1) * blocks * c * LANES];
                 let m = &mut buf.m[xi * tiles * blocks * LANES..(xi + 1) * tiles * blocks * LANES];
                 for_each_tile(isa, blocks, ob_max, tiles, |ob0, obn, t0, pn| {
-                    let t = Tile {
-                        // SAFETY: t0 < tiles, so the offset is inside v.
-                        src: unsafe { v.as_ptr().add(t0 * c) },
-                        row_stride: 0,
-                        pix_stride: c,
-                        k: 1,
+                    let t = Tile::rows(
+                        &v[t0 * c..],
                         c,
-                        // SAFETY: ob0 < blocks, so the offset is inside u[xi].
-                        weights: unsafe { uxi.as_ptr().add(ob0 * c * LANES) },
-                        block_stride: c * LANES,
-                        out_stride: blocks * LANES,
-                    };
+                        c,
+                        &uxi[ob0 * c * LANES..],
+                        c * LANES,
+                        blocks * LANES,
+                    );
                     // SAFETY: tiles t0 .. t0 + pn of v hold c values
                     // each; blocks ob0 .. ob0 + obn of u[xi] hold
                     // c 16 values each; m from (t0 blocks + ob0) 16
