@@ -99,9 +99,10 @@ fn main() {
             padding: 1,
         };
         println!(
-            "error vs f64, {name}: direct {:.2e}, winograd {:.2e} (max abs error / max abs output)",
+            "error vs f64, {name}: direct {:.2e}, winograd {:.2e}, winograd 4x4 {:.2e} (max abs error / max abs output)",
             relative_error(g, Algorithm::Direct, h),
-            relative_error(g, Algorithm::Winograd, h)
+            relative_error(g, Algorithm::Winograd, h),
+            relative_error(g, Algorithm::Winograd4x4, h)
         );
     }
     println!("isa: {}", Isa::detect().name());
@@ -115,7 +116,11 @@ fn main() {
             padding: 1,
         };
         let rows = vec![0.01f32; (9 * c + 1) * o];
-        for algorithm in [Algorithm::Direct, Algorithm::Winograd] {
+        for algorithm in [
+            Algorithm::Direct,
+            Algorithm::Winograd,
+            Algorithm::Winograd4x4,
+        ] {
             let t = Instant::now();
             for _ in 0..10 {
                 let p = PackedConv2d::from_rows(g, Some(algorithm), &rows).unwrap();
@@ -139,8 +144,17 @@ fn main() {
         ("flow0 3x3 32->64", 32, 64, 3, 1, 64),
         ("flow1 3x3 64->128", 64, 128, 3, 1, 32),
         ("flow2 3x3 128->256", 128, 256, 3, 1, 16),
+        ("flow0 3x3 64->32 (dx)", 64, 32, 3, 1, 64),
+        ("flow1 3x3 64->64", 64, 64, 3, 1, 32),
+        ("flow1 3x3 128->64 (dx)", 128, 64, 3, 1, 32),
+        ("flow2 3x3 128->128", 128, 128, 3, 1, 16),
+        ("flow2 3x3 256->128 (dx)", 256, 128, 3, 1, 16),
         ("deit flow 3x3 384->61", 384, 61, 3, 1, 24),
         ("deit flow 3x3 61->768", 61, 768, 3, 1, 24),
+        ("deit flow 3x3 61->384 (dx)", 61, 384, 3, 1, 24),
+        ("deit flow 3x3 768->61 (dx)", 768, 61, 3, 1, 24),
+        ("cait flow 3x3 384->61", 384, 61, 3, 1, 28),
+        ("cait flow 3x3 61->768", 61, 768, 3, 1, 28),
     ];
     for (name, c, o, k, s, h) in layers {
         if !name.contains(filter.as_str()) {
@@ -169,6 +183,8 @@ fn main() {
         let best = forward(&packed);
         let wino = PackedConv2d::from_oihw(g, Some(Algorithm::Winograd), &wt, None)
             .map_or(f64::NAN, |p| forward(&p));
+        let wino4 = PackedConv2d::from_oihw(g, Some(Algorithm::Winograd4x4), &wt, None)
+            .map_or(f64::NAN, |p| forward(&p));
         // The weight gradient is only measured where the flows need it.
         let wgrad = |algorithm: Algorithm| {
             if s != 1 || (algorithm == Algorithm::Winograd && k != 3) {
@@ -193,11 +209,13 @@ fn main() {
         let wdirect = wgrad(Algorithm::Direct);
         let wwino = wgrad(Algorithm::Winograd);
         println!(
-            "{name:22} direct {:6.2} ms {:6.1} GFLOP/s | winograd {:6.2} ms ({:4.2}x) | wgrad {:6.2} ms {:6.1} GFLOP/s, winograd {:6.2} ms ({:4.2}x)",
+            "{name:22} direct {:6.2} ms {:6.1} GFLOP/s | winograd {:6.2} ms ({:4.2}x) | 4x4 {:6.2} ms ({:4.2}x) | wgrad {:6.2} ms {:6.1} GFLOP/s, winograd {:6.2} ms ({:4.2}x)",
             best * 1e3,
             flop / best / 1e9,
             wino * 1e3,
             best / wino,
+            wino4 * 1e3,
+            best / wino4,
             wdirect * 1e3,
             flop / wdirect / 1e9,
             wwino * 1e3,

@@ -24,6 +24,21 @@ pub enum Algorithm {
     Direct,
     /// Winograd F(2x2, 3x3) (3x3, stride 1, padding 1 only).
     Winograd,
+    /// Winograd F(4x4, 3x3) (3x3, stride 1, padding 1 only): 4x fewer
+    /// multiply-adds than direct instead of 2.25x, for a few times the fp32
+    /// rounding error of F(2x2, 3x3).
+    Winograd4x4,
+}
+
+impl Algorithm {
+    /// The Winograd variant this algorithm is, if it is one.
+    pub(crate) fn winograd(self) -> Option<winograd::Variant> {
+        match self {
+            Algorithm::Direct => None,
+            Algorithm::Winograd => Some(winograd::Variant::F2),
+            Algorithm::Winograd4x4 => Some(winograd::Variant::F4),
+        }
+    }
 }
 
 /// Convolution weights packed for the micro-kernel: `[O/16][k][k][C][16]`
@@ -35,8 +50,9 @@ pub struct PackedConv2d {
     blocks: usize,
     weights: Vec<f32>,
     bias: Vec<f32>,
-    /// `U = G g G^T` as `[16][O/16][C][16]`, when Winograd is chosen.
-    winograd: Option<Vec<f32>>,
+    /// The Winograd variant and its `U = G g G^T` as
+    /// `[planes][O/16][C][16]`, when Winograd is chosen.
+    winograd: Option<(winograd::Variant, Vec<f32>)>,
 }
 
 /// Whether Winograd is the default where it applies: yes, unless
@@ -48,21 +64,30 @@ pub(crate) fn winograd_by_default() -> bool {
     )
 }
 
+/// Whether the default may pick F(4x4, 3x3): yes, unless
+/// `FASTFLOW_WINOGRAD=2x2` (F(2x2, 3x3) only, its smaller rounding error
+/// and the speeds before F(4x4, 3x3)).
+fn four_by_four_by_default() -> bool {
+    std::env::var("FASTFLOW_WINOGRAD").as_deref() != Ok("2x2")
+}
+
 impl PackedConv2d {
     /// Packs `weight(o, c, ky, kx)` and `bias(o)` for `algorithm`; `None`
     /// picks Winograd where it applies (3x3, stride 1, padding 1) and pays
-    /// off (any input channel count on AVX-512, at least 48 on AVX2, 64 on
-    /// the portable build) unless `FASTFLOW_WINOGRAD=off`, else the direct
-    /// convolution. Asking for Winograd where it does not apply is an error.
+    /// off (F(2x2, 3x3) for any input channel count on AVX-512 and from 64
+    /// on the portable build; F(4x4, 3x3) from 32 on AVX2) unless
+    /// `FASTFLOW_WINOGRAD=off` (direct only) or `=2x2` (F(2x2, 3x3) in
+    /// place of F(4x4, 3x3)), else the direct convolution. Asking for
+    /// Winograd where it does not apply is an error.
     pub fn from_fn(
         geometry: ConvGeometry,
         algorithm: Option<Algorithm>,
-        weight: impl Fn(usize, usize, usize, usize) -> f32,
+        weight: impl Fn(usize, usize, usize, usize) -> f32 + Sync,
         bias: impl Fn(usize) -> f32,
     ) -> Result<Self> {
         geometry.check()?;
         let algorithm = match algorithm {
-            Some(Algorithm::Winograd) if !winograd::applies(&geometry) => {
+            Some(a) if a.winograd().is_some() && !winograd::applies(&geometry) => {
                 return Err(shape_error(
                     "Winograd convolution",
                     "kernel 3, stride 1, padding 1",
@@ -70,8 +95,13 @@ impl PackedConv2d {
                 ))
             }
             Some(a) => a,
-            None if winograd::pays_off(&geometry) && winograd_by_default() => Algorithm::Winograd,
-            None => Algorithm::Direct,
+            None => match winograd::choose(&geometry, four_by_four_by_default())
+                .filter(|_| winograd_by_default())
+            {
+                Some(winograd::Variant::F2) => Algorithm::Winograd,
+                Some(winograd::Variant::F4) => Algorithm::Winograd4x4,
+                None => Algorithm::Direct,
+            },
         };
         let ConvGeometry {
             in_channels: c,
@@ -103,8 +133,9 @@ impl PackedConv2d {
         for (oo, v) in b.iter_mut().enumerate().take(o) {
             *v = bias(oo);
         }
-        let winograd =
-            (algorithm == Algorithm::Winograd).then(|| winograd::pack(&geometry, &weight));
+        let winograd = algorithm
+            .winograd()
+            .map(|variant| (variant, winograd::pack(&geometry, variant, &weight)));
         Ok(Self {
             geometry,
             blocks,
@@ -127,10 +158,10 @@ impl PackedConv2d {
 
     /// The algorithm [`conv2d`] will use.
     pub fn algorithm(&self) -> Algorithm {
-        if self.winograd.is_some() {
-            Algorithm::Winograd
-        } else {
-            Algorithm::Direct
+        match &self.winograd {
+            Some((winograd::Variant::F2, _)) => Algorithm::Winograd,
+            Some((winograd::Variant::F4, _)) => Algorithm::Winograd4x4,
+            None => Algorithm::Direct,
         }
     }
 
@@ -329,9 +360,10 @@ pub fn conv2d_with(
     if n * oh * ow == 0 {
         return Ok(());
     }
-    if let Some(u) = &conv.winograd {
+    if let Some((variant, u)) = &conv.winograd {
         winograd::conv2d(
             isa,
+            *variant,
             &g,
             u,
             &conv.bias,

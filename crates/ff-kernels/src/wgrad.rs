@@ -49,11 +49,13 @@ pub fn conv2d_weight_grad(
 /// [supported](Isa::is_supported); an unsupported one falls back to the
 /// portable kernels) with `algorithm`: `None`
 /// picks Winograd F(2x2, 3x3) where it applies (3x3, stride 1, padding 1)
-/// and `isa` is AVX-512 or AVX2 (conv_bench, flow layers, batch 8: 1.35-1.6x
-/// faster than the direct weight gradient on AVX-512; 1.1-1.35x on AVX2,
-/// a tie at 384 -> 61; the portable build was not measured faster), unless
+/// and pays off: on AVX-512 (conv_bench, flow layers, batch 8: 1.35-1.6x
+/// faster than the direct weight gradient), and on AVX2 where the output
+/// has more channels than the input (1.1-1.45x there, 0.7-0.94x elsewhere;
+/// the portable build was not measured faster), unless
 /// `FASTFLOW_WINOGRAD=off`;
-/// else the direct weight gradient. Winograd needs 2.25x fewer multiply-adds;
+/// else the direct weight gradient. Either Winograd algorithm asks for the
+/// F(2x2, 3x3) weight gradient. Winograd needs 2.25x fewer multiply-adds;
 /// its sums differ from the direct ones by rounding only (the tests bound
 /// both against a float64 reference).
 ///
@@ -78,18 +80,28 @@ pub fn conv2d_weight_grad_with(
         Isa::Portable
     };
     let winograd = match algorithm {
-        Some(Algorithm::Winograd) if !winograd::applies(&geometry) => {
+        Some(a) if a.winograd().is_some() && !winograd::applies(&geometry) => {
             return Err(shape_error(
                 "Winograd weight gradient",
                 "kernel 3, stride 1, padding 1",
                 format!("{geometry:?}"),
             ))
         }
-        Some(a) => a == Algorithm::Winograd,
+        // Both Winograd algorithms run the F(2x2, 3x3) weight gradient.
+        Some(a) => a.winograd().is_some(),
         None => {
-            winograd::applies(&geometry)
-                && matches!(isa, Isa::Avx512 | Isa::Avx2Fma)
-                && crate::conv::winograd_by_default()
+            let pays_off = match isa {
+                Isa::Avx512 => true,
+                // conv_bench on Zen 3, batch 8, every flow shape: Winograd
+                // wins where the output has more channels than the input
+                // (1.1-1.45x) and loses where it has as many or fewer
+                // (384 -> 61 0.69x, 768 -> 61 0.83x, 128 -> 128 0.80x,
+                // 256 -> 128 0.86x, 64 -> 32 0.94x; 64 -> 64 1.16x is the
+                // one win it gives away).
+                Isa::Avx2Fma => geometry.out_channels > geometry.in_channels,
+                Isa::Portable => false,
+            };
+            winograd::applies(&geometry) && pays_off && crate::conv::winograd_by_default()
         }
     };
     let ConvGeometry {

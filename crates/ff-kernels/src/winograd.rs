@@ -11,6 +11,11 @@
 //! outputs with `Y = A^T M A`, where bias, residual and activation are
 //! applied. The transforms' coefficients are 0, +-1/2 and +-1, so the fp32
 //! error stays at the level of a direct convolution's (measured in the tests).
+//!
+//! F(4x4, 3x3) ([`Variant::F4`]) works the same way on 4x4 output tiles and
+//! 6x6 input windows: 36 products per tile instead of 144, 4x fewer
+//! multiply-adds than direct, for transforms with coefficients up to 8 (its
+//! fp32 error is a few times F(2x2)'s, still well inside the tests' bounds).
 
 use rayon::prelude::*;
 
@@ -20,83 +25,159 @@ use crate::layout::{
 };
 use crate::micro::{for_each_tile, max_blocks, run_tile, Tile, LANES};
 
-/// Whether a convolution is one Winograd F(2x2, 3x3) covers.
+/// The Winograd tile: F(2x2, 3x3) or F(4x4, 3x3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Variant {
+    /// 2x2 output tiles from 4x4 input windows (16 products).
+    F2,
+    /// 4x4 output tiles from 6x6 input windows (36 products).
+    F4,
+}
+
+impl Variant {
+    /// The side of an output tile.
+    pub(crate) const fn m(self) -> usize {
+        match self {
+            Variant::F2 => 2,
+            Variant::F4 => 4,
+        }
+    }
+
+    /// The side of an input window.
+    const fn alpha(self) -> usize {
+        self.m() + 2
+    }
+
+    /// The number of transformed planes (independent products).
+    pub(crate) const fn planes(self) -> usize {
+        self.alpha() * self.alpha()
+    }
+
+    /// The weight transform `G` (`alpha x 3`), exact in f64.
+    fn g(self) -> &'static [[f64; 3]] {
+        match self {
+            Variant::F2 => &[
+                [1.0, 0.0, 0.0],
+                [0.5, 0.5, 0.5],
+                [0.5, -0.5, 0.5],
+                [0.0, 0.0, 1.0],
+            ],
+            Variant::F4 => &[
+                [0.25, 0.0, 0.0],
+                [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+                [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+                [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+                [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+                [0.0, 0.0, 1.0],
+            ],
+        }
+    }
+}
+
+/// Whether a convolution is one Winograd covers (3x3, stride 1, padding 1).
 pub(crate) fn applies(g: &ConvGeometry) -> bool {
     g.kernel == 3 && g.stride == 1 && g.padding == 1
 }
 
-/// Whether Winograd is the faster choice for `g`. With the AVX-512
-/// transforms it wins on every 3x3/1 layer measured (conv_bench, batch 8,
-/// best of 15: 32 -> 32 channels 1.2x over the direct kernel, 32 -> 64 1.4x,
-/// 64 -> 64 1.4x, 64 -> 128 1.7x, 128 -> 256 1.7x, 256 -> 256 1.7x). On AVX2
-/// (the transforms compiled for it, 6x16 micro-kernel tiles; Zen 3, best of
-/// 3 runs) it wins from 61 input channels up (61 -> 768 1.9x, 64 -> 128
-/// 1.4x, 128 -> 256 1.55x, 384 -> 61 1.7x) and ties at 32 (1.03-1.08x), so
-/// there it needs at least 48; the portable build, whose transforms the
-/// compiler vectorises for the base target, at least 64.
-pub(crate) fn pays_off(g: &ConvGeometry) -> bool {
-    let min_channels = match Isa::detect() {
-        Isa::Avx512 => 0,
-        Isa::Avx2Fma => 48,
-        Isa::Portable => 64,
-    };
-    applies(g) && g.in_channels >= min_channels
+/// The Winograd variant that is the faster choice for `g`, if any.
+///
+/// F(2x2, 3x3): with the AVX-512 transforms it wins on every 3x3/1 layer
+/// measured (conv_bench, batch 8, best of 15: 32 -> 32 channels 1.2x over
+/// the direct kernel, 32 -> 64 1.4x, 64 -> 64 1.4x, 64 -> 128 1.7x,
+/// 128 -> 256 1.7x, 256 -> 256 1.7x). On AVX2 (the transforms compiled for
+/// it, 6x16 micro-kernel tiles; Zen 3, best of 3 runs) it wins from 61
+/// input channels up (61 -> 768 1.9x, 64 -> 128 1.4x, 128 -> 256 1.55x,
+/// 384 -> 61 1.7x) and ties at 32 (1.03-1.08x), so there it needs at least
+/// 48; the portable build, whose transforms the compiler vectorises for the
+/// base target, at least 64.
+///
+/// F(4x4, 3x3) (AVX2; Zen 3, conv_bench batch 8, every flow layer shape
+/// of resnet18, DeiT and CaiT, forward and input gradient): faster than
+/// F(2x2, 3x3) on every one, 1.07-2.73x over the direct kernel against
+/// 0.94-2.30x, from 32 input channels up (32 -> 32 1.21x, 32 -> 64 1.37x,
+/// 128 -> 256 2.73x, 384 -> 61 1.71x, 61 -> 768 1.90x, 768 -> 61 1.20x).
+/// On AVX-512 and the portable build it has not been measured against
+/// F(2x2, 3x3), so those keep F(2x2, 3x3); `four_by_four: false` keeps it
+/// everywhere.
+pub(crate) fn choose(g: &ConvGeometry, four_by_four: bool) -> Option<Variant> {
+    if !applies(g) {
+        return None;
+    }
+    let c = g.in_channels;
+    match Isa::detect() {
+        Isa::Avx512 => Some(Variant::F2),
+        Isa::Avx2Fma if four_by_four && c >= 32 => Some(Variant::F4),
+        Isa::Avx2Fma if c >= 48 => Some(Variant::F2),
+        Isa::Portable if c >= 64 => Some(Variant::F2),
+        _ => None,
+    }
 }
 
-/// The transformed weights `U = G g G^T`, packed `[16][O/16][C][16]`.
+/// The transformed weights `U = G g G^T` of `variant`, packed
+/// `[planes][O/16][C][16]`, computed in f64 and rounded once.
 pub(crate) fn pack(
     g: &ConvGeometry,
-    weight: &impl Fn(usize, usize, usize, usize) -> f32,
+    variant: Variant,
+    weight: &(impl Fn(usize, usize, usize, usize) -> f32 + Sync),
 ) -> Vec<f32> {
     let (c, o) = (g.in_channels, g.out_channels);
+    let gm = variant.g();
+    let a = variant.alpha();
     let blocks = o.div_ceil(LANES);
     let plane = blocks * c * LANES;
-    let mut out = vec![0f32; 16 * plane];
-    // 16 output channels at a time, so that each line below is one vector
-    // operation and each of the 16 planes gets one contiguous store.
-    for blk in 0..blocks {
-        let lanes = LANES.min(o - blk * LANES);
-        for ci in 0..c {
-            let mut w = [[[0f32; LANES]; 3]; 3];
-            for (ky, row) in w.iter_mut().enumerate() {
-                for (kx, v) in row.iter_mut().enumerate() {
+    // The weights of each block of 16 output channels, `[blocks][C][9][16]`,
+    // gathered once (the closure's layout may put the 16 lanes far apart),
+    // one task per block.
+    let mut w = vec![0f32; plane * 9];
+    w.par_chunks_mut(c * 9 * LANES)
+        .enumerate()
+        .for_each(|(blk, wb)| {
+            let lanes = LANES.min(o - blk * LANES);
+            for (ci, wc) in wb.chunks_exact_mut(9 * LANES).enumerate() {
+                for (tap, v) in wc.chunks_exact_mut(LANES).enumerate() {
                     for (l, x) in v.iter_mut().enumerate().take(lanes) {
-                        *x = weight(blk * LANES + l, ci, ky, kx);
+                        *x = weight(blk * LANES + l, ci, tap / 3, tap % 3);
                     }
                 }
             }
-            let mut u = [[0f32; LANES]; 16];
-            for l in 0..LANES {
-                // G g: [4][3], then (G g) G^T: [4][4].
-                let mut gg = [[0f32; 3]; 4];
-                for kx in 0..3 {
-                    let (a, b, cc) = (w[0][kx][l], w[1][kx][l], w[2][kx][l]);
-                    gg[0][kx] = a;
-                    gg[1][kx] = 0.5 * (a + b + cc);
-                    gg[2][kx] = 0.5 * (a - b + cc);
-                    gg[3][kx] = cc;
+        });
+    let mut out = vec![0f32; variant.planes() * plane];
+    // One task per row i of G (the planes i alpha .. i alpha + alpha, one
+    // contiguous run), 16 output channels at a time so that the lane loops
+    // vectorise and each plane gets one contiguous store.
+    out.par_chunks_mut(a * plane)
+        .zip(gm)
+        .for_each(|(planes_i, gi)| {
+            for (bc, wc) in w.chunks_exact(9 * LANES).enumerate() {
+                let taps: [V16; 9] = std::array::from_fn(|t| load_lanes(&wc[t * LANES..], LANES));
+                // (G g)[i]: [3][16].
+                let mut gg = [[0f64; LANES]; 3];
+                for (kx, v) in gg.iter_mut().enumerate() {
+                    let (t0, t1, t2) = (&taps[kx], &taps[3 + kx], &taps[6 + kx]);
+                    for l in 0..LANES {
+                        v[l] = gi[0] * f64::from(t0[l])
+                            + gi[1] * f64::from(t1[l])
+                            + gi[2] * f64::from(t2[l]);
+                    }
                 }
-                for (i, r) in gg.iter().enumerate() {
-                    let (a, b, cc) = (r[0], r[1], r[2]);
-                    u[i * 4][l] = a;
-                    u[i * 4 + 1][l] = 0.5 * (a + b + cc);
-                    u[i * 4 + 2][l] = 0.5 * (a - b + cc);
-                    u[i * 4 + 3][l] = cc;
+                for (j, gj) in gm.iter().enumerate() {
+                    let mut u = [0f32; LANES];
+                    for (l, x) in u.iter_mut().enumerate() {
+                        *x = (gj[0] * gg[0][l] + gj[1] * gg[1][l] + gj[2] * gg[2][l]) as f32;
+                    }
+                    planes_i[j * plane + bc * LANES..][..LANES].copy_from_slice(&u);
                 }
             }
-            let at = (blk * c + ci) * LANES;
-            for (xi, v) in u.iter().enumerate() {
-                out[xi * plane + at..xi * plane + at + LANES].copy_from_slice(v);
-            }
-        }
-    }
+        });
     out
 }
 
-/// The convolution through Winograd; shapes were checked by the caller.
+/// The convolution through Winograd `variant` with its packed weights `u`;
+/// shapes were checked by the caller.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d(
     isa: Isa,
+    variant: Variant,
     g: &ConvGeometry,
     u: &[f32],
     bias: &[f32],
@@ -108,54 +189,67 @@ pub(crate) fn conv2d(
     let [n, h, w, c] = input.dims();
     let o = g.out_channels;
     let (oh, ow) = (h, w);
+    let (side, planes) = (variant.m(), variant.planes());
     let blocks = o.div_ceil(LANES);
-    let tiles = ow.div_ceil(2);
-    let tile_rows = oh.div_ceil(2);
-    let wp = 2 * tiles + 2;
+    let tiles = ow.div_ceil(side);
+    let tile_rows = oh.div_ceil(side);
+    let wp = side * tiles + 2;
     let ob_max = max_blocks(isa);
     let out_ps = out.pixel_stride();
     let row_len = ow * out_ps;
     let image_len = oh * row_len;
     let data = out.into_data();
-    // One task per row of tiles (two output rows) of one image; collected
+    // One task per row of tiles (`side` output rows) of one image; collected
     // first so that the parallel loop is a plain indexed one.
     let mut tasks = Vec::with_capacity(n * tile_rows);
     for (b, image) in data.chunks_mut(image_len).take(n).enumerate() {
-        for (ty, rows) in image.chunks_mut(2 * row_len).take(tile_rows).enumerate() {
+        for (ty, rows) in image.chunks_mut(side * row_len).take(tile_rows).enumerate() {
             tasks.push((b, ty, rows));
         }
     }
     tasks.into_par_iter().for_each_init(
         || Buffers {
             window: Vec::new(),
-            v: vec![0f32; 16 * tiles * c],
-            m: vec![0f32; 16 * tiles * blocks * LANES],
+            v: vec![0f32; planes * tiles * c],
+            m: vec![0f32; planes * tiles * blocks * LANES],
         },
         |buf, (b, ty, rows)| {
             gather_window(
                 input,
                 input_activation,
                 b,
-                2 * ty,
-                4,
+                side * ty,
+                variant.alpha(),
                 1,
                 wp,
                 &mut buf.window,
             );
-            match isa {
+            let (window, v) = (&buf.window, &mut buf.v);
+            match (variant, isa) {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is supported (checked by conv2d_with).
-                Isa::Avx512 => unsafe {
-                    input_transform_avx512(&buf.window, wp, c, tiles, &mut buf.v)
+                (Variant::F2, Isa::Avx512) => unsafe {
+                    input_transform_avx512(window, wp, c, tiles, v)
                 },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is supported (checked by conv2d_with).
-                Isa::Avx2Fma => unsafe {
-                    input_transform_avx2(&buf.window, wp, c, tiles, &mut buf.v)
+                (Variant::F2, Isa::Avx2Fma) => unsafe {
+                    input_transform_avx2(window, wp, c, tiles, v)
                 },
-                _ => input_transform(&buf.window, wp, c, tiles, &mut buf.v),
+                (Variant::F2, _) => input_transform(window, wp, c, tiles, v),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is supported (checked by conv2d_with).
+                (Variant::F4, Isa::Avx512) => unsafe {
+                    input_transform4_avx512(window, wp, c, tiles, v)
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is supported (checked by conv2d_with).
+                (Variant::F4, Isa::Avx2Fma) => unsafe {
+                    input_transform4_avx2(window, wp, c, tiles, v)
+                },
+                (Variant::F4, _) => input_transform4(window, wp, c, tiles, v),
             }
-            for xi in 0..16 {
+            for xi in 0..planes {
                 let v = &buf.v[xi * tiles * c..(xi + 1) * tiles * c];
                 let uxi = &u[xi * blocks * c * LANES..(xi + 1) * blocks * c * LANES];
                 let m = &mut buf.m[xi * tiles * blocks * LANES..(xi + 1) * tiles * blocks * LANES];
@@ -190,14 +284,21 @@ pub(crate) fn conv2d(
                 ow,
                 out_ps,
             };
-            match isa {
+            match (variant, isa) {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is supported (checked by conv2d_with).
-                Isa::Avx512 => unsafe { output_transform_avx512(&ot, rows) },
+                (Variant::F2, Isa::Avx512) => unsafe { output_transform_avx512(&ot, rows) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is supported (checked by conv2d_with).
-                Isa::Avx2Fma => unsafe { output_transform_avx2(&ot, rows) },
-                _ => output_transform(&ot, rows),
+                (Variant::F2, Isa::Avx2Fma) => unsafe { output_transform_avx2(&ot, rows) },
+                (Variant::F2, _) => output_transform(&ot, rows),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is supported (checked by conv2d_with).
+                (Variant::F4, Isa::Avx512) => unsafe { output_transform4_avx512(&ot, rows) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` is supported (checked by conv2d_with).
+                (Variant::F4, Isa::Avx2Fma) => unsafe { output_transform4_avx2(&ot, rows) },
+                (Variant::F4, _) => output_transform4(&ot, rows),
             }
         },
     );
@@ -285,17 +386,7 @@ unsafe fn output_transform_avx2(ot: &OutputTile, rows: &mut [f32]) {
 #[inline(always)]
 fn output_transform(ot: &OutputTile, rows: &mut [f32]) {
     let &OutputTile {
-        m,
-        tiles,
-        blocks,
-        o,
-        bias,
-        epilogue,
-        b,
-        ty,
-        oh,
-        ow,
-        out_ps,
+        m, tiles, blocks, ..
     } = ot;
     let plane = tiles * blocks * LANES;
     for t in 0..tiles {
@@ -325,43 +416,221 @@ fn output_transform(ot: &OutputTile, rows: &mut [f32]) {
                 y[2][l] = s[0][1] - s[0][2] - s[0][3];
                 y[3][l] = s[1][1] - s[1][2] - s[1][3];
             }
-            let o0 = blk * LANES;
-            let lanes = LANES.min(o - o0);
-            let mut bias16 = [0f32; LANES];
-            bias16.copy_from_slice(&bias[o0..o0 + LANES]);
-            for dy in 0..2 {
-                let oy = 2 * ty + dy;
-                if oy >= oh {
-                    break;
+            store_outputs(ot, 2, t, blk, &y, rows);
+        }
+    }
+}
+
+/// Adds the bias (and the residual), applies the activation and stores the
+/// `side x side` outputs `y[dy side + dx]` of tile `t`, channel block `blk`
+/// into the tile row's output `rows` (those inside the image).
+#[inline(always)]
+fn store_outputs(
+    ot: &OutputTile,
+    side: usize,
+    t: usize,
+    blk: usize,
+    y: &[[f32; LANES]],
+    rows: &mut [f32],
+) {
+    let o0 = blk * LANES;
+    let lanes = LANES.min(ot.o - o0);
+    let mut bias16 = [0f32; LANES];
+    bias16.copy_from_slice(&ot.bias[o0..o0 + LANES]);
+    for dy in 0..side {
+        let oy = side * ot.ty + dy;
+        if oy >= ot.oh {
+            break;
+        }
+        for dx in 0..side {
+            let ox = side * t + dx;
+            if ox >= ot.ow {
+                break;
+            }
+            let mut v = y[dy * side + dx];
+            for (x, bv) in v.iter_mut().zip(&bias16) {
+                *x += bv;
+            }
+            if let Some(r) = ot.epilogue.residual {
+                let r = &r.pixel_at(ot.b, oy, ox)[o0..o0 + lanes];
+                for (x, rv) in v.iter_mut().zip(r) {
+                    *x += rv;
                 }
-                for dx in 0..2 {
-                    let ox = 2 * t + dx;
-                    if ox >= ow {
-                        break;
-                    }
-                    let mut v = y[dy * 2 + dx];
-                    for (x, bv) in v.iter_mut().zip(&bias16) {
-                        *x += bv;
-                    }
-                    if let Some(r) = epilogue.residual {
-                        let r = &r.pixel_at(b, oy, ox)[o0..o0 + lanes];
-                        for (x, rv) in v.iter_mut().zip(r) {
-                            *x += rv;
-                        }
-                    }
-                    if epilogue.activation == Activation::Relu {
-                        for x in v.iter_mut() {
-                            *x = x.max(0.0);
-                        }
-                    }
-                    let dst = &mut rows[(dy * ow + ox) * out_ps + o0..];
-                    if lanes == LANES {
-                        dst[..LANES].copy_from_slice(&v);
+            }
+            if ot.epilogue.activation == Activation::Relu {
+                for x in v.iter_mut() {
+                    *x = x.max(0.0);
+                }
+            }
+            let dst = &mut rows[(dy * ot.ow + ox) * ot.out_ps + o0..];
+            if lanes == LANES {
+                dst[..LANES].copy_from_slice(&v);
+            } else {
+                dst[..lanes].copy_from_slice(&v[..lanes]);
+            }
+        }
+    }
+}
+
+/// One 16-lane vector, written as an array so the compiler vectorises it.
+type V16 = [f32; LANES];
+
+/// `B^T x` for F(4x4, 3x3) along one line of a 6x6 window, 16 lanes at a
+/// time (`B^T` rows `[4 0 -5 0 1 0]`, `[0 -4 -4 1 1 0]`, `[0 4 -4 -1 1 0]`,
+/// `[0 -2 -1 2 1 0]`, `[0 2 -1 -2 1 0]`, `[0 4 0 -5 0 1]`).
+#[inline(always)]
+fn bt6(x: [&V16; 6]) -> [V16; 6] {
+    let mut r = [[0f32; LANES]; 6];
+    for l in 0..LANES {
+        let (d0, d1, d2, d3, d4, d5) = (x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]);
+        let t1 = d4 - 4.0 * d2;
+        let t2 = d3 - 4.0 * d1;
+        let t3 = d4 - d2;
+        let t4 = 2.0 * (d3 - d1);
+        r[0][l] = 4.0 * d0 - 5.0 * d2 + d4;
+        r[1][l] = t1 + t2;
+        r[2][l] = t1 - t2;
+        r[3][l] = t3 + t4;
+        r[4][l] = t3 - t4;
+        r[5][l] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+    r
+}
+
+/// `A^T x` for F(4x4, 3x3) along one line of a 6x6 product tile, 16 lanes
+/// at a time (`A^T` rows `[1 1 1 1 1 0]`, `[0 1 -1 2 -2 0]`,
+/// `[0 1 1 4 4 0]`, `[0 1 -1 8 -8 1]`).
+#[inline(always)]
+fn at6(x: [&V16; 6]) -> [V16; 4] {
+    let mut y = [[0f32; LANES]; 4];
+    for l in 0..LANES {
+        let a = x[1][l] + x[2][l];
+        let b = x[1][l] - x[2][l];
+        let c = x[3][l] + x[4][l];
+        let d = x[3][l] - x[4][l];
+        y[0][l] = x[0][l] + a + c;
+        y[1][l] = b + 2.0 * d;
+        y[2][l] = a + 4.0 * c;
+        y[3][l] = b + 8.0 * d + x[5][l];
+    }
+    y
+}
+
+/// [`input_transform4`] compiled for AVX2 (bit for bit the portable
+/// results: Rust contracts no multiply-add).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_transform4_avx2(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f32]) {
+    input_transform4(window, wp, c, tiles, v);
+}
+
+/// [`input_transform4`] compiled for AVX-512 (bit for bit the portable
+/// results).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn input_transform4_avx512(
+    window: &[f32],
+    wp: usize,
+    c: usize,
+    tiles: usize,
+    v: &mut [f32],
+) {
+    input_transform4(window, wp, c, tiles, v);
+}
+
+/// `V[xi][t][c] = (B^T d B)[xi]` for the 6x6 input window `d` of every
+/// 4x4 output tile `t` in the window (`[6][wp][C]`), F(4x4, 3x3).
+#[inline(always)]
+fn input_transform4(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f32]) {
+    let plane = tiles * c;
+    for t in 0..tiles {
+        let mut ch = 0;
+        while ch < c {
+            let n = LANES.min(c - ch);
+            let x: [[V16; 6]; 6] = std::array::from_fn(|i| {
+                std::array::from_fn(|j| load_lanes(&window[(i * wp + 4 * t + j) * c + ch..], n))
+            });
+            // B^T d, one column at a time; then (B^T d) B, one row at a time.
+            let mut r = [[[0f32; LANES]; 6]; 6];
+            for j in 0..6 {
+                let col = bt6(std::array::from_fn(|i| &x[i][j]));
+                for (i, vi) in col.into_iter().enumerate() {
+                    r[i][j] = vi;
+                }
+            }
+            for (i, ri) in r.iter().enumerate() {
+                let row = bt6(std::array::from_fn(|j| &ri[j]));
+                for (j, o) in row.iter().enumerate() {
+                    let dst = &mut v[(i * 6 + j) * plane + t * c + ch..];
+                    if n == LANES {
+                        dst[..LANES].copy_from_slice(o);
                     } else {
-                        dst[..lanes].copy_from_slice(&v[..lanes]);
+                        dst[..n].copy_from_slice(&o[..n]);
                     }
                 }
             }
+            ch += n;
+        }
+    }
+}
+
+/// [`output_transform4`] compiled for AVX2 (bit for bit the portable
+/// results).
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_transform4_avx2(ot: &OutputTile, rows: &mut [f32]) {
+    output_transform4(ot, rows);
+}
+
+/// [`output_transform4`] compiled for AVX-512 (bit for bit the portable
+/// results).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_transform4_avx512(ot: &OutputTile, rows: &mut [f32]) {
+    output_transform4(ot, rows);
+}
+
+/// `Y = A^T M A` for every 4x4 tile and output channel (`ot.m`:
+/// `[36][tiles][blocks][16]`), then bias, residual and activation, stored
+/// into the (up to) four output rows of tile row `ot.ty`, F(4x4, 3x3).
+#[inline(always)]
+fn output_transform4(ot: &OutputTile, rows: &mut [f32]) {
+    let &OutputTile {
+        m, tiles, blocks, ..
+    } = ot;
+    let plane = tiles * blocks * LANES;
+    for t in 0..tiles {
+        for blk in 0..blocks {
+            let at = (t * blocks + blk) * LANES;
+            let mm: [V16; 36] = std::array::from_fn(|xi| {
+                let mut a = [0f32; LANES];
+                a.copy_from_slice(&m[xi * plane + at..xi * plane + at + LANES]);
+                a
+            });
+            // M A, one row at a time: s[i][dx]; then A^T (M A), one column
+            // at a time: y[dy 4 + dx].
+            let s: [[V16; 4]; 6] =
+                std::array::from_fn(|i| at6(std::array::from_fn(|j| &mm[i * 6 + j])));
+            let mut y = [[0f32; LANES]; 16];
+            for dx in 0..4 {
+                let col = at6(std::array::from_fn(|i| &s[i][dx]));
+                for (dy, v) in col.into_iter().enumerate() {
+                    y[dy * 4 + dx] = v;
+                }
+            }
+            store_outputs(ot, 4, t, blk, &y, rows);
         }
     }
 }

@@ -12,7 +12,11 @@ use ff_kernels::{
 /// The algorithms that apply to `g`.
 fn algorithms(g: ConvGeometry) -> Vec<Algorithm> {
     if g.kernel == 3 && g.stride == 1 && g.padding == 1 {
-        vec![Algorithm::Direct, Algorithm::Winograd]
+        vec![
+            Algorithm::Direct,
+            Algorithm::Winograd,
+            Algorithm::Winograd4x4,
+        ]
     } else {
         vec![Algorithm::Direct]
     }
@@ -96,6 +100,8 @@ const CASES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
     (12, 96, 3, 1, 1, 5, 30),
     (7, 33, 1, 1, 0, 3, 17),
     (8, 16, 3, 1, 1, 1, 1),
+    // Winograd F(4x4, 3x3)'s error grows with the channel count.
+    (160, 24, 3, 1, 1, 10, 11),
 ];
 
 #[test]
@@ -355,9 +361,10 @@ fn shape_errors_name_the_argument() {
         padding: 0,
         ..g
     };
-    let err =
-        PackedConv2d::from_oihw(one, Some(Algorithm::Winograd), &[0.0; 32], None).unwrap_err();
-    assert!(err.to_string().contains("Winograd"), "{err}");
+    for algorithm in [Algorithm::Winograd, Algorithm::Winograd4x4] {
+        let err = PackedConv2d::from_oihw(one, Some(algorithm), &[0.0; 32], None).unwrap_err();
+        assert!(err.to_string().contains("Winograd"), "{err}");
+    }
     let packed = PackedConv2d::from_oihw(g, None, &[0.0; 8 * 4 * 9], None).unwrap();
     let x = vec![0f32; 3 * 3 * 5];
     let mut out = vec![0f32; 9 * 8];
