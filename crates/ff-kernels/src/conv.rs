@@ -451,13 +451,16 @@ struct TileStore<'a> {
 }
 
 /// Bias, residual and activation on one tile, stored into the output row,
-/// 16 lanes wide where the CPU has AVX-512 (the closure that calls this is
-/// compiled for the base target).
+/// 16 lanes wide where the CPU has AVX-512 and 8 with AVX2 (the closure
+/// that calls this is compiled for the base target).
 fn store_tile(isa: Isa, t: &TileStore, orow: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is supported (checked by conv2d_with), so AVX-512F is present.
         Isa::Avx512 => unsafe { store_tile_avx512(t, orow) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is supported (checked by conv2d_with), so AVX2 and FMA are present.
+        Isa::Avx2Fma => unsafe { store_tile_avx2(t, orow) },
         _ => store_tile_body(t, orow),
     }
 }
@@ -469,6 +472,16 @@ fn store_tile(isa: Isa, t: &TileStore, orow: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn store_tile_avx512(t: &TileStore, orow: &mut [f32]) {
+    store_tile_body(t, orow)
+}
+
+/// [`store_tile_body`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn store_tile_avx2(t: &TileStore, orow: &mut [f32]) {
     store_tile_body(t, orow)
 }
 

@@ -39,6 +39,9 @@ pub(crate) fn softmax_row(isa: Isa, row: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is a detected one, so the CPU has AVX-512F.
         Isa::Avx512 => unsafe { softmax_row_avx512(row) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is a detected one, so the CPU has AVX2 and FMA.
+        Isa::Avx2Fma => unsafe { softmax_row_avx2(row) },
         _ => softmax_row_body(row),
     }
 }
@@ -49,6 +52,12 @@ unsafe fn softmax_row_avx512(row: &mut [f32]) {
     softmax_row_body(row)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_row_avx2(row: &mut [f32]) {
+    softmax_row_body(row)
+}
+
 /// `row = softmax(row * scale)` on `isa` (attention logits to weights; the
 /// product rounded first, as a separate scaling op would).
 pub(crate) fn scaled_softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
@@ -56,6 +65,9 @@ pub(crate) fn scaled_softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` is a detected one, so the CPU has AVX-512F.
         Isa::Avx512 => unsafe { scaled_softmax_row_avx512(row, scale) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is a detected one, so the CPU has AVX2 and FMA.
+        Isa::Avx2Fma => unsafe { scaled_softmax_row_avx2(row, scale) },
         _ => scaled_softmax_row_body(row, scale),
     }
 }
@@ -63,6 +75,12 @@ pub(crate) fn scaled_softmax_row(isa: Isa, row: &mut [f32], scale: f32) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
 unsafe fn scaled_softmax_row_avx512(row: &mut [f32], scale: f32) {
+    scaled_softmax_row_body(row, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scaled_softmax_row_avx2(row: &mut [f32], scale: f32) {
     scaled_softmax_row_body(row, scale)
 }
 
@@ -136,6 +154,9 @@ pub fn layer_norm_rows(
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: `isa` is the detected one, so the CPU has AVX-512F.
                     Isa::Avx512 => unsafe { layer_norm_row_avx512(xrow, weight, bias, eps, orow) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `isa` is the detected one, so the CPU has AVX2 and FMA.
+                    Isa::Avx2Fma => unsafe { layer_norm_row_avx2(xrow, weight, bias, eps, orow) },
                     _ => layer_norm_row(xrow, weight, bias, eps, orow),
                 }
             }
@@ -146,6 +167,12 @@ pub fn layer_norm_rows(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
 unsafe fn layer_norm_row_avx512(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    layer_norm_row(x, w, b, eps, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn layer_norm_row_avx2(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     layer_norm_row(x, w, b, eps, out)
 }
 

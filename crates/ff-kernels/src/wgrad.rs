@@ -310,6 +310,9 @@ fn weight_grad_stride1(
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` is supported (checked by the caller), so AVX-512F is present.
             Isa::Avx512 => unsafe { fill_plane_rows_avx512(&job, chunk) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` is supported (checked by the caller), so AVX2 and FMA are present.
+            Isa::Avx2Fma => unsafe { fill_plane_rows_avx2(&job, chunk) },
             _ => fill_plane_rows(&job, chunk),
         }
     });
@@ -408,6 +411,16 @@ struct PlaneRows<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn fill_plane_rows_avx512(job: &PlaneRows, chunk: &mut [f32]) {
+    fill_plane_rows(job, chunk);
+}
+
+/// [`fill_plane_rows`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fill_plane_rows_avx2(job: &PlaneRows, chunk: &mut [f32]) {
     fill_plane_rows(job, chunk);
 }
 
