@@ -51,8 +51,8 @@ pub fn conv2d_weight_grad(
 /// picks Winograd F(2x2, 3x3) where it applies (3x3, stride 1, padding 1)
 /// and pays off: on AVX-512 (conv_bench, flow layers, batch 8: 1.35-1.6x
 /// faster than the direct weight gradient), and on AVX2 where the output
-/// has more channels than the input (1.1-1.45x there, 0.7-0.94x elsewhere;
-/// the portable build was not measured faster), unless
+/// has more channels than the input (up to 1.5x there; it lost where the
+/// input has more; the portable build was not measured faster), unless
 /// `FASTFLOW_WINOGRAD=off`;
 /// else the direct weight gradient. Either Winograd algorithm asks for the
 /// F(2x2, 3x3) weight gradient. Winograd needs 2.25x fewer multiply-adds;
@@ -92,12 +92,15 @@ pub fn conv2d_weight_grad_with(
         None => {
             let pays_off = match isa {
                 Isa::Avx512 => true,
-                // conv_bench on Zen 3, batch 8, every flow shape: Winograd
-                // wins where the output has more channels than the input
-                // (1.1-1.45x) and loses where it has as many or fewer
-                // (384 -> 61 0.69x, 768 -> 61 0.83x, 128 -> 128 0.80x,
-                // 256 -> 128 0.86x, 64 -> 32 0.94x; 64 -> 64 1.16x is the
-                // one win it gives away).
+                // conv_bench on Zen 3, batch 8, every flow shape, three
+                // runs (they move by up to 20%): Winograd wins where the
+                // output has more channels than the input (32 -> 64
+                // 1.44-1.54x, 61 -> 768 1.04-1.35x, CaiT's 61 -> 768
+                // 1.20-1.29x, 64 -> 128 0.95-1.45x, 128 -> 256
+                // 0.93-1.11x), loses where it has fewer (384 -> 61
+                // 0.65-1.06x, 64 -> 32 0.83-0.94x, CaiT's 384 -> 61 0.82x)
+                // and ties where they are equal (64 -> 64 0.93-1.16x,
+                // 128 -> 128 0.80-1.04x).
                 Isa::Avx2Fma => geometry.out_channels > geometry.in_channels,
                 Isa::Portable => false,
             };

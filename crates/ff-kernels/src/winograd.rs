@@ -92,10 +92,12 @@ pub(crate) fn applies(g: &ConvGeometry) -> bool {
 /// base target, at least 64.
 ///
 /// F(4x4, 3x3) (AVX2; Zen 3, conv_bench batch 8, every flow layer shape
-/// of resnet18, DeiT and CaiT, forward and input gradient): faster than
-/// F(2x2, 3x3) on every one, 1.07-2.73x over the direct kernel against
-/// 0.94-2.30x, from 32 input channels up (32 -> 32 1.21x, 32 -> 64 1.37x,
-/// 128 -> 256 2.73x, 384 -> 61 1.71x, 61 -> 768 1.90x, 768 -> 61 1.20x).
+/// of resnet18, DeiT and CaiT, forward and input gradient, three runs):
+/// faster than F(2x2, 3x3) on every shape in every run but one (768 -> 61
+/// once 1.19x over the direct kernel against F(2x2)'s 1.35x), from 32
+/// input channels up (32 -> 32 0.96-1.21x over direct against 0.89-0.97x,
+/// 32 -> 64 1.29-1.45x, 128 -> 256 2.43-2.73x, 384 -> 61 1.71-2.05x,
+/// 61 -> 768 1.58-2.48x, 768 -> 61 1.19-3.04x).
 /// On AVX-512 and the portable build it has not been measured against
 /// F(2x2, 3x3), so those keep F(2x2, 3x3); `four_by_four: false` keeps it
 /// everywhere.
