@@ -74,8 +74,9 @@ fn four_by_four_by_default() -> bool {
 impl PackedConv2d {
     /// Packs `weight(o, c, ky, kx)` and `bias(o)` for `algorithm`; `None`
     /// picks Winograd where it applies (3x3, stride 1, padding 1) and pays
-    /// off (F(2x2, 3x3) for any input channel count on AVX-512 and from 64
-    /// on the portable build; F(4x4, 3x3) from 32 on AVX2) unless
+    /// off (F(4x4, 3x3) from 48 input channels on AVX-512, F(2x2, 3x3)
+    /// below; F(4x4, 3x3) from 32 on AVX2; F(2x2, 3x3) from 64 on the
+    /// portable build) unless
     /// `FASTFLOW_WINOGRAD=off` (direct only) or `=2x2` (F(2x2, 3x3) in
     /// place of F(4x4, 3x3)), else the direct convolution. Asking for
     /// Winograd where it does not apply is an error.

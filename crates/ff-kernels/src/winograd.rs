@@ -98,15 +98,22 @@ pub(crate) fn applies(g: &ConvGeometry) -> bool {
 /// input channels up (32 -> 32 0.96-1.21x over direct against 0.89-0.97x,
 /// 32 -> 64 1.29-1.45x, 128 -> 256 2.43-2.73x, 384 -> 61 1.71-2.05x,
 /// 61 -> 768 1.58-2.48x, 768 -> 61 1.19-3.04x).
-/// On AVX-512 and the portable build it has not been measured against
-/// F(2x2, 3x3), so those keep F(2x2, 3x3); `four_by_four: false` keeps it
-/// everywhere.
+/// On AVX-512 (Zen 4, conv_bench batch 8, the same shapes, quiet machine)
+/// it is the faster from 61 input channels up (61 -> 768 2.27-2.37x over
+/// direct against F(2x2)'s 1.94-2.03x, 128 -> 256 2.65-2.78x against 1.98x,
+/// 384 -> 61 2.18-2.29x against 1.97-2.03x, 768 -> 61 input gradient
+/// 2.23-2.24x against 1.83-1.88x), ties at 64 in resnet18's layer1
+/// (1.78-1.95x against 1.81-1.83x) and loses at 32 (32 -> 32 1.24-1.49x
+/// against 1.52-1.58x), so there it needs at least 48 input channels. The
+/// portable build has not been measured against F(2x2, 3x3) and keeps it;
+/// `four_by_four: false` keeps it everywhere.
 pub(crate) fn choose(g: &ConvGeometry, four_by_four: bool) -> Option<Variant> {
     if !applies(g) {
         return None;
     }
     let c = g.in_channels;
     match Isa::detect() {
+        Isa::Avx512 if four_by_four && c >= 48 => Some(Variant::F4),
         Isa::Avx512 => Some(Variant::F2),
         Isa::Avx2Fma if four_by_four && c >= 32 => Some(Variant::F4),
         Isa::Avx2Fma if c >= 48 => Some(Variant::F2),
