@@ -11,6 +11,7 @@ use super::VitConfig;
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 use ff_kernels::Route;
+use rayon::prelude::*;
 
 use crate::checked::get_checked;
 use crate::error::Result;
@@ -236,8 +237,13 @@ impl Cait {
         )?;
         let c = cfg.embed_dim;
         let n_tokens = cfg.grid() * cfg.grid();
+        // The blocks load (and with random weights draw, one stream per
+        // tensor) side by side; the first failing block's error, in order.
         let blocks = (0..cfg.n_blocks_used)
+            .into_par_iter()
             .map(|i| LayerScaleBlock::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),

@@ -8,6 +8,7 @@
 use super::VitConfig;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+use rayon::prelude::*;
 
 use crate::checked::get_checked;
 use crate::error::Result;
@@ -106,8 +107,13 @@ impl Deit {
         )?;
         let c = cfg.embed_dim;
         let n_tokens = cfg.grid() * cfg.grid() + 2;
+        // The blocks load (and with random weights draw, one stream per
+        // tensor) side by side; the first failing block's error, in order.
         let blocks = (0..cfg.n_blocks_used)
+            .into_par_iter()
             .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .collect::<Vec<_>>()
+            .into_iter()
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
