@@ -11,14 +11,13 @@ use super::VitConfig;
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 use ff_kernels::Route;
-use rayon::prelude::*;
 
 use crate::checked::get_checked;
 use crate::error::Result;
 
 use super::{
-    attention_cpu_fwd, check_config, check_input, layer_norm, merge_heads, softmax_last_dim,
-    split_heads, tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
+    attention_cpu_fwd, check_config, check_input, layer_norm, load_blocks, merge_heads,
+    softmax_last_dim, split_heads, tokens_to_map, Linear, Mlp, Norm, PatchEmbed,
 };
 
 /// A linear map across the head axis of attention maps (talking heads).
@@ -237,14 +236,7 @@ impl Cait {
         )?;
         let c = cfg.embed_dim;
         let n_tokens = cfg.grid() * cfg.grid();
-        // The blocks load (and with random weights draw, one stream per
-        // tensor) side by side; the first failing block's error, in order.
-        let blocks = (0..cfg.n_blocks_used)
-            .into_par_iter()
-            .map(|i| LayerScaleBlock::new(cfg, vb.pp(format!("blocks.{i}"))))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = load_blocks(cfg.n_blocks_used, &vb, |vb| LayerScaleBlock::new(cfg, vb))?;
         Ok(Self {
             cfg: cfg.clone(),
             patch_embed: PatchEmbed::new(c, cfg.patch, vb.pp("patch_embed"))?,

@@ -8,14 +8,13 @@
 use super::VitConfig;
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use rayon::prelude::*;
 
 use crate::checked::get_checked;
 use crate::error::Result;
 
 use super::{
-    check_config, check_input, layer_norm, multi_head_attention, tokens_to_map, Linear, Mlp, Norm,
-    PatchEmbed,
+    check_config, check_input, layer_norm, load_blocks, multi_head_attention, tokens_to_map,
+    Linear, Mlp, Norm, PatchEmbed,
 };
 
 /// timm's ViT `Attention`: fused qkv, scaled dot-product softmax, output projection.
@@ -107,14 +106,7 @@ impl Deit {
         )?;
         let c = cfg.embed_dim;
         let n_tokens = cfg.grid() * cfg.grid() + 2;
-        // The blocks load (and with random weights draw, one stream per
-        // tensor) side by side; the first failing block's error, in order.
-        let blocks = (0..cfg.n_blocks_used)
-            .into_par_iter()
-            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
+        let blocks = load_blocks(cfg.n_blocks_used, &vb, |vb| Block::new(cfg, vb))?;
         Ok(Self {
             cfg: cfg.clone(),
             patch_embed: PatchEmbed::new(c, cfg.patch, vb.pp("patch_embed"))?,

@@ -17,6 +17,7 @@ use ff_kernels::{Activation, ConvGeometry, PackedConv2d, Route};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
+use rayon::prelude::*;
 
 use crate::checked::get_checked;
 use crate::closed_form::fnv1a32;
@@ -289,6 +290,22 @@ impl Norm {
             }),
         }
     }
+}
+
+/// Builds blocks `0 .. n` with `block(vb.pp("blocks.{i}"))`, side by side:
+/// each block loads (and with random weights draws, one stream per tensor)
+/// its own weights. An error is the first failing block's, in block order.
+pub(crate) fn load_blocks<B: Send>(
+    n: usize,
+    vb: &VarBuilder,
+    block: impl Fn(VarBuilder) -> Result<B> + Sync,
+) -> Result<Vec<B>> {
+    (0..n)
+        .into_par_iter()
+        .map(|i| block(vb.pp(format!("blocks.{i}"))))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect()
 }
 
 /// Loads a LayerNorm's `weight` and `bias` [dim] under `vb`.
