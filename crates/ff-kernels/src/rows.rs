@@ -95,20 +95,32 @@ fn scaled_softmax_row_body(row: &mut [f32], scale: f32) {
 #[inline(always)]
 fn softmax_row_body(row: &mut [f32]) {
     // Sixteen partial maxima and sums: vector lanes, and an order that does
-    // not depend on the thread.
+    // not depend on the thread. Whole 16-value chunks first, then the
+    // remainder into the first lanes: with `chunks(16)` the inner loop's trip
+    // count was unknown and the accumulators lived on the stack, one
+    // store-to-load round trip per chunk (most of CaiT's softmax time).
     let mut m = [f32::NEG_INFINITY; 16];
-    for chunk in row.chunks(16) {
+    let mut whole = row.chunks_exact(16);
+    for chunk in &mut whole {
         for (a, &v) in m.iter_mut().zip(chunk) {
             *a = a.max(v);
         }
     }
+    for (a, &v) in m.iter_mut().zip(whole.remainder()) {
+        *a = a.max(v);
+    }
     let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut s = [0f32; 16];
-    for chunk in row.chunks_mut(16) {
+    let mut whole = row.chunks_exact_mut(16);
+    for chunk in &mut whole {
         for (a, v) in s.iter_mut().zip(chunk.iter_mut()) {
             *v = exp(*v - max);
             *a += *v;
         }
+    }
+    for (a, v) in s.iter_mut().zip(whole.into_remainder()) {
+        *v = exp(*v - max);
+        *a += *v;
     }
     let inv = 1.0 / s.iter().sum::<f32>();
     for v in row.iter_mut() {
@@ -179,18 +191,28 @@ unsafe fn layer_norm_row_avx2(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &m
 #[inline(always)]
 fn layer_norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     let n = x.len() as f32;
+    // Whole 16-value chunks, then the remainder (as in the softmax: the
+    // accumulators stay in a register).
     let mut s = [0f32; 16];
-    for chunk in x.chunks(16) {
+    let mut whole = x.chunks_exact(16);
+    for chunk in &mut whole {
         for (a, &v) in s.iter_mut().zip(chunk) {
             *a += v;
         }
     }
+    for (a, &v) in s.iter_mut().zip(whole.remainder()) {
+        *a += v;
+    }
     let mean = s.iter().sum::<f32>() / n;
     let mut q = [0f32; 16];
-    for chunk in x.chunks(16) {
+    let mut whole = x.chunks_exact(16);
+    for chunk in &mut whole {
         for (a, &v) in q.iter_mut().zip(chunk) {
             *a += (v - mean) * (v - mean);
         }
+    }
+    for (a, &v) in q.iter_mut().zip(whole.remainder()) {
+        *a += (v - mean) * (v - mean);
     }
     let rstd = 1.0 / (q.iter().sum::<f32>() / n + eps).sqrt();
     for (((o, &v), &wv), &bv) in out.iter_mut().zip(x).zip(w).zip(b) {
