@@ -11,7 +11,7 @@ pub mod deit;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{CpuStorage, DType, Storage, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder};
 use ff_kernels::{Activation, ConvGeometry, PackedConv2d, Route};
 use rand::SeedableRng;
@@ -153,6 +153,15 @@ pub(crate) enum Linear {
     Packed(Arc<PackedConv2d>),
 }
 
+/// `len` f32 values of a CPU storage from `start` (a contiguous tensor's
+/// data, borrowed).
+fn f32_slice(storage: &Storage, start: usize, len: usize) -> candle_core::Result<&[f32]> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) if v.len() >= start + len => Ok(&v[start..start + len]),
+        _ => candle_core::bail!("linear layer: expected {len} f32 values in CPU memory"),
+    }
+}
+
 impl Linear {
     /// Loads `weight` [out, in] and `bias` [out] under `vb`.
     pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
@@ -169,9 +178,15 @@ impl Linear {
                 stride: 1,
                 padding: 0,
             };
-            let w = weight.flatten_all()?.to_vec1::<f32>()?;
-            let b = bias.to_vec1::<f32>()?;
-            let packed = PackedConv2d::from_oihw(geometry, None, &w, Some(&b))?;
+            // Packed straight from the tensors' storage: a `to_vec1` copy
+            // first was another 1.1 GiB written (and faulted in) at CaiT's
+            // start-up.
+            let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
+            let (w_storage, w_layout) = weight.storage_and_layout();
+            let (b_storage, b_layout) = bias.storage_and_layout();
+            let w = f32_slice(&w_storage, w_layout.start_offset(), out_dim * in_dim)?;
+            let b = f32_slice(&b_storage, b_layout.start_offset(), out_dim)?;
+            let packed = PackedConv2d::from_oihw(geometry, None, w, Some(b))?;
             return Ok(Self::Packed(Arc::new(packed)));
         }
         Ok(Self::Candle { weight, bias })
