@@ -18,7 +18,7 @@ use ff_flow::FastFlowConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::data::DatasetFormat;
-use crate::fsutil::stage;
+use crate::fsutil::{stage, stage_shared};
 use crate::report::Metrics;
 
 /// The `format` value of our checkpoint metadata, so that other JSON files are
@@ -178,26 +178,60 @@ pub fn bytes_hash(bytes: &[u8]) -> String {
     format!("{:016x}", ff_data::hash::fnv1a64(bytes))
 }
 
+/// A checkpoint's two tensor files in memory with their hashes, computed
+/// once however many checkpoints (`last`, `best`) they are saved as.
+pub struct CheckpointBytes<'a> {
+    weights: &'a [u8],
+    optimizer: &'a [u8],
+    weights_hash: String,
+    optimizer_hash: String,
+}
+
+impl<'a> CheckpointBytes<'a> {
+    pub fn new(weights: &'a [u8], optimizer: &'a [u8]) -> Self {
+        Self {
+            weights,
+            optimizer,
+            weights_hash: bytes_hash(weights),
+            optimizer_hash: bytes_hash(optimizer),
+        }
+    }
+}
+
 /// Writes checkpoint `paths` without ever damaging the one already there:
 /// the tensors and the metadata (made by `meta` from the two tensor-file
 /// hashes) are all written and synced under temporary names first; only then
 /// do they replace the old files, metadata last. A write that fails (a full
 /// disk) leaves the previous checkpoint whole and loadable, and the error
 /// names the file and the checkpoint.
+///
+/// With `shared`, a checkpoint just written from the same `bytes`, the
+/// tensor files are hard links to its files where the file system allows
+/// (CaiT's and DeiT's flows are 180 MB per checkpoint; `best` is usually
+/// the `last` of the same epoch). Each later save renames new files into
+/// place, so the two never change together.
 pub fn write_checkpoint(
     paths: &CheckpointPaths,
-    weights: &[u8],
-    optimizer: &[u8],
+    shared: Option<&CheckpointPaths>,
+    bytes: &CheckpointBytes,
     meta: impl FnOnce(String, String) -> CheckpointMeta,
 ) -> Result<()> {
-    let meta = meta(bytes_hash(weights), bytes_hash(optimizer));
+    let meta = meta(bytes.weights_hash.clone(), bytes.optimizer_hash.clone());
     let mut json = serde_json::to_string_pretty(&meta)
         .with_context(|| format!("cannot serialise '{}'", paths.meta.display()))?;
     json.push('\n');
+    let tensor_file = |path: &Path, existing: Option<&PathBuf>, content: &[u8]| match existing {
+        Some(existing) => stage_shared(path, existing, content),
+        None => stage(path, content),
+    };
     let staged = (|| {
         Ok::<_, anyhow::Error>([
-            stage(&paths.weights, weights)?,
-            stage(&paths.optimizer, optimizer)?,
+            tensor_file(&paths.weights, shared.map(|s| &s.weights), bytes.weights)?,
+            tensor_file(
+                &paths.optimizer,
+                shared.map(|s| &s.optimizer),
+                bytes.optimizer,
+            )?,
             stage(&paths.meta, json.as_bytes())?,
         ])
     })()

@@ -26,6 +26,24 @@ pub fn stage(path: &Path, bytes: &[u8]) -> Result<Staged> {
     })?)
 }
 
+/// Stages `path` as a hard link to the already written `existing` when the
+/// file system allows, else writes `bytes` (the same content) like [`stage`].
+pub fn stage_shared(path: &Path, existing: &Path, bytes: &[u8]) -> Result<Staged> {
+    match ff_data::fs::stage_link(path, existing) {
+        Ok(staged) => {
+            fault::check().map_err(|source| ff_data::Error::Write {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Ok(staged)
+        }
+        Err(e) => {
+            log::debug!("no hard link for '{}' ({e}); writing it", path.display());
+            stage(path, bytes)
+        }
+    }
+}
+
 /// Checks that files can be created in `dir` (creating it if needed), by
 /// writing and removing a probe file: an unwritable `--out` is reported
 /// before any work is done, not after the first epoch.

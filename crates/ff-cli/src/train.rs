@@ -12,8 +12,8 @@ use ff_flow::{Adam, AdamConfig, FastFlowConfig};
 use serde::Serialize;
 
 use crate::checkpoint::{
-    read_meta, write_checkpoint, CheckpointMeta, CheckpointPaths, OptimizerMeta, RunDir, TrainMeta,
-    FORMAT,
+    read_meta, write_checkpoint, CheckpointBytes, CheckpointMeta, CheckpointPaths, OptimizerMeta,
+    RunDir, TrainMeta, FORMAT,
 };
 use crate::cli::{DataArgs, FeatureCacheArg, TrainArgs};
 use crate::config::load_model_config;
@@ -533,16 +533,12 @@ impl<'a> Session<'a> {
             optimizer_hash,
         };
         let last = self.run.last();
-        write_checkpoint(&last, &weights_bytes, &optimizer_bytes, |w, o| {
-            meta("last", w, o)
-        })?;
+        let bytes = CheckpointBytes::new(&weights_bytes, &optimizer_bytes);
+        write_checkpoint(&last, None, &bytes, |w, o| meta("last", w, o))?;
         if is_best {
-            write_checkpoint(
-                &self.run.best(),
-                &weights_bytes,
-                &optimizer_bytes,
-                |w, o| meta("best", w, o),
-            )?;
+            write_checkpoint(&self.run.best(), Some(&last), &bytes, |w, o| {
+                meta("best", w, o)
+            })?;
         }
         self.last_good = LastGood(Some((last.meta.clone(), done)));
         Ok(eval)
@@ -799,6 +795,37 @@ mod tests {
         plan.resume = Some(run.last());
         train(&plan)?;
         assert_eq!(read_meta(&run.last())?.epoch, 2);
+        Ok(())
+    }
+
+    /// `best` saved in the same epoch as `last` shares its tensor files
+    /// (hard links, where the file system has them), and a later save of
+    /// `last` leaves `best` whole and loadable.
+    #[test]
+    fn best_shares_the_tensor_files_of_last_until_last_is_saved_again() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        train(&tiny_plan(dir.path(), 1))?;
+        let run = RunDir::new(dir.path().join("run"));
+        let (last, best) = (run.last(), run.best());
+        let best_files = files(&best);
+        assert_eq!(files(&last)[..2], best_files[..2]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let inode = |p: &Path| std::fs::metadata(p).map(|m| m.ino());
+            assert_eq!(inode(&last.weights)?, inode(&best.weights)?);
+            assert_eq!(inode(&last.optimizer)?, inode(&best.optimizer)?);
+        }
+        let meta = read_meta(&last)?;
+        let bytes = CheckpointBytes::new(b"other weights", b"other optimizer");
+        write_checkpoint(&last, None, &bytes, |w, o| CheckpointMeta {
+            weights_hash: w,
+            optimizer_hash: o,
+            ..meta
+        })?;
+        assert_eq!(std::fs::read(&last.weights)?, b"other weights");
+        assert_eq!(files(&best), best_files);
+        assert_eq!(read_meta(&best)?.epoch, 1);
         Ok(())
     }
 

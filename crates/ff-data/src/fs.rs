@@ -90,6 +90,20 @@ pub fn stage_with(
     Ok(staged)
 }
 
+/// Stages `path` as a hard link to `existing` (a file already written and
+/// synced, such as another checkpoint's copy of the same bytes): nothing is
+/// copied, and replacing either path later by [`Staged::commit`]'s rename
+/// leaves the other intact. Fails where the file system has no hard links;
+/// the caller then writes the bytes instead.
+pub fn stage_link(path: &Path, existing: &Path) -> Result<Staged, Error> {
+    let staged = Staged::beside(path)?;
+    std::fs::hard_link(existing, &staged.tmp).map_err(|source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(staged)
+}
+
 /// A file written in full (and synced) under a temporary name beside its
 /// final path, not yet in place. [`Staged::commit`] renames it onto the
 /// path; dropping it uncommitted removes it. Staging every file of a set
