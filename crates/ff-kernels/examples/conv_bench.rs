@@ -1,7 +1,8 @@
 //! GFLOP/s of the convolution kernels on the layer shapes of resnet18 @ 256
 //! and its flows, batch 8, and of the linear layers of DeiT-384 (4 images):
 //! `cargo run --release -p ff-kernels --example conv_bench [filter]`, where
-//! `filter` keeps the layers whose name contains it.
+//! `filter` keeps the layers whose name contains it; `CONV_BENCH_BATCH=n`
+//! times batches of n images instead of 8.
 
 use std::time::Instant;
 
@@ -83,7 +84,12 @@ fn relative_error(g: ConvGeometry, algorithm: Algorithm, h: usize) -> f64 {
 fn main() {
     ff_kernels::alloc::retain_freed_memory();
     let filter = std::env::args().nth(1).unwrap_or_default();
-    let n = 8;
+    // Batch 8 unless CONV_BENCH_BATCH says otherwise (DeiT's flows train
+    // on batches of 32).
+    let n: usize = std::env::var("CONV_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     // The error of both algorithms against f64, one image per layer shape.
     for (name, c, o, h) in [
         ("32->64 @64", 32usize, 64usize, 64usize),
@@ -187,13 +193,13 @@ fn main() {
             .map_or(f64::NAN, |p| forward(&p));
         // The weight gradient is only measured where the flows need it.
         let wgrad = |algorithm: Algorithm| {
-            if s != 1 || (algorithm == Algorithm::Winograd && k != 3) {
+            if s != 1 || (algorithm != Algorithm::Direct && k != 3) {
                 return f64::NAN;
             }
             let mut dw = vec![0f32; (k * k * c + 1) * o];
             let gy = NhwcRef::new(&out, [n, oh, ow, o]).unwrap();
             let isa = Isa::detect();
-            best_of(3, || {
+            best_of(7, || {
                 conv2d_weight_grad_with(
                     isa,
                     Some(algorithm),
@@ -208,8 +214,9 @@ fn main() {
         };
         let wdirect = wgrad(Algorithm::Direct);
         let wwino = wgrad(Algorithm::Winograd);
+        let wwino4 = wgrad(Algorithm::Winograd4x4);
         println!(
-            "{name:22} direct {:6.2} ms {:6.1} GFLOP/s | winograd {:6.2} ms ({:4.2}x) | 4x4 {:6.2} ms ({:4.2}x) | wgrad {:6.2} ms {:6.1} GFLOP/s, winograd {:6.2} ms ({:4.2}x)",
+            "{name:22} direct {:6.2} ms {:6.1} GFLOP/s | winograd {:6.2} ms ({:4.2}x) | 4x4 {:6.2} ms ({:4.2}x) | wgrad {:6.2} ms {:6.1} GFLOP/s, winograd {:6.2} ms ({:4.2}x), 4x4 {:6.2} ms ({:4.2}x)",
             best * 1e3,
             flop / best / 1e9,
             wino * 1e3,
@@ -220,6 +227,8 @@ fn main() {
             flop / wdirect / 1e9,
             wwino * 1e3,
             wdirect / wwino,
+            wwino4 * 1e3,
+            wdirect / wwino4,
         );
     }
     // DeiT-base @ 384's linear layers on 4 images (577 tokens each).

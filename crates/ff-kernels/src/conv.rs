@@ -67,7 +67,7 @@ pub(crate) fn winograd_by_default() -> bool {
 /// Whether the default may pick F(4x4, 3x3): yes, unless
 /// `FASTFLOW_WINOGRAD=2x2` (F(2x2, 3x3) only, its smaller rounding error
 /// and the speeds before F(4x4, 3x3)).
-fn four_by_four_by_default() -> bool {
+pub(crate) fn four_by_four_by_default() -> bool {
     std::env::var("FASTFLOW_WINOGRAD").as_deref() != Ok("2x2")
 }
 

@@ -48,16 +48,22 @@ pub fn conv2d_weight_grad(
 /// [`conv2d_weight_grad`] on instruction set `isa` (which must be
 /// [supported](Isa::is_supported); an unsupported one falls back to the
 /// portable kernels) with `algorithm`: `None`
-/// picks Winograd F(2x2, 3x3) where it applies (3x3, stride 1, padding 1)
-/// and pays off: on AVX-512 (conv_bench, flow layers, batch 8: 1.35-1.6x
-/// faster than the direct weight gradient), and on AVX2 where the output
-/// has more channels than the input (up to 1.5x there; it lost where the
-/// input has more; the portable build was not measured faster), unless
-/// `FASTFLOW_WINOGRAD=off`;
-/// else the direct weight gradient. Either Winograd algorithm asks for the
-/// F(2x2, 3x3) weight gradient. Winograd needs 2.25x fewer multiply-adds;
-/// its sums differ from the direct ones by rounding only (the tests bound
-/// both against a float64 reference).
+/// picks Winograd where it applies (3x3, stride 1, padding 1) and pays off:
+/// on AVX-512 F(4x4, 3x3) where the image is at least 24 pixels wide and
+/// F(2x2, 3x3) on narrower ones (conv_bench, every flow layer of resnet18,
+/// DeiT and CaiT, batches 8 and 32, two runs each: F(4x4, 3x3) 1.5-2.7x
+/// faster than the direct weight gradient against F(2x2, 3x3)'s 1.2-2.0x
+/// from 24 pixels up, but 1.2-1.5x against 1.4-1.8x on resnet18's 16x16
+/// layers with 128-256 channels at batch 8), and F(2x2, 3x3) on AVX2 where
+/// the output has more channels than the input (up to 1.5x there; it lost
+/// where the input has more; the portable build was not measured faster),
+/// unless `FASTFLOW_WINOGRAD=off` (the direct weight gradient) or `=2x2`
+/// (F(2x2, 3x3) only); else the direct weight gradient.
+/// `Algorithm::Winograd` asks for the F(2x2, 3x3) weight gradient,
+/// `Algorithm::Winograd4x4` for the F(4x4, 3x3) one. Winograd needs 2.25x
+/// (F(2x2)) or 4x (F(4x4)) fewer multiply-adds; its sums differ from the
+/// direct ones by rounding only (the tests bound each against a float64
+/// reference).
 ///
 /// # Errors
 /// A shape error when the shapes disagree, or Winograd is asked for where it
@@ -87,8 +93,7 @@ pub fn conv2d_weight_grad_with(
                 format!("{geometry:?}"),
             ))
         }
-        // Both Winograd algorithms run the F(2x2, 3x3) weight gradient.
-        Some(a) => a.winograd().is_some(),
+        Some(a) => a.winograd(),
         None => {
             let pays_off = match isa {
                 Isa::Avx512 => true,
@@ -104,7 +109,16 @@ pub fn conv2d_weight_grad_with(
                 Isa::Avx2Fma => geometry.out_channels > geometry.in_channels,
                 Isa::Portable => false,
             };
-            winograd::applies(&geometry) && pays_off && crate::conv::winograd_by_default()
+            let four_by_four = isa == Isa::Avx512
+                && input.dims()[2] >= 24
+                && crate::conv::four_by_four_by_default();
+            let variant = if four_by_four {
+                winograd::Variant::F4
+            } else {
+                winograd::Variant::F2
+            };
+            (winograd::applies(&geometry) && pays_off && crate::conv::winograd_by_default())
+                .then_some(variant)
         }
     };
     let ConvGeometry {
@@ -144,8 +158,8 @@ pub fn conv2d_weight_grad_with(
     if pixels == 0 {
         return Ok(());
     }
-    if winograd {
-        wgrad_winograd::weight_grad(isa, &input, input_activation, &grad_out, out);
+    if let Some(variant) = winograd {
+        wgrad_winograd::weight_grad(isa, variant, &input, input_activation, &grad_out, out);
         return Ok(());
     }
     if geometry.stride == 1 {

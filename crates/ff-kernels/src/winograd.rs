@@ -44,7 +44,7 @@ impl Variant {
     }
 
     /// The side of an input window.
-    const fn alpha(self) -> usize {
+    pub(crate) const fn alpha(self) -> usize {
         self.m() + 2
     }
 
@@ -54,7 +54,7 @@ impl Variant {
     }
 
     /// The weight transform `G` (`alpha x 3`), exact in f64.
-    fn g(self) -> &'static [[f64; 3]] {
+    pub(crate) fn g(self) -> &'static [[f64; 3]] {
         match self {
             Variant::F2 => &[
                 [1.0, 0.0, 0.0],
@@ -488,7 +488,7 @@ type V16 = [f32; LANES];
 /// time (`B^T` rows `[4 0 -5 0 1 0]`, `[0 -4 -4 1 1 0]`, `[0 4 -4 -1 1 0]`,
 /// `[0 -2 -1 2 1 0]`, `[0 2 -1 -2 1 0]`, `[0 4 0 -5 0 1]`).
 #[inline(always)]
-fn bt6(x: [&V16; 6]) -> [V16; 6] {
+pub(crate) fn bt6(x: [&V16; 6]) -> [V16; 6] {
     let mut r = [[0f32; LANES]; 6];
     for l in 0..LANES {
         let (d0, d1, d2, d3, d4, d5) = (x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]);

@@ -184,6 +184,12 @@ fn gradients_match_naive_on_every_isa() {
             // Odd sizes (partial tiles) and more than 16 tiles in a row
             // (two lane groups) for the Winograd weight gradient.
             (20, 24, 3, 7, 37),
+            // The Winograd weight gradient's cuts: F(4x4, 3x3) with more
+            // than 16 tiles in a row, output channels in several slices,
+            // input channels in several slices.
+            (8, 20, 3, 6, 70),
+            (8, 200, 3, 5, 30),
+            (300, 16, 3, 4, 6),
         ]
         .iter()
         .enumerate()
