@@ -436,3 +436,48 @@ fn linear_matches_naive_with_bias_and_gelu() {
     let packed = PackedConv2d::from_oihw(g3, Some(Algorithm::Direct), &[0.0; 144], None).unwrap();
     assert!(ff_kernels::linear(&packed, &[0.0; 8], Activation::Identity, &mut [0.0; 8]).is_err());
 }
+
+#[test]
+fn winograd_weight_gradients_of_one_shape_called_again_match_the_direct_one() {
+    // The Winograd weight gradient keeps its zero-padded input planes per
+    // thread for the next call of the same shape: a second input (and a
+    // shape in between) must not see the first one's values.
+    let (n, h, w) = (2, 9, 26);
+    for isa in Isa::supported() {
+        // The same shape three times, each time with new values.
+        for (call, (c, o)) in [(24usize, 40usize), (24, 40), (40, 24), (24, 40)]
+            .into_iter()
+            .enumerate()
+        {
+            let g = ConvGeometry {
+                in_channels: c,
+                out_channels: o,
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            };
+            let seed = 100 * call as u64 + isa as u64;
+            let x = common::values(n * h * w * c, seed, 1.0, 0.0);
+            let gy = common::values(n * h * w * o, seed + 1, 1.0, 0.0);
+            let grad = |algorithm| {
+                let mut dw = vec![f32::NAN; (9 * c + 1) * o];
+                conv2d_weight_grad_with(
+                    isa,
+                    Some(algorithm),
+                    g,
+                    NhwcRef::new(&x, [n, h, w, c]).unwrap(),
+                    Activation::Relu,
+                    NhwcRef::new(&gy, [n, h, w, o]).unwrap(),
+                    &mut dw,
+                )
+                .unwrap();
+                dw
+            };
+            let want = grad(Algorithm::Direct);
+            for algorithm in [Algorithm::Winograd, Algorithm::Winograd4x4] {
+                let what = format!("{isa:?} {algorithm:?} {c} -> {o}");
+                assert_close(&what, &grad(algorithm), &want, 1e-5);
+            }
+        }
+    }
+}
