@@ -172,6 +172,32 @@ fn conv2d_matches_naive_on_every_isa() {
     }
 }
 
+/// The weight gradient (input ReLU folded in) of `g` on `isa` through
+/// `algorithm`, for an input `x` and output gradient `gy` of `[n, h, w]`
+/// pixels (stride 1, "same" padding).
+fn weight_grad(
+    isa: Isa,
+    algorithm: Algorithm,
+    g: ConvGeometry,
+    x: &[f32],
+    gy: &[f32],
+    [n, h, w]: [usize; 3],
+) -> Vec<f32> {
+    let (c, o, k) = (g.in_channels, g.out_channels, g.kernel);
+    let mut dw = vec![f32::NAN; (k * k * c + 1) * o];
+    conv2d_weight_grad_with(
+        isa,
+        Some(algorithm),
+        g,
+        NhwcRef::new(x, [n, h, w, c]).unwrap(),
+        Activation::Relu,
+        NhwcRef::new(gy, [n, h, w, o]).unwrap(),
+        &mut dw,
+    )
+    .unwrap();
+    dw
+}
+
 #[test]
 fn gradients_match_naive_on_every_isa() {
     // Stride-1 "same" convolutions, as in the flows, from the rows layout.
@@ -287,17 +313,7 @@ fn gradients_match_naive_on_every_isa() {
             }
             let want_dw: Vec<f32> = want_dw.iter().map(|&v| v as f32).collect();
             for algorithm in algorithms(g) {
-                let mut dw = vec![f32::NAN; ncols * o];
-                conv2d_weight_grad_with(
-                    isa,
-                    Some(algorithm),
-                    g,
-                    NhwcRef::new(&x, [n, h, w, c]).unwrap(),
-                    Activation::Relu,
-                    NhwcRef::new(&gy, [n, h, w, o]).unwrap(),
-                    &mut dw,
-                )
-                .unwrap();
+                let dw = weight_grad(isa, algorithm, g, &x, &gy, [n, h, w]);
                 assert_close(
                     &format!("{isa:?} {algorithm:?} weight gradient {case}"),
                     &dw,
@@ -459,20 +475,7 @@ fn winograd_weight_gradients_of_one_shape_called_again_match_the_direct_one() {
             let seed = 100 * call as u64 + isa as u64;
             let x = common::values(n * h * w * c, seed, 1.0, 0.0);
             let gy = common::values(n * h * w * o, seed + 1, 1.0, 0.0);
-            let grad = |algorithm| {
-                let mut dw = vec![f32::NAN; (9 * c + 1) * o];
-                conv2d_weight_grad_with(
-                    isa,
-                    Some(algorithm),
-                    g,
-                    NhwcRef::new(&x, [n, h, w, c]).unwrap(),
-                    Activation::Relu,
-                    NhwcRef::new(&gy, [n, h, w, o]).unwrap(),
-                    &mut dw,
-                )
-                .unwrap();
-                dw
-            };
+            let grad = |algorithm| weight_grad(isa, algorithm, g, &x, &gy, [n, h, w]);
             let want = grad(Algorithm::Direct);
             for algorithm in [Algorithm::Winograd, Algorithm::Winograd4x4] {
                 let what = format!("{isa:?} {algorithm:?} {c} -> {o}");
