@@ -54,10 +54,10 @@ pub fn conv2d_weight_grad(
 /// DeiT and CaiT, batches 8 and 32, two runs each: F(4x4, 3x3) 1.5-2.7x
 /// faster than the direct weight gradient against F(2x2, 3x3)'s 1.2-2.0x
 /// from 24 pixels up, but 1.2-1.5x against 1.4-1.8x on resnet18's 16x16
-/// layers with 128-256 channels at batch 8), and F(2x2, 3x3) on AVX2 where
-/// the output has more channels than the input (up to 1.5x there; it lost
-/// where the input has more; the portable build was not measured faster),
-/// unless `FASTFLOW_WINOGRAD=off` (the direct weight gradient) or `=2x2`
+/// layers with 128-256 channels at batch 8), and the same on AVX2 (Zen 3,
+/// the same shapes and batches: F(4x4, 3x3) 1.3-2.2x, F(2x2, 3x3)
+/// 1.2-1.8x; the portable build was not measured faster, so it stays
+/// direct), unless `FASTFLOW_WINOGRAD=off` (the direct weight gradient) or `=2x2`
 /// (F(2x2, 3x3) only); else the direct weight gradient.
 /// `Algorithm::Winograd` asks for the F(2x2, 3x3) weight gradient,
 /// `Algorithm::Winograd4x4` for the F(4x4, 3x3) one. Winograd needs 2.25x
@@ -95,23 +95,16 @@ pub fn conv2d_weight_grad_with(
         }
         Some(a) => a.winograd(),
         None => {
-            let pays_off = match isa {
-                Isa::Avx512 => true,
-                // conv_bench on Zen 3, batch 8, every flow shape, three
-                // runs (they move by up to 20%): Winograd wins where the
-                // output has more channels than the input (32 -> 64
-                // 1.44-1.54x, 61 -> 768 1.04-1.35x, CaiT's 61 -> 768
-                // 1.20-1.29x, 64 -> 128 0.95-1.45x, 128 -> 256
-                // 0.93-1.11x), loses where it has fewer (384 -> 61
-                // 0.65-1.06x, 64 -> 32 0.83-0.94x, CaiT's 384 -> 61 0.82x)
-                // and ties where they are equal (64 -> 64 0.93-1.16x,
-                // 128 -> 128 0.80-1.04x).
-                Isa::Avx2Fma => geometry.out_channels > geometry.in_channels,
-                Isa::Portable => false,
-            };
-            let four_by_four = isa == Isa::Avx512
-                && input.dims()[2] >= 24
-                && crate::conv::four_by_four_by_default();
+            // conv_bench, every flow shape, batch 8 and 32: since the
+            // weight gradient's products were cut to L2-sized slices
+            // (session 12), Winograd wins on every one on Zen 4 and on Zen 3
+            // (AVX2: F(2x2) 1.2-1.8x, F(4x4) 1.3-2.2x over direct; the two
+            // tie on DeiT's 384 -> 61 and 61 -> 768 at one batch or the
+            // other). Before that, on AVX2 it lost where the output had
+            // fewer channels than the input.
+            let pays_off = isa != Isa::Portable;
+            let four_by_four =
+                pays_off && input.dims()[2] >= 24 && crate::conv::four_by_four_by_default();
             let variant = if four_by_four {
                 winograd::Variant::F4
             } else {
