@@ -344,9 +344,14 @@ fn input_transform(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [f
         while ch < c {
             // 16 channels at a time: every line below is one vector operation.
             let n = LANES.min(c - ch);
-            let x: [[[f32; LANES]; 4]; 4] = std::array::from_fn(|i| {
-                std::array::from_fn(|j| load_lanes(&window[(i * wp + 2 * t + j) * c + ch..], n))
-            });
+            // Loops, not array::from_fn: its closures stay out-of-line
+            // calls inside the target_feature wrappers.
+            let mut x = [[[0f32; LANES]; 4]; 4];
+            for (i, xi) in x.iter_mut().enumerate() {
+                for (j, xij) in xi.iter_mut().enumerate() {
+                    *xij = load_lanes(&window[(i * wp + 2 * t + j) * c + ch..], n);
+                }
+            }
             for (xi, o) in input_tile(&x).iter().enumerate() {
                 let dst = &mut v[xi * plane + t * c + ch..];
                 if n == LANES {
@@ -401,11 +406,10 @@ fn output_transform(ot: &OutputTile, rows: &mut [f32]) {
     for t in 0..tiles {
         for blk in 0..blocks {
             let at = (t * blocks + blk) * LANES;
-            let mm: [[f32; LANES]; 16] = std::array::from_fn(|xi| {
-                let mut a = [0f32; LANES];
+            let mut mm = [[0f32; LANES]; 16];
+            for (xi, a) in mm.iter_mut().enumerate() {
                 a.copy_from_slice(&m[xi * plane + at..xi * plane + at + LANES]);
-                a
-            });
+            }
             // y[dy * 2 + dx] = (A^T M A)[dy][dx], 16 channels at a time.
             let mut y = [[0f32; LANES]; 4];
             for l in 0..LANES {
@@ -562,19 +566,24 @@ fn input_transform4(window: &[f32], wp: usize, c: usize, tiles: usize, v: &mut [
         let mut ch = 0;
         while ch < c {
             let n = LANES.min(c - ch);
-            let x: [[V16; 6]; 6] = std::array::from_fn(|i| {
-                std::array::from_fn(|j| load_lanes(&window[(i * wp + 4 * t + j) * c + ch..], n))
-            });
+            // Loops and array literals, not array::from_fn: its closures
+            // stay out-of-line calls inside the target_feature wrappers.
+            let mut x = [[[0f32; LANES]; 6]; 6];
+            for (i, xi) in x.iter_mut().enumerate() {
+                for (j, xij) in xi.iter_mut().enumerate() {
+                    *xij = load_lanes(&window[(i * wp + 4 * t + j) * c + ch..], n);
+                }
+            }
             // B^T d, one column at a time; then (B^T d) B, one row at a time.
             let mut r = [[[0f32; LANES]; 6]; 6];
             for j in 0..6 {
-                let col = bt6(std::array::from_fn(|i| &x[i][j]));
+                let col = bt6([&x[0][j], &x[1][j], &x[2][j], &x[3][j], &x[4][j], &x[5][j]]);
                 for (i, vi) in col.into_iter().enumerate() {
                     r[i][j] = vi;
                 }
             }
             for (i, ri) in r.iter().enumerate() {
-                let row = bt6(std::array::from_fn(|j| &ri[j]));
+                let row = bt6([&ri[0], &ri[1], &ri[2], &ri[3], &ri[4], &ri[5]]);
                 for (j, o) in row.iter().enumerate() {
                     let dst = &mut v[(i * 6 + j) * plane + t * c + ch..];
                     if n == LANES {
@@ -623,18 +632,24 @@ fn output_transform4(ot: &OutputTile, rows: &mut [f32]) {
     for t in 0..tiles {
         for blk in 0..blocks {
             let at = (t * blocks + blk) * LANES;
-            let mm: [V16; 36] = std::array::from_fn(|xi| {
-                let mut a = [0f32; LANES];
+            // Loops and array literals, not array::from_fn (as in
+            // input_transform4).
+            let mut mm = [[0f32; LANES]; 36];
+            for (xi, a) in mm.iter_mut().enumerate() {
                 a.copy_from_slice(&m[xi * plane + at..xi * plane + at + LANES]);
-                a
-            });
+            }
             // M A, one row at a time: s[i][dx]; then A^T (M A), one column
             // at a time: y[dy 4 + dx].
-            let s: [[V16; 4]; 6] =
-                std::array::from_fn(|i| at6(std::array::from_fn(|j| &mm[i * 6 + j])));
+            let mut s = [[[0f32; LANES]; 4]; 6];
+            for (i, si) in s.iter_mut().enumerate() {
+                let r = &mm[i * 6..i * 6 + 6];
+                *si = at6([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+            }
             let mut y = [[0f32; LANES]; 16];
             for dx in 0..4 {
-                let col = at6(std::array::from_fn(|i| &s[i][dx]));
+                let col = at6([
+                    &s[0][dx], &s[1][dx], &s[2][dx], &s[3][dx], &s[4][dx], &s[5][dx],
+                ]);
                 for (dy, v) in col.into_iter().enumerate() {
                     y[dy * 4 + dx] = v;
                 }
@@ -669,10 +684,14 @@ unsafe fn input_transform_avx512(window: &[f32], wp: usize, c: usize, tiles: usi
             // with i, j < 4, lane < n, inside the asserted window; the stores
             // go to (xi plane + t c + ch + lane) inside the asserted v.
             unsafe {
-                let ld = |i: usize, j: usize| {
-                    _mm512_maskz_loadu_ps(mask, w.add((i * wp + 2 * t + j) * c + ch))
-                };
-                let d = std::array::from_fn(|i| std::array::from_fn(|j| ld(i, j)));
+                // Loops, not array::from_fn (whose closures may stay
+                // out-of-line calls in a target_feature function).
+                let mut d = [[_mm512_setzero_ps(); 4]; 4];
+                for (i, di) in d.iter_mut().enumerate() {
+                    for (j, dij) in di.iter_mut().enumerate() {
+                        *dij = _mm512_maskz_loadu_ps(mask, w.add((i * wp + 2 * t + j) * c + ch));
+                    }
+                }
                 for (xi, val) in input_tile_avx512(d).into_iter().enumerate() {
                     _mm512_mask_storeu_ps(out.add(xi * plane + t * c + ch), mask, val);
                 }
