@@ -108,7 +108,7 @@ pub fn coupling_forward(cp: &Coupling, x: NhwcRef, a: &[f32], out: &mut [f32]) -
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `isa` is the detected one, so the CPU has AVX2 and FMA.
             Isa::Avx2Fma => unsafe { forward_rows_avx2(&rows, chunk * ROWS_PER_TASK, dst) },
-            _ => forward_rows::<false>(&rows, chunk * ROWS_PER_TASK, dst),
+            _ => forward_rows::<1>(&rows, chunk * ROWS_PER_TASK, dst),
         });
     Ok(())
 }
@@ -127,20 +127,19 @@ struct Rows<'a> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
 unsafe fn forward_rows_avx512(r: &Rows, row0: usize, dst: &mut [f32]) {
-    forward_rows::<true>(r, row0, dst)
+    forward_rows::<16>(r, row0, dst)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn forward_rows_avx2(r: &Rows, row0: usize, dst: &mut [f32]) {
-    forward_rows::<false>(r, row0, dst)
+    forward_rows::<8>(r, row0, dst)
 }
 
 /// [`coupling_forward`] for the pixels `row0 ..` whose outputs `dst` holds;
-/// `AVX512`: compiled into an AVX-512 wrapper (the permutation gathered 16
-/// lanes at a time).
+/// `GATHER`: the lanes of one gather through the permutation (see [`gather`]).
 #[inline(always)]
-fn forward_rows<const AVX512: bool>(r: &Rows, row0: usize, dst: &mut [f32]) {
+fn forward_rows<const GATHER: usize>(r: &Rows, row0: usize, dst: &mut [f32]) {
     let cp = r.cp;
     let c = cp.channels();
     let (c1, c2) = (c - c / 2, c / 2);
@@ -164,8 +163,9 @@ fn forward_rows<const AVX512: bool>(r: &Rows, row0: usize, dst: &mut [f32]) {
         // as one vector pass into the output row (a scalar loop storing
         // straight into the freshly allocated output was a third of the pass).
         // SAFETY: `check` found every entry of `perm` below C = pre.len(), and
-        // AVX512 is set only by the AVX-512 wrapper, dispatched on detection.
-        unsafe { gather::<AVX512>(&pre, cp.perm, &mut gathered) };
+        // GATHER is 16 or 8 only in the AVX-512 or AVX2 wrapper, dispatched
+        // on detection.
+        unsafe { gather::<GATHER>(&pre, cp.perm, &mut gathered) };
         for (((ov, &g), &sv), &fv) in o[..c]
             .iter_mut()
             .zip(&gathered)
@@ -236,7 +236,7 @@ pub fn coupling_backward(
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` is the detected one, so the CPU has AVX2 and FMA.
                 Isa::Avx2Fma => unsafe { backward_rows_avx2(&rows, row0, gx_c, ga_c) },
-                _ => backward_rows::<false>(&rows, row0, gx_c, ga_c),
+                _ => backward_rows::<1>(&rows, row0, gx_c, ga_c),
             }
         })
         .collect();
@@ -269,7 +269,7 @@ unsafe fn backward_rows_avx512(
     gx: &mut [f32],
     ga: &mut [f32],
 ) -> Vec<f64> {
-    backward_rows::<true>(r, row0, gx, ga)
+    backward_rows::<16>(r, row0, gx, ga)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -280,14 +280,14 @@ unsafe fn backward_rows_avx2(
     gx: &mut [f32],
     ga: &mut [f32],
 ) -> Vec<f64> {
-    backward_rows::<false>(r, row0, gx, ga)
+    backward_rows::<8>(r, row0, gx, ga)
 }
 
 /// [`coupling_backward`] for the pixels `row0 ..` whose gradients `gx` and
 /// `ga` hold; returns their share of the global affine's gradients. Those are
 /// summed in f32 over the (at most 64) pixels of the chunk, then in f64.
 #[inline(always)]
-fn backward_rows<const AVX512: bool>(
+fn backward_rows<const GATHER: usize>(
     r: &BackRows,
     row0: usize,
     gx: &mut [f32],
@@ -326,8 +326,8 @@ fn backward_rows<const AVX512: bool>(
         // memory; gathering straight from it waited on a cache miss per line.
         grow.copy_from_slice(&gr[..c]);
         // SAFETY: `inverse` holds output channels j < C = grow.len() (built
-        // from the checked `perm`); AVX512 as in the forward pass.
-        unsafe { gather::<AVX512>(&grow, &r.inverse, &mut gperm) };
+        // from the checked `perm`); GATHER as in the forward pass.
+        unsafe { gather::<GATHER>(&grow, &r.inverse, &mut gperm) };
         let (acc_scale, acc_offset) = acc.split_at_mut(c);
         for (((a_s, a_o), &go), &p) in acc_scale
             .iter_mut()
@@ -352,26 +352,56 @@ fn backward_rows<const AVX512: bool>(
     acc.iter().map(|&v| f64::from(v)).collect()
 }
 
-/// `dst[j] = src[idx[j]]`. `AVX512` (only from inside an AVX-512 wrapper)
-/// gathers 16 lanes per instruction: the scalar loop, a bounds check and a
-/// store per channel, was a quarter of the coupling passes.
+/// `dst[j] = src[idx[j]]`, `GATHER` lanes per instruction: 16 (only from
+/// inside an AVX-512 wrapper), 8 (only from inside an AVX2 wrapper) or 1 (a
+/// scalar loop). The scalar loop, a bounds check and a store per channel,
+/// was a quarter of the coupling passes with AVX-512 and a fifth on Zen 3.
 ///
 /// # Safety
 /// Every `idx` value must index `src` (the permutations are checked once per
 /// call of [`coupling_forward`] / [`coupling_backward`], not per pixel), and
-/// `AVX512` may be set only where the CPU has AVX-512F.
+/// `GATHER` may be 16 only where the CPU has AVX-512F, 8 only where it has
+/// AVX2.
 #[inline(always)]
-unsafe fn gather<const AVX512: bool>(src: &[f32], idx: &[u32], dst: &mut [f32]) {
+unsafe fn gather<const GATHER: usize>(src: &[f32], idx: &[u32], dst: &mut [f32]) {
     assert_eq!(idx.len(), dst.len());
     debug_assert!(idx.iter().all(|&i| (i as usize) < src.len()));
     #[cfg(target_arch = "x86_64")]
-    if AVX512 {
+    match GATHER {
         // SAFETY: the caller's contract.
-        unsafe { gather_avx512(src, idx, dst) };
-        return;
+        16 => return unsafe { gather_avx512(src, idx, dst) },
+        // SAFETY: the caller's contract.
+        8 => return unsafe { gather_avx2(src, idx, dst) },
+        _ => {}
     }
     for (d, &i) in dst.iter_mut().zip(idx) {
         *d = src[i as usize];
+    }
+}
+
+/// [`gather`]'s AVX2 body.
+///
+/// # Safety
+/// The CPU must have AVX2; every `idx` value must index `src`, and `dst`
+/// must be as long as `idx`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_avx2(src: &[f32], idx: &[u32], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = idx.len();
+    let whole = n - n % 8;
+    for j in (0..whole).step_by(8) {
+        // SAFETY: j + 8 <= n values of idx and dst; the indices are inside
+        // src (the caller's contract).
+        unsafe {
+            let vi = _mm256_loadu_si256(idx.as_ptr().add(j).cast());
+            let v = _mm256_i32gather_ps::<4>(src.as_ptr(), vi);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(j), v);
+        }
+    }
+    for j in whole..n {
+        // SAFETY: as above, one lane at a time.
+        unsafe { *dst.get_unchecked_mut(j) = *src.get_unchecked(*idx.get_unchecked(j) as usize) };
     }
 }
 
