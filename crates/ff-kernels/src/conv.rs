@@ -409,6 +409,7 @@ pub fn conv2d_with(
                         // SAFETY: ob0 < blocks, so the offset is inside the weights.
                         weights: unsafe { conv.weights.as_ptr().add(ob0 * block_stride) },
                         block_stride,
+                        w_step: LANES,
                         out_stride: obn * LANES,
                     };
                     // SAFETY: the window holds k rows of wp pixels of c

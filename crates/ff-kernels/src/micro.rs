@@ -22,10 +22,15 @@ pub(crate) struct Tile {
     pub k: usize,
     /// Input channels (the window's distance between two taps in a row).
     pub c: usize,
-    /// The packed weights of the tile's first block, `[k][k][C][16]`.
+    /// The packed weights of the tile's first block, `[k][k][C][16]`
+    /// (`[k][k][C][w_step]`, the first 16 of each step read).
     pub weights: *const f32,
     /// Distance between two blocks' packed weights (`k k C 16`).
     pub block_stride: usize,
+    /// Distance between the weights of two consecutive input channels of a
+    /// block: 16 when packed, more for an operand read in place (such as
+    /// an NHWC map's pixels, 16 channels of one pixel per step).
+    pub w_step: usize,
     /// Distance between two pixels' results in the output (`ob 16` for a
     /// compact `[p][ob][16]` tile).
     pub out_stride: usize,
@@ -54,6 +59,7 @@ impl Tile {
             c: depth,
             weights: packed.as_ptr(),
             block_stride,
+            w_step: LANES,
             out_stride,
         }
     }
@@ -141,7 +147,8 @@ pub(crate) fn max_blocks(isa: Isa) -> usize {
 /// # Safety
 /// `t` must describe readable memory: for every pixel `i < p`, tap `(ky, kx)`
 /// and channel `ci < t.c`, `t.src + i pix_stride + ky row_stride + kx c + ci`,
-/// and for every block `j < ob`, `t.weights + j block_stride + [0, k k C 16)`.
+/// and for every block `j < ob` and step `s < k k C`, `t.weights + j
+/// block_stride + s w_step + [0, 16)`.
 /// `out` must hold at least `(p - 1) out_stride + ob 16` values, with
 /// `out_stride >= ob 16`, and `isa` must be supported.
 pub(crate) unsafe fn run_tile(isa: Isa, p: usize, ob: usize, t: &Tile, out: &mut [f32]) {
@@ -181,11 +188,11 @@ unsafe fn tile_avx512<const P: usize, const OB: usize>(t: &Tile, out: *mut f32) 
         for kx in 0..t.k {
             // SAFETY (whole loop): within the window and weights the caller vouched for.
             let x = unsafe { t.src.add(ky * t.row_stride + kx * t.c) };
-            let w = unsafe { t.weights.add((ky * t.k + kx) * t.c * LANES) };
+            let w = unsafe { t.weights.add((ky * t.k + kx) * t.c * t.w_step) };
             for ci in 0..t.c {
                 let mut wv = [_mm512_setzero_ps(); OB];
                 for (j, v) in wv.iter_mut().enumerate() {
-                    *v = unsafe { _mm512_loadu_ps(w.add(j * t.block_stride + ci * LANES)) };
+                    *v = unsafe { _mm512_loadu_ps(w.add(j * t.block_stride + ci * t.w_step)) };
                 }
                 for (i, row) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(unsafe { *x.add(i * t.pix_stride + ci) });
@@ -214,11 +221,11 @@ unsafe fn tile_avx2<const P: usize, const OB: usize>(t: &Tile, out: *mut f32) {
         for kx in 0..t.k {
             // SAFETY (whole loop): within the window and weights the caller vouched for.
             let x = unsafe { t.src.add(ky * t.row_stride + kx * t.c) };
-            let w = unsafe { t.weights.add((ky * t.k + kx) * t.c * LANES) };
+            let w = unsafe { t.weights.add((ky * t.k + kx) * t.c * t.w_step) };
             for ci in 0..t.c {
                 let mut wv = [[_mm256_setzero_ps(); 2]; OB];
                 for (j, v) in wv.iter_mut().enumerate() {
-                    let p = unsafe { w.add(j * t.block_stride + ci * LANES) };
+                    let p = unsafe { w.add(j * t.block_stride + ci * t.w_step) };
                     *v = unsafe { [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))] };
                 }
                 for (i, row) in acc.iter_mut().enumerate() {
@@ -250,14 +257,14 @@ unsafe fn tile_portable<const P: usize, const OB: usize>(t: &Tile, out: *mut f32
         for kx in 0..t.k {
             // SAFETY (whole loop): within the window and weights the caller vouched for.
             let x = unsafe { t.src.add(ky * t.row_stride + kx * t.c) };
-            let w = unsafe { t.weights.add((ky * t.k + kx) * t.c * LANES) };
+            let w = unsafe { t.weights.add((ky * t.k + kx) * t.c * t.w_step) };
             for ci in 0..t.c {
                 for (i, row) in acc.iter_mut().enumerate() {
                     let xv = unsafe { *x.add(i * t.pix_stride + ci) };
                     for (j, a) in row.iter_mut().enumerate() {
                         let wj = unsafe {
                             std::slice::from_raw_parts(
-                                w.add(j * t.block_stride + ci * LANES),
+                                w.add(j * t.block_stride + ci * t.w_step),
                                 LANES,
                             )
                         };
@@ -297,7 +304,7 @@ unsafe fn tile_dyn(p: usize, ob: usize, t: &Tile, out: *mut f32) {
                             .add(i * t.pix_stride + ky * t.row_stride + kx * t.c + ci)
                     };
                     for j in 0..ob {
-                        let wo = j * t.block_stride + ((ky * t.k + kx) * t.c + ci) * LANES;
+                        let wo = j * t.block_stride + ((ky * t.k + kx) * t.c + ci) * t.w_step;
                         for l in 0..LANES {
                             // SAFETY: within the weights the caller vouched for.
                             out[i * t.out_stride + j * LANES + l] +=
@@ -334,15 +341,66 @@ pub(crate) fn add_product(
     r0: usize,
     tile: &mut [f32],
 ) {
+    let cols = Columns {
+        data: packed,
+        block_stride,
+        step: LANES,
+    };
+    add_product_of(isa, n_rows, len, rows, row_stride, &cols, o, acc, r0, tile);
+}
+
+/// The second operand of [`add_product_of`]: block `j`'s values for
+/// reduction index `k` are `data[j block_stride + k step ..][..16]`.
+pub(crate) struct Columns<'a> {
+    pub data: &'a [f32],
+    pub block_stride: usize,
+    pub step: usize,
+}
+
+impl<'a> Columns<'a> {
+    /// An NHWC map read in place as the columns of a product over its
+    /// pixels: pixel `k`'s channels `16 j ..` are block `j`'s values for
+    /// reduction index `k` (so the channel count must fill whole blocks
+    /// for every read to stay inside the map).
+    pub(crate) fn nhwc(data: &'a [f32], pixel_stride: usize) -> Self {
+        Self {
+            data,
+            block_stride: LANES,
+            step: pixel_stride,
+        }
+    }
+}
+
+/// [`add_product`] with its second operand in any [`Columns`] layout.
+///
+/// # Panics
+/// As [`add_product`], and when `cols` is shorter than its `o` columns of
+/// `len` steps need.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_product_of(
+    isa: Isa,
+    n_rows: usize,
+    len: usize,
+    rows: &[f32],
+    row_stride: usize,
+    cols: &Columns,
+    o: usize,
+    acc: &mut [f32],
+    r0: usize,
+    tile: &mut [f32],
+) {
     if n_rows == 0 || len == 0 || o == 0 {
         return;
     }
     let blocks = o.div_ceil(LANES);
+    let Columns {
+        data: packed,
+        block_stride,
+        step,
+    } = *cols;
     assert!(isa.is_supported());
     assert!(row_stride >= len && rows.len() >= (n_rows - 1) * row_stride + len);
-    assert!(
-        block_stride >= len * LANES && packed.len() >= (blocks - 1) * block_stride + len * LANES
-    );
+    assert!(packed.len() >= (blocks - 1) * block_stride + (len - 1) * step + LANES);
     assert!(acc.len() >= (r0 + n_rows) * o && tile.len() >= product_scratch_len(isa));
     let p = Product {
         n_rows,
@@ -351,6 +409,7 @@ pub(crate) fn add_product(
         row_stride,
         packed,
         block_stride,
+        step,
         o,
     };
     match isa {
@@ -431,6 +490,7 @@ struct Product<'a> {
     row_stride: usize,
     packed: &'a [f32],
     block_stride: usize,
+    step: usize,
     o: usize,
 }
 
@@ -465,16 +525,19 @@ fn add_tiles(isa: Isa, p: &Product, acc: &mut [f32], r0: usize, tile: &mut [f32]
     let ob_max = max_blocks(isa);
     // A loop, not a closure, so the adds compile with the wrapper's features.
     for (ob0, obn, p0, pn) in tiles(isa, blocks, ob_max, n_rows) {
-        let t = Tile::rows(
-            &rows[p0 * row_stride..],
-            row_stride,
-            len,
-            &packed[ob0 * block_stride..],
-            block_stride,
-            obn * LANES,
-        );
+        let t = Tile {
+            w_step: p.step,
+            ..Tile::rows(
+                &rows[p0 * row_stride..],
+                row_stride,
+                len,
+                &packed[ob0 * block_stride..],
+                block_stride,
+                obn * LANES,
+            )
+        };
         // SAFETY: rows p0 .. p0 + pn hold len values each and blocks ob0 ..
-        // ob0 + obn hold len 16 values each (asserted bounds); `tile` holds
+        // ob0 + obn hold len steps of 16 values each (asserted bounds); `tile` holds
         // pmax obn 16 values; `isa` is supported (asserted).
         unsafe { run_tile(isa, pn, obn, &t, tile) };
         add_tile(acc, o, tile, r0 + p0, pn, ob0, obn);

@@ -337,6 +337,71 @@ fn gradients_match_naive_on_every_isa() {
 }
 
 #[test]
+fn pointwise_weight_gradients_match_naive_with_either_map_read_in_place() {
+    // 1x1 weight gradients read one map in place as the product's columns:
+    // the gradient when its channels fill whole 16-lane blocks, else the
+    // input when its do and no activation applies; both from strided
+    // (wider) maps, as the flows' channel halves and log-det column are.
+    for isa in Isa::supported() {
+        for (case, &(c, o, act_in, x_extra, g_extra)) in [
+            // The gradient in place (ReLU on the input, odd input channels).
+            (7usize, 32usize, Activation::Relu, 0usize, 0usize),
+            (7, 32, Activation::Identity, 3, 5),
+            // The input in place, the gradient copied (odd output channels).
+            (32, 20, Activation::Identity, 0, 0),
+            (48, 13, Activation::Identity, 385, 1),
+            // An activation keeps the input copied.
+            (32, 20, Activation::Relu, 1, 0),
+            // Both could: the gradient is read in place.
+            (16, 48, Activation::Identity, 0, 2),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let g = ConvGeometry {
+                in_channels: c,
+                out_channels: o,
+                kernel: 1,
+                stride: 1,
+                padding: 0,
+            };
+            let (n, h, w) = (2, 5, 7);
+            let (xs, gs) = (c + x_extra, o + g_extra);
+            let x = common::values(n * h * w * xs, 40 + case as u64, 1.0, 0.0);
+            let gy = common::values(n * h * w * gs, 50 + case as u64, 1.0, 0.0);
+            let mut want = vec![0f64; (c + 1) * o];
+            for px in 0..n * h * w {
+                for oo in 0..o {
+                    let gv = f64::from(gy[px * gs + oo]);
+                    for ci in 0..c {
+                        want[ci * o + oo] += act(act_in, f64::from(x[px * xs + ci])) * gv;
+                    }
+                    want[c * o + oo] += gv;
+                }
+            }
+            let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+            let mut dw = vec![f32::NAN; (c + 1) * o];
+            conv2d_weight_grad_with(
+                isa,
+                Some(Algorithm::Direct),
+                g,
+                NhwcRef::strided(&x, [n, h, w, c], xs).unwrap(),
+                act_in,
+                NhwcRef::strided(&gy, [n, h, w, o], gs).unwrap(),
+                &mut dw,
+            )
+            .unwrap();
+            assert_close(
+                &format!("{isa:?} 1x1 weight gradient {case}"),
+                &dw,
+                &want,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
 fn max_pool_matches_naive_with_negative_values() {
     let (n, h, w, c) = (2, 9, 8, 5);
     let x = common::values(n * h * w * c, 7, 1.0, 0.0);
