@@ -58,12 +58,11 @@ fn chunk_tiles(variant: Variant) -> usize {
 /// One 16-lane vector, written as arrays so the compiler vectorises it.
 type V16 = [f32; LANES];
 
-/// A thread's buffers for one chunk: `V`, `dM` and one micro-kernel tile.
+/// A thread's buffers for one chunk: `V` and `dM`.
 #[derive(Default)]
 struct Scratch {
     v: Vec<f32>,
     dm: Vec<f32>,
-    tile: Vec<f32>,
 }
 
 thread_local! {
@@ -115,15 +114,10 @@ pub(crate) fn weight_grad(
             // Every value of v and dm a chunk reads is written first; the
             // buffers are kept per thread, so steps do not fault them in anew.
             let mut buffers = SCRATCH.take();
-            let Scratch {
-                v,
-                dm,
-                tile: scratch,
-            } = &mut buffers;
+            let Scratch { v, dm } = &mut buffers;
             for (buf, len) in [
                 (&mut *v, np * (slices.chans * (max_tc + LANES) + LANES)),
                 (&mut *dm, np * (slices.blocks * max_tc + 1) * LANES),
-                (&mut *scratch, scratch_len),
             ] {
                 if buf.len() < len {
                     buf.resize(len, 0.0);
@@ -154,17 +148,24 @@ pub(crate) fn weight_grad(
                 };
                 let (vp, dp) = (base.vp, base.dp);
                 // The products of one slice of V with one of dM, added into
-                // the accumulator's planes.
-                let mut products = |chunk: &Chunk, v: &[f32], dm: &[f32], acc: &mut [f32]| {
+                // the accumulator's planes. Each plane's product adds into
+                // its own plane in the same order whichever thread runs it,
+                // so the planes are shared with the pool too: with fewer
+                // runs than threads (the cap on their accumulators) every
+                // thread still has work, and the sums stay the same.
+                let products = |chunk: &Chunk, v: &[f32], dm: &[f32], acc: &mut [f32]| {
                     let (nc, c0) = (chunk.c1 - chunk.c0, chunk.c0);
                     let nb = chunk.blk1 - chunk.blk0;
                     let (o0, w) = slices.columns(o, chunk.blk0, chunk.blk1);
-                    for xi in 0..np {
-                        let vx = &v[xi * vp..xi * vp + nc * vs];
-                        let dmx = &dm[xi * dp..xi * dp + nb * tc * LANES];
-                        let accx = &mut acc[xi * c * o + c * o0..xi * c * o + c * (o0 + w)];
-                        add_product(isa, nc, tc, vx, vs, dmx, tc * LANES, w, accx, c0, scratch);
-                    }
+                    acc.par_chunks_mut(c * o).enumerate().for_each_init(
+                        || vec![0f32; scratch_len],
+                        |tile, (xi, plane)| {
+                            let vx = &v[xi * vp..xi * vp + nc * vs];
+                            let dmx = &dm[xi * dp..xi * dp + nb * tc * LANES];
+                            let accx = &mut plane[c * o0..c * (o0 + w)];
+                            add_product(isa, nc, tc, vx, vs, dmx, tc * LANES, w, accx, c0, tile);
+                        },
+                    );
                 };
                 if slices.by_output {
                     // V whole, dM a few blocks at a time.

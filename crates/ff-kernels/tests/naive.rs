@@ -549,3 +549,52 @@ fn winograd_weight_gradients_of_one_shape_called_again_match_the_direct_one() {
         }
     }
 }
+
+#[test]
+fn winograd_weight_gradients_do_not_depend_on_the_thread_count() {
+    // The tiles are dealt into runs fixed by the shapes (at most 8, fewer
+    // when their accumulators would not fit in 16 MB together) and the
+    // planes' products are shared with the pool: 1, 2 or 3 threads must
+    // give the same bits. Shapes: 8 runs (many small tiles), the cap on
+    // the accumulators binding (36 x 384 x 320 values each), and odd
+    // channel counts.
+    for (c, o, n, h, w) in [
+        (8usize, 16usize, 2usize, 96usize, 96usize),
+        (384, 320, 2, 8, 40),
+        (61, 37, 3, 9, 26),
+    ] {
+        let g = ConvGeometry {
+            in_channels: c,
+            out_channels: o,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+        };
+        let x = common::values(n * h * w * c, 61 + c as u64, 1.0, 0.0);
+        let gy = common::values(n * h * w * o, 62 + o as u64, 1.0, 0.0);
+        for isa in Isa::supported() {
+            for algorithm in [Algorithm::Winograd, Algorithm::Winograd4x4] {
+                let in_pool = |threads: usize| {
+                    rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap()
+                        .install(|| weight_grad(isa, algorithm, g, &x, &gy, [n, h, w]))
+                };
+                let one = in_pool(1);
+                assert!(one.iter().all(|v| v.is_finite()));
+                for threads in [2, 3] {
+                    let many = in_pool(threads);
+                    let same = one
+                        .iter()
+                        .zip(&many)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{isa:?} {algorithm:?} {c} -> {o}: {threads} threads differ from 1"
+                    );
+                }
+            }
+        }
+    }
+}
