@@ -9,6 +9,18 @@ use ff_kernels::{
     ConvGeometry, Epilogue, Isa, NhwcMut, NhwcRef, PackedConv2d,
 };
 
+/// A 3x3, stride-1, "same" convolution of `c` -> `o` channels (the flows'
+/// shape, the one every algorithm applies to).
+fn same_3x3(c: usize, o: usize) -> ConvGeometry {
+    ConvGeometry {
+        in_channels: c,
+        out_channels: o,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    }
+}
+
 /// The algorithms that apply to `g`.
 fn algorithms(g: ConvGeometry) -> Vec<Algorithm> {
     if g.kernel == 3 && g.stride == 1 && g.padding == 1 {
@@ -434,13 +446,7 @@ fn max_pool_matches_naive_with_negative_values() {
 
 #[test]
 fn shape_errors_name_the_argument() {
-    let g = ConvGeometry {
-        in_channels: 4,
-        out_channels: 8,
-        kernel: 3,
-        stride: 1,
-        padding: 1,
-    };
+    let g = same_3x3(4, 8);
     let err = PackedConv2d::from_oihw(g, None, &[0.0; 10], None).unwrap_err();
     assert!(err.to_string().contains("convolution weight"), "{err}");
     let one = ConvGeometry {
@@ -507,13 +513,7 @@ fn linear_matches_naive_with_bias_and_gelu() {
             }
         }
     }
-    let g3 = ConvGeometry {
-        in_channels: 4,
-        out_channels: 4,
-        kernel: 3,
-        stride: 1,
-        padding: 1,
-    };
+    let g3 = same_3x3(4, 4);
     let packed = PackedConv2d::from_oihw(g3, Some(Algorithm::Direct), &[0.0; 144], None).unwrap();
     assert!(ff_kernels::linear(&packed, &[0.0; 8], Activation::Identity, &mut [0.0; 8]).is_err());
 }
@@ -530,13 +530,7 @@ fn winograd_weight_gradients_of_one_shape_called_again_match_the_direct_one() {
             .into_iter()
             .enumerate()
         {
-            let g = ConvGeometry {
-                in_channels: c,
-                out_channels: o,
-                kernel: 3,
-                stride: 1,
-                padding: 1,
-            };
+            let g = same_3x3(c, o);
             let seed = 100 * call as u64 + isa as u64;
             let x = common::values(n * h * w * c, seed, 1.0, 0.0);
             let gy = common::values(n * h * w * o, seed + 1, 1.0, 0.0);
@@ -563,13 +557,7 @@ fn winograd_weight_gradients_do_not_depend_on_the_thread_count() {
         (384, 320, 2, 8, 40),
         (61, 37, 3, 9, 26),
     ] {
-        let g = ConvGeometry {
-            in_channels: c,
-            out_channels: o,
-            kernel: 3,
-            stride: 1,
-            padding: 1,
-        };
+        let g = same_3x3(c, o);
         let x = common::values(n * h * w * c, 61 + c as u64, 1.0, 0.0);
         let gy = common::values(n * h * w * o, 62 + o as u64, 1.0, 0.0);
         for isa in Isa::supported() {
